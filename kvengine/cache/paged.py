@@ -1,0 +1,165 @@
+"""Per-sequence block tables over the block pool, per layer and per kv-head.
+
+A sequence's cache is a grid of (layer, kv-head) cells. Each cell has its own
+list of blocks (`block_table`) and its own length (`lens`), so after a press
+evicts tokens each head holds exactly the blocks it needs. For every cached
+token the cell also records the flat pool slot where it lives (`slots`), in
+cache order; attention reads a cell by gathering those slots.
+
+Token positions (for RoPE) are not stored here: keys are cached after RoPE,
+and the next position of a sequence is counted by the engine, so evicting
+tokens never renumbers the ones that stay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvengine.cache.pool import BlockPool
+
+
+def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
+    return (a + b - 1) // b
+
+
+def _grow(table: torch.Tensor, min_size: int, fill: int) -> torch.Tensor:
+    """`table` with its last dim at least `min_size` (doubling), new entries `fill`."""
+    size = table.shape[-1]
+    if size >= min_size:
+        return table
+    new_size = max(min_size, 2 * size)
+    grown = torch.full((*table.shape[:-1], new_size), fill, dtype=table.dtype)
+    grown[..., :size] = table
+    return grown
+
+
+class SequenceKV:
+    """Block tables of one sequence. Created and changed only by `PagedKVCache`."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int) -> None:
+        shape = (num_layers, num_kv_heads)
+        self.block_table = torch.full((*shape, 4), -1, dtype=torch.int64)  # (L, H, max_blocks)
+        self.num_blocks = torch.zeros(shape, dtype=torch.int64)  # (L, H)
+        self.lens = torch.zeros(shape, dtype=torch.int64)  # (L, H) cached tokens per cell
+        # Slot 0 pads unused entries: always a valid index, masked by `lens`.
+        self.slots = torch.zeros((*shape, 16), dtype=torch.int64)  # (L, H, capacity)
+
+    @property
+    def max_len(self) -> int:
+        return int(self.lens.max())
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when every (layer, head) cell holds the same number of tokens."""
+        return bool((self.lens == self.lens.flatten()[0]).all())
+
+    def context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Slots `(H, T)` of one layer's cached tokens, and per-head lengths `(H,)`.
+
+        The lengths are None when all heads of the layer hold `T` tokens; else
+        entries of a head past its length are padding to be masked.
+        """
+        lens = self.lens[layer]
+        max_len = int(lens.max())
+        slots = self.slots[layer, :, :max_len]
+        return slots, (None if bool((lens == max_len).all()) else lens)
+
+
+class PagedKVCache:
+    """Allocates, fills and frees the blocks of sequences in one `BlockPool`."""
+
+    def __init__(self, pool: BlockPool, num_layers: int, num_kv_heads: int) -> None:
+        self.pool = pool
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+
+    @property
+    def block_size(self) -> int:
+        return self.pool.block_size
+
+    def new_sequence(self) -> SequenceKV:
+        return SequenceKV(self.num_layers, self.num_kv_heads)
+
+    def blocks_needed(self, seq: SequenceKV, num_tokens: int) -> int:
+        """Blocks `append(seq, num_tokens)` would take from the pool."""
+        needed = _ceil_div(seq.lens + num_tokens, self.block_size) - seq.num_blocks
+        return int(needed.clamp_min(0).sum())
+
+    def blocks_for_tokens(self, num_tokens: int) -> int:
+        """Blocks a fresh sequence of `num_tokens` tokens takes."""
+        cells = self.num_layers * self.num_kv_heads
+        return cells * -(-num_tokens // self.block_size)
+
+    def can_append(self, seq: SequenceKV, num_tokens: int) -> bool:
+        return self.pool.can_allocate(self.blocks_needed(seq, num_tokens))
+
+    def append(self, seq: SequenceKV, num_tokens: int) -> torch.Tensor:
+        """Reserve slots for `num_tokens` new tokens in every cell; returns them `(L, H, n)`.
+
+        Raises OutOfBlocksError (and changes nothing) when the pool is short.
+        """
+        bs = self.block_size
+        new_lens = seq.lens + num_tokens
+        new_num_blocks = _ceil_div(new_lens, bs)
+        ids = self.pool.allocate(int((new_num_blocks - seq.num_blocks).sum()))
+        seq.block_table = _grow(seq.block_table, int(new_num_blocks.max()), -1)
+        j = torch.arange(seq.block_table.shape[-1])
+        fresh = (j >= seq.num_blocks[..., None]) & (j < new_num_blocks[..., None])
+        seq.block_table[fresh] = ids  # row-major order: cell by cell, block by block
+        seq.num_blocks = new_num_blocks
+
+        pos = seq.lens[..., None] + torch.arange(num_tokens)  # (L, H, n)
+        slots = seq.block_table.gather(2, pos // bs) * bs + pos % bs
+        seq.slots = _grow(seq.slots, int(new_lens.max()), 0)
+        seq.slots.scatter_(2, pos, slots)
+        seq.lens = new_lens
+        return slots
+
+    def retain(self, seq: SequenceKV, layer: int, keep: Sequence[torch.Tensor]) -> None:
+        """Keep only tokens `keep[h]` (indices into head h's cache, in order) of one layer.
+
+        The kept keys and values move into fresh, densely filled blocks and the
+        old blocks are released, so the memory of evicted tokens returns to
+        the pool at once. New blocks are taken before old ones are released:
+        the pool needs room for the kept tokens of one layer.
+        """
+        if len(keep) != self.num_kv_heads:
+            raise ValueError(f"keep has {len(keep)} entries, expected {self.num_kv_heads} heads")
+        bs = self.block_size
+        kept_slots = []
+        for head, idx in enumerate(keep):
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= int(seq.lens[layer, head])):
+                raise IndexError(f"keep indices out of range for layer {layer}, head {head}")
+            kept_slots.append(seq.slots[layer, head, idx])
+        new_lens = torch.tensor([s.numel() for s in kept_slots], dtype=torch.int64)
+        new_num_blocks = _ceil_div(new_lens, bs)
+        ids = self.pool.allocate(int(new_num_blocks.sum()))
+
+        old_blocks = seq.block_table[layer][seq.block_table[layer] >= 0]
+        seq.block_table[layer] = -1
+        start = 0
+        for head, src in enumerate(kept_slots):
+            n_blk = int(new_num_blocks[head])
+            blocks = ids[start : start + n_blk]
+            start += n_blk
+            seq.block_table[layer, head, :n_blk] = blocks
+            dst = (blocks[:, None] * bs + torch.arange(bs)).flatten()[: src.numel()]
+            k, v = self.pool.read(src)
+            self.pool.write(dst, k, v)
+            seq.slots[layer, head, : src.numel()] = dst
+        seq.num_blocks[layer] = new_num_blocks
+        seq.lens[layer] = new_lens
+        self.pool.release(old_blocks)
+
+    def free(self, seq: SequenceKV) -> None:
+        """Release every block of `seq`; the sequence is left empty."""
+        self.pool.release(seq.block_table[seq.block_table >= 0])
+        seq.block_table.fill_(-1)
+        seq.num_blocks.zero_()
+        seq.lens.zero_()
+
+    def bytes_held(self, seq: SequenceKV) -> int:
+        """Bytes of the blocks `seq` references (shared blocks counted in full)."""
+        return int(seq.num_blocks.sum()) * self.pool.bytes_per_block

@@ -1,0 +1,71 @@
+"""Frozen configuration dataclasses, one per subsystem.
+
+This is the only module that reads the environment: `KVENGINE_CACHE_DIR`
+(where converted model weights are kept) is resolved here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvengine.errors import InvalidRequestError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def default_cache_dir() -> Path:
+    """Directory for converted weights: `$KVENGINE_CACHE_DIR`, else `$XDG_CACHE_HOME/kvengine`."""
+    explicit = os.environ.get("KVENGINE_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "kvengine"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and where converted weights are cached."""
+
+    name: str = DEFAULT_MODEL
+    cache_dir: Path | None = None  # None: default_cache_dir()
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise InvalidRequestError(
+                f"dtype must be one of float32, bfloat16, float16, got {self.dtype!r}"
+            )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Size and shape of the block pool that owns all KV memory.
+
+    A block holds `block_size` tokens of one (layer, kv-head). The pool holds
+    `max_kv_bytes` of keys and values, rounded down to whole blocks.
+    """
+
+    block_size: int = 16
+    max_kv_bytes: int = 2 * 2**30
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise InvalidRequestError(f"block_size must be >= 1, got {self.block_size}")
+        if self.max_kv_bytes < 1:
+            raise InvalidRequestError(f"max_kv_bytes must be >= 1, got {self.max_kv_bytes}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How much work one forward pass may carry."""
+
+    max_num_seqs: int = 64  # sequences running at once
+    max_step_tokens: int = 2048  # prefill + decode tokens packed into one forward
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise InvalidRequestError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_step_tokens < 1:
+            raise InvalidRequestError(f"max_step_tokens must be >= 1, got {self.max_step_tokens}")

@@ -1,0 +1,180 @@
+"""Attention over the paged KV cache: kvengine's one seam with transformers.
+
+`paged_attention` is registered with `transformers.AttentionInterface` under
+the name "kvengine". A model whose config selects that implementation calls
+it from its own attention modules with this step's queries, keys and values
+(after RoPE). It writes the new keys and values into the block pool at the
+slots the runner reserved, then attends each sequence's queries over that
+sequence's cached tokens, read back from the pool.
+
+What the function needs besides its arguments (the pool, which slots are new,
+which tokens of the packed batch belong to which sequence) comes from a
+`ForwardContext`, set by the runner with `forward_context(...)` around one
+model forward; the context manager refuses nesting, and the attention function
+refuses to run outside it.
+
+Many sequences share one forward pass as a packed batch: the model sees one
+row of `T` tokens (batch size 1) with per-token positions, and each `SeqSpan`
+names the columns that belong to one sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from kvengine.cache.paged import SequenceKV
+from kvengine.cache.pool import BlockPool
+
+ATTENTION_NAME = "kvengine"
+
+
+@dataclass
+class SeqSpan:
+    """The tokens of one sequence inside a packed forward pass."""
+
+    start: int  # first column of this sequence in the packed batch
+    end: int  # one past its last column
+    kv: SequenceKV  # its cache, already extended by the new tokens
+    num_cached: int  # tokens it had cached before this step (0: fresh prefill)
+
+
+@dataclass
+class ForwardContext:
+    """Per-step attention metadata: where new tokens go and what each sequence reads."""
+
+    pool: BlockPool
+    spans: list[SeqSpan]
+    new_slots: torch.Tensor  # (L, H_kv, T) pool slot of each new token, per layer and head
+
+
+_CURRENT: ContextVar[ForwardContext | None] = ContextVar("kvengine_forward", default=None)
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    """Make `ctx` the metadata of the model forward run inside this block."""
+    if _CURRENT.get() is not None:
+        raise RuntimeError("kvengine forward contexts do not nest")
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The attention function transformers calls; returns `(1, T, H_q, D)` and no weights.
+
+    query `(1, H_q, T, D)`, key and value `(1, H_kv, T, D)`: this step's
+    tokens of all sequences, packed. `attention_mask` is ignored: masks come
+    from the spans (causal within a sequence, nothing across sequences).
+    """
+    ctx = _CURRENT.get()
+    if ctx is None:
+        raise RuntimeError(
+            "the 'kvengine' attention implementation only runs inside kvengine's runner "
+            "(no forward context is set); use model.set_attn_implementation('sdpa') for plain transformers"
+        )
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("attention logit softcapping is not supported yet")
+    if query.shape[0] != 1:
+        raise ValueError(f"kvengine packs sequences into batch size 1, got {query.shape[0]}")
+    layer: int = module.layer_idx  # type: ignore[assignment]
+    window: int | None = kwargs.get("sliding_window")
+    _, num_heads, num_tokens, head_dim = query.shape
+    new_k, new_v = key[0], value[0]  # (H_kv, T, D)
+
+    slots = ctx.new_slots[layer]  # (H_kv, T)
+    ctx.pool.write(slots.reshape(-1), new_k.reshape(-1, head_dim), new_v.reshape(-1, head_dim))
+
+    out = query.new_empty(num_tokens, num_heads, head_dim)
+    for span in ctx.spans:
+        q = query[0, :, span.start : span.end]  # (H_q, T_q, D)
+        if span.num_cached == 0 and span.kv.is_uniform:
+            # Fresh prefill: this step's keys are the whole context, no need to read them back.
+            k, v = new_k[:, span.start : span.end], new_v[:, span.start : span.end]
+            head_lens = None
+        else:
+            ctx_slots, head_lens = span.kv.context(layer)  # (H_kv, T_k)
+            k, v = ctx.pool.read(ctx_slots.reshape(-1))
+            k = k.view(*ctx_slots.shape, head_dim)
+            v = v.view(*ctx_slots.shape, head_dim)
+        o = attend(q, k, v, scaling, head_lens, window)  # (H_q, T_q, D)
+        out[span.start : span.end] = o.transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float | None,
+    head_lens: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of one sequence's new queries over its cache.
+
+    q `(H_q, T_q, D)`; k, v `(H_kv, T_k, D)`; the queries are the last `T_q`
+    tokens of each head's cache. `head_lens` `(H_kv,)`: tokens held per kv-head
+    when heads differ (entries past a head's length are padding). `window`:
+    a query sees only keys less than `window` positions behind it.
+    Returns `(H_q, T_q, D)`.
+    """
+    num_heads, q_len, head_dim = q.shape
+    num_kv_heads, k_len, _ = k.shape
+    if head_lens is None and window is None:
+        if q_len == k_len:  # plain causal prefill: the fastest SDPA path
+            out = F.scaled_dot_product_attention(
+                q[None], k[None], v[None], is_causal=q_len > 1, scale=scaling, enable_gqa=True
+            )
+            return out[0]
+        if q_len == 1:  # decode: the query sees everything; fold query heads into rows
+            group = num_heads // num_kv_heads
+            out = F.scaled_dot_product_attention(
+                q.view(num_kv_heads, group, head_dim), k, v, scale=scaling
+            )
+            return out.view(num_heads, 1, head_dim)
+    mask = _causal_mask(q_len, k_len, head_lens, window)  # (H_kv or 1, T_q, T_k)
+    if mask.shape[0] > 1:  # one row per kv-head -> one per query head
+        mask = mask.repeat_interleave(num_heads // num_kv_heads, dim=0)
+    out = F.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=mask[None], scale=scaling, enable_gqa=True
+    )
+    return out[0]
+
+
+def _causal_mask(
+    q_len: int, k_len: int, head_lens: torch.Tensor | None, window: int | None
+) -> torch.Tensor:
+    """Boolean mask `(H_kv or 1, T_q, T_k)`, True where a query may attend.
+
+    Query i of head h sits at cache index `len_h - T_q + i`: new tokens are
+    the last ones of every head, whatever a press evicted before them.
+    """
+    lens = head_lens if head_lens is not None else torch.full((1,), k_len, dtype=torch.int64)
+    q_idx = lens[:, None] - q_len + torch.arange(q_len)  # (H, T_q)
+    k_idx = torch.arange(k_len)
+    mask = k_idx[None, None, :] <= q_idx[:, :, None]
+    if window is not None:
+        mask &= k_idx[None, None, :] > q_idx[:, :, None] - window
+    return mask
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)

@@ -1,0 +1,151 @@
+"""`kvengine.generate`: text in, text out, through the engine.
+
+This is the text side the engine leaves out: chat templates, tokenization,
+incremental detokenization for streaming, and stop strings. A prompt may be a
+string (the chat template is applied when the model has one, unless
+`chat=False`) or a list of token ids (used as given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvengine.config import CacheConfig, SchedulerConfig
+from kvengine.engine.engine import Engine
+from kvengine.engine.request import SamplingParams
+from kvengine.errors import InvalidRequestError
+from kvengine.models import LoadedModel
+
+Prompt = str | Sequence[int]
+OnText = Callable[[int, str], None]  # (prompt index, new text)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One prompt's result with what it cost."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string), "length", "abort"
+    num_prompt_tokens: int
+    ttft_s: float  # time to first token, from submission
+    decode_tokens_per_s: float  # generated tokens after the first, per second
+    kv_bytes: int  # bytes its KV blocks held when it finished
+
+
+class _TextStream:
+    """Decoded text of one request, released as it becomes final.
+
+    Text that could still be the start of a stop string, or that ends in a
+    partial UTF-8 character, is held back until the next token settles it.
+    """
+
+    def __init__(self, tokenizer: object, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def update(self, token_ids: list[int], final: bool) -> str:
+        """Feed all output ids so far; returns the new text that is safe to show."""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+        for s in self.stop:
+            cut = text.find(s, max(0, self.emitted - len(s)))
+            if cut != -1:
+                text, final, self.stopped = text[:cut], True, True
+        self.text = text
+        end = len(text) if final else max(self.emitted, len(text) - self.holdback)
+        if not final and text[self.emitted : end].endswith("\ufffd"):
+            return ""
+        delta = text[self.emitted : end]
+        self.emitted = end
+        return delta
+
+
+def encode_prompt(model: LoadedModel, prompt: Prompt, chat: bool | None, system: str | None) -> list[int]:
+    """Token ids of one prompt (see the module docstring for the rules)."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if not prompt.strip():
+        raise InvalidRequestError("the prompt is empty")
+    tok = model.tokenizer
+    if tok is None:
+        raise InvalidRequestError("this model has no tokenizer; pass prompts as token ids")
+    use_chat = model.has_chat_template if chat is None else chat
+    if not use_chat:
+        return list(tok.encode(prompt))
+    if not model.has_chat_template:
+        raise InvalidRequestError(f"model {model.name!r} has no chat template; use chat=False")
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def generate(
+    model: LoadedModel,
+    prompts: Prompt | Sequence[Prompt],
+    *,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    chat: bool | None = None,
+    system: str | None = None,
+    on_text: OnText | None = None,
+    cache_config: CacheConfig | None = None,
+    scheduler_config: SchedulerConfig | None = None,
+) -> list[Completion]:
+    """Generate a completion for each prompt, all prompts batched in one engine.
+
+    Greedy by default (`temperature=0`). `seed` seeds each sampled request on
+    its own. `on_text(i, text)` receives prompt i's text as it is produced.
+    """
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]  # type: ignore[list-item]
+    if not prompts:
+        raise InvalidRequestError("no prompts given")
+    params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop))
+    if params.stop and model.tokenizer is None:
+        raise InvalidRequestError("stop strings need a tokenizer")
+    encoded = [encode_prompt(model, p, chat, system) for p in prompts]  # type: ignore[arg-type]
+    engine = Engine(model, cache_config, scheduler_config)
+    ids = [engine.add_request(ids, params) for ids in encoded]
+    index = {seq_id: i for i, seq_id in enumerate(ids)}
+    streams = {i: _TextStream(model.tokenizer, params.stop) for i in ids} if model.tokenizer else {}
+    while engine.has_unfinished():
+        for event in engine.step():
+            stream = streams.get(event.seq_id)
+            if stream is None:
+                continue
+            delta = stream.update(engine.sequences[event.seq_id].output_ids, event.finished)
+            if stream.stopped and not event.finished:
+                engine.abort(event.seq_id)
+            if on_text and delta:
+                on_text(index[event.seq_id], delta)
+    return [_completion(engine, i, seq_id, streams.get(seq_id)) for i, seq_id in enumerate(ids)]
+
+
+def _completion(engine: Engine, index: int, seq_id: int, stream: _TextStream | None) -> Completion:
+    seq = engine.release(seq_id)
+    first = seq.first_token_time or seq.arrival_time
+    end = seq.finish_time or first
+    decode_tps = (len(seq.output_ids) - 1) / (end - first) if end > first else 0.0
+    reason = "stop" if stream is not None and stream.stopped else seq.finish_reason or "stop"
+    return Completion(
+        index=index,
+        text=stream.text if stream is not None else "",
+        token_ids=list(seq.output_ids),
+        finish_reason=reason,
+        num_prompt_tokens=len(seq.prompt_ids),
+        ttft_s=first - seq.arrival_time,
+        decode_tokens_per_s=decode_tps,
+        kv_bytes=seq.kv_bytes,
+    )

@@ -1,0 +1,76 @@
+"""Runs the Hugging Face model over a packed batch with kvengine's attention.
+
+The runner turns "these sequences get these new tokens" into one forward
+pass: it reserves cache slots for the new tokens, packs all tokens into one
+row with per-token positions, sets the forward context the attention function
+reads, and returns the logits of each sequence's last new token.
+
+It knows nothing about scheduling, sampling or text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvengine.cache.paged import PagedKVCache, SequenceKV
+from kvengine.errors import OutOfBlocksError
+from kvengine.engine.attention import ATTENTION_NAME, ForwardContext, SeqSpan, forward_context
+from kvengine.models import LoadedModel
+
+
+@dataclass
+class StepInput:
+    """New tokens of one sequence for one forward pass."""
+
+    kv: SequenceKV
+    token_ids: list[int]
+    start_pos: int  # position (for RoPE) of the first new token
+
+
+class ModelRunner:
+    """Owns the model's forward pass; the model's attention goes through the paged cache."""
+
+    def __init__(self, model: LoadedModel, cache: PagedKVCache) -> None:
+        self.model = model
+        self.cache = cache
+        model.hf_model.set_attn_implementation(ATTENTION_NAME)
+
+    def forward(self, batch: list[StepInput]) -> torch.Tensor:
+        """Logits `(N, vocab)` (float32) of the last new token of each of the N inputs.
+
+        The new tokens' keys and values are in the cache afterwards. If the
+        pool cannot hold them all, OutOfBlocksError is raised before any
+        sequence changes.
+        """
+        if not batch:
+            raise ValueError("empty batch")
+        needed = sum(self.cache.blocks_needed(item.kv, len(item.token_ids)) for item in batch)
+        if not self.cache.pool.can_allocate(needed):
+            raise OutOfBlocksError(
+                f"this step needs {needed} blocks, the pool has {self.cache.pool.num_free_blocks} free"
+            )
+        spans, slots, positions, tokens = [], [], [], []
+        start = 0
+        for item in batch:
+            n = len(item.token_ids)
+            if n == 0:
+                raise ValueError("a step input without tokens")
+            num_cached = item.kv.max_len
+            slots.append(self.cache.append(item.kv, n))
+            spans.append(SeqSpan(start, start + n, item.kv, num_cached))
+            positions.append(torch.arange(item.start_pos, item.start_pos + n))
+            tokens.extend(item.token_ids)
+            start += n
+        ctx = ForwardContext(self.cache.pool, spans, torch.cat(slots, dim=2))
+        last = torch.tensor([span.end - 1 for span in spans])
+        # Block tables are updated above, outside inference mode: they outlive this step.
+        with forward_context(ctx), torch.inference_mode():
+            out = self.model.hf_model(
+                input_ids=torch.tensor([tokens]),
+                position_ids=torch.cat(positions)[None],
+                use_cache=False,
+                logits_to_keep=last,
+            )
+        return out.logits[0].float()

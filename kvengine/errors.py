@@ -1,0 +1,28 @@
+"""Errors kvengine raises for bad input or exhausted resources.
+
+Every error a user can cause derives from `KVEngineError`, so the CLI and the
+server can turn it into one clear line (exit code 2, or an HTTP 4xx) without
+catching programming errors by accident.
+"""
+
+from __future__ import annotations
+
+
+class KVEngineError(Exception):
+    """Base class of every error caused by input or configuration, not by a bug."""
+
+
+class InvalidRequestError(KVEngineError, ValueError):
+    """A prompt or sampling parameter that cannot be served (empty, too long, out of range)."""
+
+
+class ModelNotFoundError(KVEngineError, LookupError):
+    """A model name that is not known, or whose package is not installed."""
+
+
+class UnsupportedModelError(KVEngineError):
+    """A model whose architecture family has no entry in the adapter table."""
+
+
+class OutOfBlocksError(KVEngineError, MemoryError):
+    """The block pool cannot hold what was asked of it."""

@@ -1,0 +1,79 @@
+"""Block pool: allocation, ref counts, byte accounting; property-based invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvengine.cache.pool import BlockPool
+from kvengine.errors import OutOfBlocksError
+
+
+def test_allocate_release_round_trip() -> None:
+    pool = BlockPool(num_blocks=8, block_size=4, head_dim=2)
+    a = pool.allocate(3)
+    b = pool.allocate(5)
+    assert sorted(torch.cat([a, b]).tolist()) == list(range(8))
+    assert pool.num_free_blocks == 0
+    with pytest.raises(OutOfBlocksError, match="0 free blocks, 1 were asked"):
+        pool.allocate(1)
+    pool.release(a)
+    assert pool.num_free_blocks == 3
+    pool.check_invariants()
+
+
+def test_shared_block_freed_after_last_reference() -> None:
+    pool = BlockPool(num_blocks=4, block_size=4, head_dim=2)
+    ids = pool.allocate(2)
+    pool.incref(ids[:1])
+    pool.release(ids)
+    assert pool.num_free_blocks == 3  # ids[0] still referenced once
+    pool.release(ids[:1])
+    assert pool.num_free_blocks == 4
+    with pytest.raises(ValueError, match="already free"):
+        pool.release(ids[:1])
+    pool.check_invariants()
+
+
+def test_bytes_are_whole_blocks_of_keys_and_values() -> None:
+    pool = BlockPool(num_blocks=10, block_size=16, head_dim=64, dtype=torch.float16)
+    assert pool.bytes_per_block == 2 * 16 * 64 * 2
+    pool.allocate(3)
+    assert pool.bytes_in_use == 3 * pool.bytes_per_block
+    assert BlockPool.with_capacity(pool.bytes_per_block * 7 + 5, 16, 64, torch.float16).num_blocks == 7
+
+
+def test_write_then_read_returns_rows() -> None:
+    pool = BlockPool(num_blocks=2, block_size=4, head_dim=3)
+    slots = torch.tensor([5, 1, 6])
+    k, v = torch.randn(3, 3), torch.randn(3, 3)
+    pool.write(slots, k, v)
+    k2, v2 = pool.read(slots)
+    assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "incref", "release"]), st.integers(0, 6)), max_size=40))
+def test_random_operations_keep_invariants(ops: list[tuple[str, int]]) -> None:
+    pool = BlockPool(num_blocks=12, block_size=2, head_dim=1)
+    held: list[int] = []  # one entry per reference we own
+    for op, n in ops:
+        if op == "alloc":
+            if pool.can_allocate(n):
+                held += pool.allocate(n).tolist()
+            else:
+                with pytest.raises(OutOfBlocksError):
+                    pool.allocate(n)
+        elif op == "incref" and held:
+            block = held[n % len(held)]
+            pool.incref(torch.tensor([block]))
+            held.append(block)
+        elif op == "release" and held:
+            block = held.pop(n % len(held))
+            pool.release(torch.tensor([block]))
+        pool.check_invariants()
+        assert pool.num_used_blocks == len(set(held))
+        for block in set(held):
+            assert int(pool.ref_counts[block]) == held.count(block)
