@@ -34,9 +34,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise InvalidRequestError(
-                f"dtype must be one of float32, bfloat16, float16, got {self.dtype!r}"
-            )
+            raise InvalidRequestError(f"dtype must be one of float32, bfloat16, float16, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

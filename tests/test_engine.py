@@ -34,7 +34,9 @@ def test_packed_prefill_chunks_and_decode_match_full_forward(tiny: LoadedModel) 
     logits = runner.forward([StepInput(kv_b, b, 0), StepInput(kv_a, a[:20], 0), StepInput(kv_c, c[:30], 0)])
     torch.testing.assert_close(logits[0], hf_logits(tiny, b)[-1], atol=1e-4, rtol=1e-4)
     # Step 2: rest of a, one decode token of b, rest of c.
-    logits = runner.forward([StepInput(kv_a, a[20:], 20), StepInput(kv_b, [7], 11), StepInput(kv_c, c[30:], 30)])
+    logits = runner.forward(
+        [StepInput(kv_a, a[20:], 20), StepInput(kv_b, [7], 11), StepInput(kv_c, c[30:], 30)]
+    )
     torch.testing.assert_close(logits[0], hf_logits(tiny, a)[-1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[1], hf_logits(tiny, [*b, 7])[-1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[2], hf_logits(tiny, c)[-1], atol=1e-4, rtol=1e-4)

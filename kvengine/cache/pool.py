@@ -131,9 +131,21 @@ class BlockPool:
         self.k.index_copy_(0, slots, key.to(self.dtype))
         self.v.index_copy_(0, slots, value.to(self.dtype))
 
-    def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `(N, head_dim)` at flat slot indices `slots` `(N,)`."""
-        return self.k.index_select(0, slots), self.v.index_select(0, slots)
+    def read(
+        self, slots: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `(N, head_dim)` at flat slot indices `slots` `(N,)`.
+
+        With `out` (two buffers of at least N rows) the result is written into
+        their first N rows, valid until the next read into the same buffers.
+        """
+        n = slots.numel()
+        if out is None or out[0].shape[0] < n:
+            return self.k.index_select(0, slots), self.v.index_select(0, slots)
+        k, v = out[0][:n], out[1][:n]
+        torch.index_select(self.k, 0, slots, out=k)
+        torch.index_select(self.v, 0, slots, out=v)
+        return k, v
 
     # ---- checks -----------------------------------------------------------
 

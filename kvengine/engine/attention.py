@@ -53,6 +53,9 @@ class ForwardContext:
     pool: BlockPool
     spans: list[SeqSpan]
     new_slots: torch.Tensor  # (L, H_kv, T) pool slot of each new token, per layer and head
+    # Reused buffers for keys and values read back from the pool: fresh multi-MB
+    # tensors in every layer would cost page faults on each decode step.
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("kvengine_forward", default=None)
@@ -113,7 +116,7 @@ def paged_attention(
             head_lens = None
         else:
             ctx_slots, head_lens = span.kv.context(layer)  # (H_kv, T_k)
-            k, v = ctx.pool.read(ctx_slots.reshape(-1))
+            k, v = ctx.pool.read(ctx_slots.reshape(-1), out=ctx.scratch)
             k = k.view(*ctx_slots.shape, head_dim)
             v = v.view(*ctx_slots.shape, head_dim)
         o = attend(q, k, v, scaling, head_lens, window)  # (H_q, T_q, D)
@@ -147,9 +150,8 @@ def attend(
             return out[0]
         if q_len == 1:  # decode: the query sees everything; fold query heads into rows
             group = num_heads // num_kv_heads
-            out = F.scaled_dot_product_attention(
-                q.view(num_kv_heads, group, head_dim), k, v, scale=scaling
-            )
+            q4 = q.view(1, num_kv_heads, group, head_dim)  # 4-D: SDPA's fast CPU path
+            out = F.scaled_dot_product_attention(q4, k[None], v[None], scale=scaling)
             return out.view(num_heads, 1, head_dim)
     mask = _causal_mask(q_len, k_len, head_lens, window)  # (H_kv or 1, T_q, T_k)
     if mask.shape[0] > 1:  # one row per kv-head -> one per query head
@@ -160,9 +162,7 @@ def attend(
     return out[0]
 
 
-def _causal_mask(
-    q_len: int, k_len: int, head_lens: torch.Tensor | None, window: int | None
-) -> torch.Tensor:
+def _causal_mask(q_len: int, k_len: int, head_lens: torch.Tensor | None, window: int | None) -> torch.Tensor:
     """Boolean mask `(H_kv or 1, T_q, T_k)`, True where a query may attend.
 
     Query i of head h sits at cache index `len_h - T_q + i`: new tokens are

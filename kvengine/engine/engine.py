@@ -51,9 +51,7 @@ class Engine:
         )
         self.cache = PagedKVCache(pool, model.num_layers, model.num_kv_heads)
         self.runner = ModelRunner(model, self.cache)
-        self.scheduler = Scheduler(
-            scheduler_config or SchedulerConfig(), self.cache, model.max_context_len
-        )
+        self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), self.cache, model.max_context_len)
         self.sequences: dict[int, Sequence] = {}
         self.peak_bytes_in_use = 0
         self._ids = itertools.count()

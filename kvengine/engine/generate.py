@@ -83,8 +83,8 @@ def encode_prompt(model: LoadedModel, prompt: Prompt, chat: bool | None, system:
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tok.encode(str(text), add_special_tokens=False))
 
 
 def generate(
@@ -108,14 +108,11 @@ def generate(
     Greedy by default (`temperature=0`). `seed` seeds each sampled request on
     its own. `on_text(i, text)` receives prompt i's text as it is produced.
     """
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-        prompts = [prompts]  # type: ignore[list-item]
-    if not prompts:
-        raise InvalidRequestError("no prompts given")
+    batch = _as_batch(prompts)
     params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop))
     if params.stop and model.tokenizer is None:
         raise InvalidRequestError("stop strings need a tokenizer")
-    encoded = [encode_prompt(model, p, chat, system) for p in prompts]  # type: ignore[arg-type]
+    encoded = [encode_prompt(model, p, chat, system) for p in batch]
     engine = Engine(model, cache_config, scheduler_config)
     ids = [engine.add_request(ids, params) for ids in encoded]
     index = {seq_id: i for i, seq_id in enumerate(ids)}
@@ -131,6 +128,18 @@ def generate(
             if on_text and delta:
                 on_text(index[event.seq_id], delta)
     return [_completion(engine, i, seq_id, streams.get(seq_id)) for i, seq_id in enumerate(ids)]
+
+
+def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """A list of prompts from one prompt (text or token ids) or a sequence of them."""
+    if isinstance(prompts, str):
+        return [prompts]
+    items = list(prompts)
+    if not items:
+        raise InvalidRequestError("no prompts given")
+    if all(isinstance(t, int) for t in items):
+        return [items]  # type: ignore[list-item]
+    return items  # type: ignore[return-value]
 
 
 def _completion(engine: Engine, index: int, seq_id: int, stream: _TextStream | None) -> Completion:

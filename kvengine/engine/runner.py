@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from kvengine.cache.paged import PagedKVCache, SequenceKV
-from kvengine.errors import OutOfBlocksError
 from kvengine.engine.attention import ATTENTION_NAME, ForwardContext, SeqSpan, forward_context
+from kvengine.errors import OutOfBlocksError
 from kvengine.models import LoadedModel
 
 
@@ -35,7 +35,22 @@ class ModelRunner:
     def __init__(self, model: LoadedModel, cache: PagedKVCache) -> None:
         self.model = model
         self.cache = cache
+        self._scratch_rows = 0
+        self._scratch_bufs: tuple[torch.Tensor, torch.Tensor] | None = None
         model.hf_model.set_attn_implementation(ATTENTION_NAME)
+
+    def _scratch(self, spans: list[SeqSpan]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers for the largest context one layer of these spans reads back (grown, kept)."""
+        rows = max(span.kv.max_len for span in spans) * self.cache.num_kv_heads
+        if self._scratch_bufs is None or rows > self._scratch_rows:
+            self._scratch_rows = max(rows, 2 * self._scratch_rows)
+            pool = self.cache.pool
+            shape = (self._scratch_rows, pool.head_dim)
+            self._scratch_bufs = (
+                torch.empty(shape, dtype=pool.dtype),
+                torch.empty(shape, dtype=pool.dtype),
+            )
+        return self._scratch_bufs
 
     def forward(self, batch: list[StepInput]) -> torch.Tensor:
         """Logits `(N, vocab)` (float32) of the last new token of each of the N inputs.
@@ -63,7 +78,7 @@ class ModelRunner:
             positions.append(torch.arange(item.start_pos, item.start_pos + n))
             tokens.extend(item.token_ids)
             start += n
-        ctx = ForwardContext(self.cache.pool, spans, torch.cat(slots, dim=2))
+        ctx = ForwardContext(self.cache.pool, spans, torch.cat(slots, dim=2), self._scratch(spans))
         last = torch.tensor([span.end - 1 for span in spans])
         # Block tables are updated above, outside inference mode: they outlive this step.
         with forward_context(ctx), torch.inference_mode():

@@ -1,0 +1,1 @@
+"""Benchmarks: code that writes JSON rows and Markdown reports, never timed assertions."""

@@ -1,0 +1,228 @@
+"""The `kvengine` command line: generate | demo | bench | models.
+
+Bad arguments and bad input end with one line on stderr and exit code 2;
+cache and scheduler options are derived from the config dataclasses, so the
+CLI and the Python API cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig
+from kvengine.errors import InvalidRequestError, KVEngineError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, cls: type, help_text: dict[str, str]) -> None:
+    """One `--field-name` option per field of a config dataclass, defaulting to its default."""
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        default = f.default
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(default),
+            default=default,
+            metavar=f.name.upper(),
+            help=f"{help_text.get(f.name, '')} (default: {default})",
+        )
+
+
+def _config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+_CONFIG_HELP = {
+    "block_size": "tokens per KV block",
+    "max_kv_bytes": "bytes of key/value memory in the block pool",
+    "max_num_seqs": "sequences running at once",
+    "max_step_tokens": "prefill + decode tokens per forward pass",
+}
+
+
+def read_text_file(path: str) -> str:
+    """A UTF-8 text file's contents; clear errors for a missing or non-UTF-8 file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="kvengine",
+        description="kvengine: a KV-cache engine for LLM inference (paged cache, compression, reuse).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    gen = sub.add_parser("generate", help="generate text for prompts", description=_GENERATE_HELP)
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text (one completion each)")
+    gen.add_argument("--file", action="append", default=[], help="read a prompt from a UTF-8 file")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    gen.add_argument("--max-tokens", type=_positive_int, default=128, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 = off)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--system", default=None, help="system message for the chat template")
+    gen.add_argument("--no-stream", action="store_true", help="print each completion when done")
+    _add_config_args(gen, CacheConfig, _CONFIG_HELP)
+    _add_config_args(gen, SchedulerConfig, _CONFIG_HELP)
+
+    demo = sub.add_parser("demo", help="answer a question about a long document", description=_DEMO_HELP)
+    demo.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    demo.add_argument("--doc-tokens", type=_positive_int, default=2000, help="length of the document")
+
+    bench = sub.add_parser("bench", help="benchmarks that write JSON rows and a Markdown report")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", parser_class=_Parser)
+    bench_sub.required = True
+    dec = bench_sub.add_parser(
+        "decode", help="prefill and decode tokens/s vs transformers' generate", description=_BENCH_HELP
+    )
+    dec.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    dec.add_argument("--lengths", type=_int_list, default=[512, 2048, 4096], help="prompt lengths")
+    dec.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens decoded per run")
+    dec.add_argument("--repeats", type=_positive_int, default=3, help="runs per length and system")
+    dec.add_argument("--out", default="results/bench_decode.jsonl", help="JSON rows are appended here")
+    dec.add_argument("--report", default="docs/benchmarks.md", help="Markdown report to append to")
+
+    models = sub.add_parser("models", help="list bundled models and whether they are converted")
+    models.add_argument("--cache-dir", default=None, help="where converted weights live")
+    return parser
+
+
+_GENERATE_HELP = """Generate completions through kvengine's paged KV cache. Prompts come from
+the command line and from --file; with one prompt, text is streamed as it is produced. The chat
+template is applied for chat models unless --no-chat. Timing and KV bytes go to stderr."""
+_DEMO_HELP = """Load the bundled model, build a long document with one fact hidden in it,
+ask about that fact, and print the answer, the KV-cache bytes held, time to first token and
+decode speed."""
+_BENCH_HELP = """Measure prefill and decode tokens/s of kvengine and of transformers' generate
+(its own dynamic cache, SDPA attention) in the same run, on the same prompts. Rows are appended
+as JSON lines to --out, and a table to --report."""
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from kvengine.engine.generate import generate
+    from kvengine.models import load
+
+    prompts = list(args.prompts) + [read_text_file(p) for p in args.file]
+    if not prompts:
+        raise InvalidRequestError("no prompt given: pass PROMPT or --file")
+    cache = _config_from_args(CacheConfig, args)
+    scheduler = _config_from_args(SchedulerConfig, args)
+    model = load(args.model)
+    stream = len(prompts) == 1 and not args.no_stream
+
+    def on_text(_: int, text: str) -> None:
+        print(text, end="", flush=True)
+
+    completions = generate(
+        model,
+        prompts,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+        chat=False if args.no_chat else None,
+        system=args.system,
+        on_text=on_text if stream else None,
+        cache_config=cache,
+        scheduler_config=scheduler,
+    )
+    for c in completions:
+        if stream:
+            print()
+        else:
+            print(f"--- completion {c.index} ---\n{c.text}")
+        print(
+            f"[{c.num_prompt_tokens} prompt tokens, {len(c.token_ids)} generated, finish: {c.finish_reason}, "
+            f"ttft {c.ttft_s:.2f} s, decode {c.decode_tokens_per_s:.1f} tok/s, KV {c.kv_bytes / 2**20:.1f} MiB]",
+            file=sys.stderr,
+        )
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from kvengine.demo import run_demo
+
+    run_demo(args.model, args.doc_tokens)
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from kvengine.bench.decode import run_decode_bench
+
+    run_decode_bench(
+        args.model, args.lengths, args.new_tokens, args.repeats, Path(args.out), Path(args.report)
+    )
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from kvengine.models import describe_bundled
+
+    for line in describe_bundled(Path(args.cache_dir) if args.cache_dir else None):
+        print(line)
+
+
+_COMMANDS = {"generate": _cmd_generate, "demo": _cmd_demo, "bench": _cmd_bench, "models": _cmd_models}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _COMMANDS[args.command](args)
+    except KVEngineError as exc:
+        print(f"kvengine {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
