@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--lengths", type=_int_list, default=[512, 2048, 4096], help="prompt lengths")
     dec.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens decoded per run")
     dec.add_argument("--repeats", type=_positive_int, default=3, help="runs per length and system")
-    dec.add_argument("--out", default="results/bench_decode.jsonl", help="JSON rows are appended here")
+    dec.add_argument("--out", default="docs/results/bench_decode.jsonl", help="JSON rows are appended here")
     dec.add_argument("--report", default="docs/benchmarks.md", help="Markdown report to append to")
 
     models = sub.add_parser("models", help="list bundled models and whether they are converted")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +10,10 @@ import torch
 import transformers
 
 from kvengine.models import LoadedModel
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per worker: two workers with two threads each on two cores thrash.
+    torch.set_num_threads(1)
 
 TINY = dict(
     vocab_size=256,
