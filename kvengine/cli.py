@@ -8,14 +8,18 @@ CLI and the Python API cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig
 from kvengine.errors import InvalidRequestError, KVEngineError
+
+if TYPE_CHECKING:
+    from kvengine.press.base import Press
 
 EXIT_BAD_INPUT = 2
 
@@ -87,6 +91,46 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _press_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return key.strip(), parsed
+
+
+def _add_press_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compression")
+    group.add_argument(
+        "--press",
+        default=None,
+        help="compression press by name, or WRAPPER:NAME (e.g. snapkv, adakv:expected_attention); "
+        "see `kvengine presses`",
+    )
+    group.add_argument(
+        "--ratio", type=float, default=0.5, help="fraction of the context to evict (default: 0.5)"
+    )
+    group.add_argument(
+        "--press-arg",
+        type=_press_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a hyperparameter of the press (repeatable), e.g. window_size=32",
+    )
+
+
+def _press_from_args(args: argparse.Namespace) -> Press | None:
+    from kvengine.press import press_from_spec
+
+    if args.press is None:
+        return None
+    return press_from_spec(args.press, args.ratio, **dict(args.press_arg))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="kvengine",
@@ -108,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.add_argument("--system", default=None, help="system message for the chat template")
     gen.add_argument("--no-stream", action="store_true", help="print each completion when done")
+    _add_press_args(gen)
+    gen.add_argument(
+        "--question",
+        action="append",
+        default=None,
+        help="ask this question about each prompt (repeatable); with --press the prompt is compressed "
+        "once, before the questions are seen",
+    )
+    gen.add_argument(
+        "--query-aware", action="store_true", help="compress each prompt together with its question"
+    )
     _add_config_args(gen, CacheConfig, _CONFIG_HELP)
     _add_config_args(gen, SchedulerConfig, _CONFIG_HELP)
 
@@ -127,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--repeats", type=_positive_int, default=3, help="runs per length and system")
     dec.add_argument("--out", default="docs/results/bench_decode.jsonl", help="JSON rows are appended here")
     dec.add_argument("--report", default="docs/benchmarks.md", help="Markdown report to append to")
+
+    sub.add_parser("presses", help="list compression presses and their hyperparameters")
 
     models = sub.add_parser("models", help="list bundled models and whether they are converted")
     models.add_argument("--cache-dir", default=None, help="where converted weights live")
@@ -153,8 +210,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         raise InvalidRequestError("no prompt given: pass PROMPT or --file")
     cache = _config_from_args(CacheConfig, args)
     scheduler = _config_from_args(SchedulerConfig, args)
+    press = _press_from_args(args)
     model = load(args.model)
-    stream = len(prompts) == 1 and not args.no_stream
+    stream = len(prompts) * len(args.question or [None]) == 1 and not args.no_stream
 
     def on_text(_: int, text: str) -> None:
         print(text, end="", flush=True)
@@ -170,6 +228,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         stop=args.stop,
         chat=False if args.no_chat else None,
         system=args.system,
+        press=press,
+        questions=args.question,
+        query_aware=args.query_aware,
         on_text=on_text if stream else None,
         cache_config=cache,
         scheduler_config=scheduler,
@@ -207,7 +268,26 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(line)
 
 
-_COMMANDS = {"generate": _cmd_generate, "demo": _cmd_demo, "bench": _cmd_bench, "models": _cmd_models}
+def _cmd_presses(args: argparse.Namespace) -> None:
+    from kvengine.press import PRESSES
+
+    for name, cls in sorted(PRESSES.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        fields = ", ".join(
+            f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if not f.name.startswith("_")
+        )
+        print(f"{name:20s} {doc}\n{'':20s} fields: {fields}")
+
+
+_COMMANDS = {
+    "generate": _cmd_generate,
+    "demo": _cmd_demo,
+    "bench": _cmd_bench,
+    "models": _cmd_models,
+    "presses": _cmd_presses,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

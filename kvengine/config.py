@@ -42,13 +42,19 @@ class CacheConfig:
     """Size and shape of the block pool that owns all KV memory.
 
     A block holds `block_size` tokens of one (layer, kv-head). The pool holds
-    `max_kv_bytes` of keys and values, rounded down to whole blocks.
+    `max_kv_bytes` of keys and values, rounded down to whole blocks. With
+    `kv_bits`, full blocks are stored packed (KIVI); `max_kv_bytes` then buys
+    packed blocks, and full-precision blocks for the tokens of one step and
+    each sequence's partly filled last blocks come on top.
     """
 
     block_size: int = 16
     max_kv_bytes: int = 2 * 2**30
+    kv_bits: int = 0  # 0: keys and values in the model's dtype; 2, 4 or 8: packed KIVI blocks
 
     def __post_init__(self) -> None:
+        if self.kv_bits not in (0, 2, 4, 8):
+            raise InvalidRequestError(f"kv_bits must be 0 (off), 2, 4 or 8, got {self.kv_bits}")
         if self.block_size < 1:
             raise InvalidRequestError(f"block_size must be >= 1, got {self.block_size}")
         if self.max_kv_bytes < 1:

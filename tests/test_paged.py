@@ -99,3 +99,32 @@ def test_blocks_needed_predicts_append() -> None:
         cache.append(seq, n)
         assert free - cache.pool.num_free_blocks == need
     assert cache.blocks_for_tokens(14) == LAYERS * HEADS * 4
+
+
+def test_fork_shares_full_blocks_and_copies_partial_ones() -> None:
+    cache = make_cache()
+    parent = cache.new_sequence()
+    slots = cache.append(parent, 6)  # one full block and one block of 2 per cell
+    k = torch.randn(LAYERS, HEADS, 6, HEAD_DIM)
+    cache.pool.write(slots.reshape(-1), k.reshape(-1, HEAD_DIM), k.reshape(-1, HEAD_DIM))
+    cache.retain(parent, 2, [torch.tensor([0, 1, 2, 3]), torch.tensor([1, 5])])  # layer 2: 4 and 2 tokens
+    used = cache.pool.num_used_blocks
+    child = cache.fork(parent)
+    partial_cells = int((parent.lens % BLOCK != 0).sum())
+    assert cache.pool.num_used_blocks == used + partial_cells
+    # Appends to one do not show in the other.
+    new = cache.append(child, 3)
+    cache.pool.write(new.reshape(-1), torch.ones(new.numel(), HEAD_DIM), torch.ones(new.numel(), HEAD_DIM))
+    for layer in range(LAYERS):
+        p_slots, _ = parent.context(layer)
+        c_slots, _ = child.context(layer)
+        for head in range(HEADS):
+            n = int(parent.lens[layer, head])
+            pk, _ = cache.pool.read(p_slots[head, :n])
+            ck, _ = cache.pool.read(c_slots[head, :n])
+            assert torch.equal(pk, ck)  # same cached tokens
+    cache.free(parent)
+    cache.pool.check_invariants()
+    assert cache.pool.num_used_blocks == cache.bytes_held(child) // cache.pool.bytes_per_block
+    cache.free(child)
+    assert cache.pool.num_used_blocks == 0

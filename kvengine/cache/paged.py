@@ -18,6 +18,9 @@ from collections.abc import Sequence
 import torch
 
 from kvengine.cache.pool import BlockPool
+from kvengine.cache.quant_pool import QuantizedBlockPool
+
+KVPool = BlockPool | QuantizedBlockPool
 
 
 def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -70,7 +73,7 @@ class SequenceKV:
 class PagedKVCache:
     """Allocates, fills and frees the blocks of sequences in one `BlockPool`."""
 
-    def __init__(self, pool: BlockPool, num_layers: int, num_kv_heads: int) -> None:
+    def __init__(self, pool: KVPool, num_layers: int, num_kv_heads: int) -> None:
         self.pool = pool
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
@@ -153,6 +156,37 @@ class PagedKVCache:
         seq.lens[layer] = new_lens
         self.pool.release(old_blocks)
 
+    def fork(self, seq: SequenceKV) -> SequenceKV:
+        """A new sequence with the same cached tokens; full blocks are shared, not copied.
+
+        Each cell's last block, if partly filled, is copied: both sequences
+        will append into it. Shared blocks gain a reference and are freed when
+        the last sequence holding them is freed.
+        """
+        bs = self.block_size
+        child = self.new_sequence()
+        child.block_table = seq.block_table.clone()
+        child.num_blocks = seq.num_blocks.clone()
+        child.lens = seq.lens.clone()
+        child.slots = seq.slots.clone()
+        partial = (seq.lens % bs != 0) & (seq.num_blocks > 0)  # (L, H)
+        shared = seq.block_table.clone()
+        last = (seq.num_blocks - 1).clamp_min(0)[..., None]
+        shared.scatter_(2, last, torch.where(partial[..., None], -1, shared.gather(2, last)))
+        self.pool.incref(shared[shared >= 0])
+        cells = partial.nonzero().tolist()
+        if cells:
+            fresh = self.pool.allocate(len(cells))
+            for (layer, head), block in zip(cells, fresh.tolist(), strict=True):
+                n = int(seq.lens[layer, head])
+                start = (n // bs) * bs
+                src = seq.slots[layer, head, start:n]
+                dst = block * bs + torch.arange(n - start)
+                self.pool.write(dst, *self.pool.read(src))
+                child.block_table[layer, head, int(seq.num_blocks[layer, head]) - 1] = block
+                child.slots[layer, head, start:n] = dst
+        return child
+
     def free(self, seq: SequenceKV) -> None:
         """Release every block of `seq`; the sequence is left empty."""
         self.pool.release(seq.block_table[seq.block_table >= 0])
@@ -162,4 +196,30 @@ class PagedKVCache:
 
     def bytes_held(self, seq: SequenceKV) -> int:
         """Bytes of the blocks `seq` references (shared blocks counted in full)."""
-        return int(seq.num_blocks.sum()) * self.pool.bytes_per_block
+        return self.pool.bytes_of(seq.block_table[seq.block_table >= 0])
+
+    def seal_full_blocks(self, seq: SequenceKV) -> int:
+        """Quantize every full, still open block of `seq` (a packed pool only); returns how many.
+
+        A cell's last block stays open until it is full: that is KIVI's
+        full-precision residual. Blocks shared with another sequence stay
+        open (sealing moves a block, and a shared block cannot move).
+        """
+        if not isinstance(self.pool, QuantizedBlockPool):
+            return 0
+        j = torch.arange(seq.block_table.shape[-1])
+        full = j < (seq.lens // self.block_size)[..., None]
+        candidates = seq.block_table.clamp_min(0)
+        mask = full & ~self.pool.is_sealed(candidates) & (self.pool.ref_counts[candidates] == 1)
+        ids = seq.block_table[mask]
+        if ids.numel() == 0:
+            return 0
+        seq.block_table[mask] = self.pool.seal(ids)
+        # Tokens keep their offsets inside a block; only block ids changed.
+        pos = torch.arange(seq.slots.shape[-1])
+        blocks = seq.block_table.gather(
+            2, (pos // self.block_size).clamp_max(seq.block_table.shape[-1] - 1).expand(*seq.lens.shape, -1)
+        )
+        in_cache = pos < seq.lens[..., None]
+        seq.slots = torch.where(in_cache, blocks.clamp_min(0) * self.block_size + pos % self.block_size, 0)
+        return ids.numel()

@@ -88,6 +88,10 @@ class BlockPool:
     def capacity_bytes(self) -> int:
         return self.num_blocks * self.bytes_per_block
 
+    def bytes_of(self, block_ids: torch.Tensor) -> int:
+        """Bytes the given blocks hold (a block listed twice counts twice)."""
+        return block_ids.numel() * self.bytes_per_block
+
     # ---- allocation -------------------------------------------------------
 
     def can_allocate(self, num_blocks: int) -> bool:

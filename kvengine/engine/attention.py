@@ -20,18 +20,18 @@ names the columns that belong to one sequence.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from kvengine.cache.paged import SequenceKV
-from kvengine.cache.pool import BlockPool
+from kvengine.cache.paged import KVPool, SequenceKV
+from kvengine.press.base import Press, PressInput
 
 ATTENTION_NAME = "kvengine"
 
@@ -44,18 +44,24 @@ class SeqSpan:
     end: int  # one past its last column
     kv: SequenceKV  # its cache, already extended by the new tokens
     num_cached: int  # tokens it had cached before this step (0: fresh prefill)
+    press: Press | None = None  # compress this sequence's cache after this step
+    end_pos: int = 0  # RoPE position after its last new token
 
 
 @dataclass
 class ForwardContext:
     """Per-step attention metadata: where new tokens go and what each sequence reads."""
 
-    pool: BlockPool
+    pool: KVPool
     spans: list[SeqSpan]
     new_slots: torch.Tensor  # (L, H_kv, T) pool slot of each new token, per layer and head
     # Reused buffers for keys and values read back from the pool: fresh multi-MB
     # tensors in every layer would cost page faults on each decode step.
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+    num_layers: int = 0
+    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Filled by the attention function: (span index, layer) -> tokens each kv-head keeps.
+    kept: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict)
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("kvengine_forward", default=None)
@@ -108,7 +114,7 @@ def paged_attention(
     ctx.pool.write(slots.reshape(-1), new_k.reshape(-1, head_dim), new_v.reshape(-1, head_dim))
 
     out = query.new_empty(num_tokens, num_heads, head_dim)
-    for span in ctx.spans:
+    for i, span in enumerate(ctx.spans):
         q = query[0, :, span.start : span.end]  # (H_q, T_q, D)
         if span.num_cached == 0 and span.kv.is_uniform:
             # Fresh prefill: this step's keys are the whole context, no need to read them back.
@@ -121,7 +127,36 @@ def paged_attention(
             v = v.view(*ctx_slots.shape, head_dim)
         o = attend(q, k, v, scaling, head_lens, window)  # (H_q, T_q, D)
         out[span.start : span.end] = o.transpose(0, 1)
+        if span.press is not None:
+            ctx.kept[i, layer] = _press_keep(ctx, span, layer, q, k, v, scaling or head_dim**-0.5)
     return out.unsqueeze(0), None
+
+
+def _press_keep(
+    ctx: ForwardContext,
+    span: SeqSpan,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float,
+) -> list[torch.Tensor]:
+    """Ask the span's press which of this layer's cached tokens each kv-head keeps."""
+    if not span.kv.is_uniform:
+        raise NotImplementedError("compressing a cache that a press already compressed")
+    num_tokens = k.shape[1]
+    inp = PressInput(
+        layer=layer,
+        num_layers=ctx.num_layers,
+        keys=k,
+        values=v,
+        queries=q,
+        scaling=scaling,
+        positions=torch.arange(span.end_pos - num_tokens, span.end_pos),
+        rope=ctx.rope,
+    )
+    assert span.press is not None
+    return span.press.keep(inp)
 
 
 def attend(

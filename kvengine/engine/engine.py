@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvengine.cache.paged import PagedKVCache
+from kvengine.cache.paged import KVPool, PagedKVCache
 from kvengine.cache.pool import BlockPool
+from kvengine.cache.quant import KIVILayout
+from kvengine.cache.quant_pool import QuantizedBlockPool
 from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.engine.request import SamplingParams, Sequence, Status
 from kvengine.engine.runner import ModelRunner, StepInput
@@ -23,6 +25,7 @@ from kvengine.engine.sampler import sample
 from kvengine.engine.scheduler import Scheduler
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
+from kvengine.press.base import Press
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,22 @@ class TokenEvent:
     token_id: int
     finished: bool
     finish_reason: str | None
+
+
+def make_pool(cache: CacheConfig, scheduler: SchedulerConfig, model: LoadedModel) -> KVPool:
+    """The block pool a `CacheConfig` asks for, sized for `model`."""
+    if not cache.kv_bits:
+        return BlockPool.with_capacity(cache.max_kv_bytes, cache.block_size, model.head_dim, model.dtype)
+    layout = KIVILayout(cache.block_size, model.head_dim, cache.kv_bits)
+    cells = model.num_layers * model.num_kv_heads
+    # Open blocks: the largest prefill one step can write (a compressed context goes
+    # in one piece) plus each running sequence's partly filled last block per cell.
+    longest_step = max(scheduler.max_step_tokens, model.max_context_len)
+    num_open = cells * (-(-longest_step // cache.block_size) + scheduler.max_num_seqs)
+    num_packed = max(1, cache.max_kv_bytes // layout.packed_bytes)
+    return QuantizedBlockPool(
+        num_open, num_packed, cache.block_size, model.head_dim, cache.kv_bits, dtype=model.dtype
+    )
 
 
 class Engine:
@@ -46,9 +65,8 @@ class Engine:
     ) -> None:
         self.model = model
         self.cache_config = cache_config or CacheConfig()
-        pool = BlockPool.with_capacity(
-            self.cache_config.max_kv_bytes, self.cache_config.block_size, model.head_dim, model.dtype
-        )
+        scheduler_config = scheduler_config or SchedulerConfig()
+        pool = make_pool(self.cache_config, scheduler_config, model)
         self.cache = PagedKVCache(pool, model.num_layers, model.num_kv_heads)
         self.runner = ModelRunner(model, self.cache)
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), self.cache, model.max_context_len)
@@ -57,32 +75,84 @@ class Engine:
         self._ids = itertools.count()
 
     @property
-    def pool(self) -> BlockPool:
+    def pool(self) -> KVPool:
         return self.cache.pool
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
-        """Queue a request; returns its id. Raises InvalidRequestError if it can never run."""
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        *,
+        press: Press | None = None,
+        context_len: int | None = None,
+        parent: int | None = None,
+    ) -> int:
+        """Queue a request; returns its id. Raises InvalidRequestError if it can never run.
+
+        With `press`, the first `context_len` prompt tokens (default: all) are
+        compressed as soon as they are cached, before the rest of the prompt is
+        seen. With `parent` (the id of a context from `add_context`), the
+        request continues that compressed context: `prompt_ids` are only the
+        tokens that follow it.
+        """
         params = params or SamplingParams()
+        parent_seq = self._context(parent) if parent is not None else None
+        self._check_prompt(prompt_ids, allow_empty=False)
+        full = (parent_seq.prompt_ids if parent_seq else []) + list(prompt_ids)
+        if len(full) >= self.model.max_context_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(full)} tokens; the model's context is "
+                f"{self.model.max_context_len} tokens, which must hold the prompt and at least one new token"
+            )
+        if context_len is not None and not 0 < context_len <= len(prompt_ids):
+            raise InvalidRequestError(f"context_len must be in [1, {len(prompt_ids)}], got {context_len}")
+        seq = Sequence(next(self._ids), full, params, press=press, parent=parent_seq)
+        seq.context_len = context_len if context_len is not None else len(prompt_ids)
+        return self._queue(seq)
+
+    def add_context(self, context_ids: list[int], press: Press) -> int:
+        """Queue a context to prefill and compress once; requests continue it with `parent=`.
+
+        The context holds its blocks until `release(id)`.
+        """
+        self._check_prompt(context_ids, allow_empty=False)
+        if len(context_ids) >= self.model.max_context_len:
+            raise InvalidRequestError(
+                f"the context has {len(context_ids)} tokens; the model's context is {self.model.max_context_len}"
+            )
+        seq = Sequence(next(self._ids), list(context_ids), SamplingParams(max_tokens=1), press=press)
+        seq.context_len, seq.is_context = len(context_ids), True
+        return self._queue(seq)
+
+    def _check_prompt(self, prompt_ids: list[int], allow_empty: bool) -> None:
         vocab = self.model.config.vocab_size
-        if not prompt_ids:
+        if not prompt_ids and not allow_empty:
             raise InvalidRequestError("the prompt is empty")
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        if len(prompt_ids) >= self.model.max_context_len:
+
+    def _context(self, seq_id: int) -> Sequence:
+        seq = self.sequences.get(seq_id)
+        if (
+            seq is None
+            or not seq.is_context
+            or (seq.is_finished and seq.seq_id not in self.scheduler.contexts)
+        ):
             raise InvalidRequestError(
-                f"the prompt has {len(prompt_ids)} tokens; the model's context is "
-                f"{self.model.max_context_len} tokens, which must hold the prompt and at least one new token"
+                f"no context with id {seq_id} (it must come from add_context and not be released)"
             )
-        seq = Sequence(next(self._ids), list(prompt_ids), params)
+        return seq
+
+    def _queue(self, seq: Sequence) -> int:
         if self.scheduler.worst_case_blocks(seq) > self.pool.num_blocks:
             raise InvalidRequestError(
-                f"a prompt of {len(prompt_ids)} tokens plus max_tokens={params.max_tokens} needs more "
+                f"a prompt of {len(seq.prompt_ids)} tokens plus max_tokens={seq.params.max_tokens} needs more "
                 f"KV memory than the pool holds ({self.pool.capacity_bytes} bytes); "
                 "raise max_kv_bytes or lower max_tokens"
             )
-        if not params.greedy:
+        if not seq.params.greedy:
             seq.generator = torch.Generator()
-            seq.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else torch.seed())
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq.seq_id
@@ -101,16 +171,16 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        inputs = [
-            StepInput(seq.kv, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed)
-            for seq, n in batch
-            if seq.kv is not None
-        ]
+        inputs = [self._step_input(seq, n) for seq, n in batch]
         logits = self.runner.forward(inputs)
+        # The peak is before compression: the press sees the whole context first.
         self.peak_bytes_in_use = max(self.peak_bytes_in_use, self.pool.bytes_in_use)
-        for seq, n in batch:
+        for (seq, n), item in zip(batch, inputs, strict=True):
             seq.num_computed += n
-        ready = [i for i, (seq, _) in enumerate(batch) if not seq.is_prefilling]
+            if item.press is not None:
+                seq.compressed = True
+                self.scheduler.on_compressed(seq)
+        ready = [i for i, (seq, _) in enumerate(batch) if not seq.is_prefilling and not seq.is_context]
         tokens = sample(
             logits[ready],
             [batch[i][0].params for i in ready],
@@ -128,6 +198,12 @@ class Engine:
             events.append(TokenEvent(seq.seq_id, token, reason is not None, reason))
         return events
 
+    def _step_input(self, seq: Sequence, n: int) -> StepInput:
+        assert seq.kv is not None
+        ids = seq.token_ids[seq.num_computed : seq.num_computed + n]
+        compress = seq.awaits_compression and seq.num_computed + n == seq.context_len
+        return StepInput(seq.kv, ids, seq.num_computed, seq.press if compress else None)
+
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if not seq.params.ignore_eos and token in self.model.eos_token_ids:
             return "stop"
@@ -142,8 +218,13 @@ class Engine:
         self.scheduler.finish(seq, reason)
 
     def release(self, seq_id: int) -> Sequence:
-        """Forget a finished request and return it (its blocks are already free)."""
+        """Forget a finished request or a context and return it; a context's blocks are freed."""
         seq = self.sequences[seq_id]
         if seq.status is not Status.FINISHED:
             raise ValueError(f"request {seq_id} has not finished")
+        if seq_id in self.scheduler.contexts:
+            if any(s.parent is seq and s.status is Status.WAITING for s in self.sequences.values()):
+                raise ValueError(f"context {seq_id} still has requests waiting to continue it")
+            seq.kv_bytes = self.cache.bytes_held(seq.kv) if seq.kv is not None else 0
+            self.scheduler.finish(seq, "context")
         return self.sequences.pop(seq_id)

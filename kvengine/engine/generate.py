@@ -16,6 +16,7 @@ from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
+from kvengine.press.base import Press
 
 Prompt = str | Sequence[int]
 OnText = Callable[[int, str], None]  # (prompt index, new text)
@@ -66,25 +67,44 @@ class _TextStream:
         return delta
 
 
-def encode_prompt(model: LoadedModel, prompt: Prompt, chat: bool | None, system: str | None) -> list[int]:
-    """Token ids of one prompt (see the module docstring for the rules)."""
+_MARK = "<<kvengine:question>>"  # where the question goes in a rendered chat template
+
+
+def encode_prompt(
+    model: LoadedModel, prompt: Prompt, chat: bool | None, system: str | None, question: str | None = None
+) -> tuple[list[int], list[int]]:
+    """Token ids of one prompt, split into (context, rest).
+
+    The context is what a query-agnostic press compresses: the prompt with
+    the chat template's opening. The rest is the question (if any) and the
+    template's closing up to the assistant's turn, which is never compressed.
+    Token-id prompts are used as given (all context).
+    """
     if not isinstance(prompt, str):
-        return list(prompt)
+        if question is not None:
+            raise InvalidRequestError("questions need text prompts")
+        return list(prompt), []
     if not prompt.strip():
         raise InvalidRequestError("the prompt is empty")
+    if question is not None and not question.strip():
+        raise InvalidRequestError("a question is empty")
     tok = model.tokenizer
     if tok is None:
         raise InvalidRequestError("this model has no tokenizer; pass prompts as token ids")
     use_chat = model.has_chat_template if chat is None else chat
-    if not use_chat:
-        return list(tok.encode(prompt))
-    if not model.has_chat_template:
+    if use_chat and not model.has_chat_template:
         raise InvalidRequestError(f"model {model.name!r} has no chat template; use chat=False")
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}
-    ]
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tok.encode(str(text), add_special_tokens=False))
+    question_text = "" if question is None else "\n\n" + question
+    if not use_chat:
+        rest = tok.encode(question_text, add_special_tokens=False) if question_text else []
+        return list(tok.encode(prompt)), list(rest)
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt + _MARK})
+    text = str(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    head, tail = text.split(_MARK)
+    return list(tok.encode(head, add_special_tokens=False)), list(
+        tok.encode(question_text + tail, add_special_tokens=False)
+    )
 
 
 def generate(
@@ -99,6 +119,9 @@ def generate(
     stop: Sequence[str] = (),
     chat: bool | None = None,
     system: str | None = None,
+    press: Press | None = None,
+    questions: Sequence[str] | None = None,
+    query_aware: bool = False,
     on_text: OnText | None = None,
     cache_config: CacheConfig | None = None,
     scheduler_config: SchedulerConfig | None = None,
@@ -106,15 +129,25 @@ def generate(
     """Generate a completion for each prompt, all prompts batched in one engine.
 
     Greedy by default (`temperature=0`). `seed` seeds each sampled request on
-    its own. `on_text(i, text)` receives prompt i's text as it is produced.
+    its own. `on_text(i, text)` receives completion i's text as it is produced.
+
+    `press` compresses each prompt's context once it is cached. Without
+    `questions`, the context is the whole prompt (only the chat template's
+    closing is left out). With `questions`, each prompt is a context asked
+    every question: one completion per (prompt, question), prompt-major; the
+    context is compressed once, before any question is seen, and shared by
+    its questions (query-agnostic, as kvpress evaluates), unless
+    `query_aware=True`, which compresses context and question together for
+    each question.
     """
     batch = _as_batch(prompts)
     params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop))
     if params.stop and model.tokenizer is None:
         raise InvalidRequestError("stop strings need a tokenizer")
-    encoded = [encode_prompt(model, p, chat, system) for p in batch]
+    if questions is not None and not questions:
+        raise InvalidRequestError("questions is empty")
     engine = Engine(model, cache_config, scheduler_config)
-    ids = [engine.add_request(ids, params) for ids in encoded]
+    ids = _add_requests(engine, model, batch, params, chat, system, press, questions, query_aware)
     index = {seq_id: i for i, seq_id in enumerate(ids)}
     streams = {i: _TextStream(model.tokenizer, params.stop) for i in ids} if model.tokenizer else {}
     while engine.has_unfinished():
@@ -127,7 +160,35 @@ def generate(
                 engine.abort(event.seq_id)
             if on_text and delta:
                 on_text(index[event.seq_id], delta)
+    for context_id in list(engine.scheduler.contexts):
+        engine.release(context_id)
     return [_completion(engine, i, seq_id, streams.get(seq_id)) for i, seq_id in enumerate(ids)]
+
+
+def _add_requests(
+    engine: Engine,
+    model: LoadedModel,
+    batch: list[Prompt],
+    params: SamplingParams,
+    chat: bool | None,
+    system: str | None,
+    press: Press | None,
+    questions: Sequence[str] | None,
+    query_aware: bool,
+) -> list[int]:
+    """Queue every completion's request; returns their ids in completion order."""
+    ids = []
+    for prompt in batch:
+        asked: Sequence[str | None] = questions if questions is not None else [None]
+        parts = [encode_prompt(model, prompt, chat, system, q) for q in asked]
+        if press is not None and questions is not None and not query_aware:
+            context = engine.add_context(parts[0][0], press)
+            ids += [engine.add_request(rest, params, parent=context) for _, rest in parts]
+            continue
+        for context_ids, rest in parts:
+            context_len = len(context_ids) + (len(rest) if query_aware else 0)
+            ids.append(engine.add_request(context_ids + rest, params, press=press, context_len=context_len))
+    return ids
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

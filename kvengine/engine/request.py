@@ -10,6 +10,7 @@ import torch
 
 from kvengine.cache.paged import SequenceKV
 from kvengine.errors import InvalidRequestError
+from kvengine.press.base import Press
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class Sequence:
     kv: SequenceKV | None = None
     num_computed: int = 0  # tokens whose keys and values are cached (next RoPE position)
     kv_bytes: int = 0  # bytes its blocks held when it finished
+    press: Press | None = None  # compresses the first `context_len` prompt tokens once cached
+    context_len: int = 0
+    compressed: bool = False
+    parent: Sequence | None = None  # a compressed context this sequence continues (a fork)
+    is_context: bool = False  # only prefilled and compressed, for children to continue
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
@@ -85,6 +91,11 @@ class Sequence:
     def is_prefilling(self) -> bool:
         """True until every prompt token has its keys and values cached."""
         return self.num_computed < len(self.prompt_ids)
+
+    @property
+    def awaits_compression(self) -> bool:
+        """True while the press still has to run on this sequence's context."""
+        return self.press is not None and not self.compressed
 
     @property
     def is_finished(self) -> bool:

@@ -18,6 +18,7 @@ from kvengine.cache.paged import PagedKVCache, SequenceKV
 from kvengine.engine.attention import ATTENTION_NAME, ForwardContext, SeqSpan, forward_context
 from kvengine.errors import OutOfBlocksError
 from kvengine.models import LoadedModel
+from kvengine.press.base import Press
 
 
 @dataclass
@@ -27,6 +28,7 @@ class StepInput:
     kv: SequenceKV
     token_ids: list[int]
     start_pos: int  # position (for RoPE) of the first new token
+    press: Press | None = None  # compress the whole cache of this sequence after this step
 
 
 class ModelRunner:
@@ -37,6 +39,7 @@ class ModelRunner:
         self.cache = cache
         self._scratch_rows = 0
         self._scratch_bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope = model.adapter.rope(model.hf_model)
         model.hf_model.set_attn_implementation(ATTENTION_NAME)
 
     def _scratch(self, spans: list[SeqSpan]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,11 +77,18 @@ class ModelRunner:
                 raise ValueError("a step input without tokens")
             num_cached = item.kv.max_len
             slots.append(self.cache.append(item.kv, n))
-            spans.append(SeqSpan(start, start + n, item.kv, num_cached))
+            spans.append(SeqSpan(start, start + n, item.kv, num_cached, item.press, item.start_pos + n))
             positions.append(torch.arange(item.start_pos, item.start_pos + n))
             tokens.extend(item.token_ids)
             start += n
-        ctx = ForwardContext(self.cache.pool, spans, torch.cat(slots, dim=2), self._scratch(spans))
+        ctx = ForwardContext(
+            self.cache.pool,
+            spans,
+            torch.cat(slots, dim=2),
+            self._scratch(spans),
+            num_layers=self.model.num_layers,
+            rope=self._rope,
+        )
         last = torch.tensor([span.end - 1 for span in spans])
         # Block tables are updated above, outside inference mode: they outlive this step.
         with forward_context(ctx), torch.inference_mode():
@@ -88,4 +98,10 @@ class ModelRunner:
                 use_cache=False,
                 logits_to_keep=last,
             )
+        # Evict after the forward, outside inference mode: block tables outlive the step.
+        for (i, layer), keep in ctx.kept.items():
+            self.cache.retain(batch[i].kv, layer, keep)
+        # Quantize blocks that filled up, after eviction: what stays is quantized once.
+        for item in batch:
+            self.cache.seal_full_blocks(item.kv)
         return out.logits[0].float()

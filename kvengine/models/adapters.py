@@ -11,10 +11,12 @@ This module knows nothing about loading weights or tokenizers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Literal
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -78,6 +80,18 @@ class ArchAdapter:
         """The decoder layers of a `*ForCausalLM` model of this family, in order."""
         layers: nn.ModuleList = attrgetter(self.layers_path)(model)
         return layers
+
+    def rope(self, model: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The model's rotary embedding as a function: positions `(N,)` -> `(cos, sin)`, each `(N, D)`."""
+        rotary: nn.Module = attrgetter(self.rotary_path)(model)
+        dtype = next(model.parameters()).dtype
+
+        def cos_sin(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            probe = torch.empty(1, dtype=dtype)  # the module reads only dtype and device from it
+            cos, sin = rotary(probe, positions[None])
+            return cos[0], sin[0]
+
+        return cos_sin
 
     def attention(self, model: nn.Module, layer_idx: int) -> nn.Module:
         """The attention module of decoder layer `layer_idx`."""

@@ -1,0 +1,276 @@
+"""A block pool whose full blocks are stored packed to 2, 4 or 8 bits (KIVI).
+
+A drop-in for `BlockPool` where `PagedKVCache` and the attention function use
+it: same slot numbering (slot = block id * block_size + offset), same
+allocation, ref counts, `write` and `read`. What differs is that a block is
+in one of two states:
+
+- OPEN: full precision in the pool's dtype, being filled. `allocate` hands out
+  open blocks and `write` goes only into open blocks. The most recent tokens
+  of a (layer, kv-head), fewer than a block, always sit in an open block:
+  this is KIVI's full-precision residual.
+- SEALED: packed (see `quant.py`). `seal` quantizes full open blocks into new
+  packed blocks, frees the open ones and returns the packed ids. A sealed block
+  is never written or quantized again, so appending tokens never changes what
+  is already stored.
+
+Open and packed blocks live in separate tensors, so sealing really returns
+full-precision memory. Ids `[0, num_open_blocks)` are open blocks, ids
+`[num_open_blocks, num_blocks)` packed ones, so one block table holds either
+and a slot tells which storage it lives in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvengine.cache.quant import KIVILayout, PackedBlocks
+from kvengine.errors import InvalidRequestError, OutOfBlocksError
+
+
+class QuantizedBlockPool:
+    """Open (full-precision) and sealed (packed) blocks with ref counts and free lists.
+
+    Invariants (checked by `check_invariants`): every block, open or packed,
+    is either free (ref count 0, on its kind's free list exactly once) or in
+    use (ref count >= 1, on no free list).
+    """
+
+    def __init__(
+        self,
+        num_open_blocks: int,
+        num_packed_blocks: int,
+        block_size: int,
+        head_dim: int,
+        bits: int = 2,
+        value_group_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_open_blocks < 1 or num_packed_blocks < 1:
+            raise InvalidRequestError(
+                f"num_open_blocks and num_packed_blocks must be >= 1, got {num_open_blocks}, {num_packed_blocks}"
+            )
+        if not dtype.is_floating_point:
+            raise InvalidRequestError(f"the pool's dtype must be a floating point type, got {dtype}")
+        self.layout = KIVILayout(block_size, head_dim, bits, value_group_size)
+        self.num_open_blocks = num_open_blocks
+        self.num_packed_blocks = num_packed_blocks
+        self.num_blocks = num_open_blocks + num_packed_blocks
+        self.block_size = block_size
+        self.head_dim = head_dim
+        self.bits = bits
+        self.dtype = dtype
+        self._open_slots = num_open_blocks * block_size  # first slot of the packed range
+        # torch.empty: pages are only touched when a block is written.
+        self.k = torch.empty(self._open_slots, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty(self._open_slots, head_dim, dtype=dtype, device=device)
+        self.packed: PackedBlocks = self.layout.empty(num_packed_blocks, device)
+        self.ref_counts = torch.zeros(self.num_blocks, dtype=torch.int32)
+        # Stacks of free ids; popping from the end hands out low ids first.
+        self._free_open: list[int] = list(range(num_open_blocks - 1, -1, -1))
+        self._free_packed: list[int] = list(range(self.num_blocks - 1, num_open_blocks - 1, -1))
+
+    # ---- accounting -------------------------------------------------------
+
+    @property
+    def open_bytes_per_block(self) -> int:
+        """Bytes of keys plus values one open (full-precision) block holds."""
+        return 2 * self.block_size * self.head_dim * self.k.element_size()
+
+    @property
+    def packed_bytes_per_block(self) -> int:
+        """Bytes one sealed block holds: packed codes plus float16 scales and zero points."""
+        return self.layout.packed_bytes
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of a block as `allocate` hands it out (open); see `bytes_of` for any ids."""
+        return self.open_bytes_per_block
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_open) + len(self._free_packed)
+
+    @property
+    def num_free_open_blocks(self) -> int:
+        return len(self._free_open)
+
+    @property
+    def num_free_packed_blocks(self) -> int:
+        return len(self._free_packed)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_used_open_blocks(self) -> int:
+        return self.num_open_blocks - len(self._free_open)
+
+    @property
+    def num_used_packed_blocks(self) -> int:
+        return self.num_packed_blocks - len(self._free_packed)
+
+    @property
+    def bytes_in_use(self) -> int:
+        """Bytes held by blocks in use: open ones in full precision, sealed ones packed."""
+        return (
+            self.num_used_open_blocks * self.open_bytes_per_block
+            + self.num_used_packed_blocks * self.packed_bytes_per_block
+        )
+
+    @property
+    def capacity_bytes(self) -> int:
+        return (
+            self.num_open_blocks * self.open_bytes_per_block
+            + self.num_packed_blocks * self.packed_bytes_per_block
+        )
+
+    def bytes_of(self, block_ids: torch.Tensor) -> int:
+        """Bytes the blocks `block_ids` hold, each counted by its kind (repeats counted again)."""
+        num_open = int((block_ids < self.num_open_blocks).sum())
+        num_packed = block_ids.numel() - num_open
+        return num_open * self.open_bytes_per_block + num_packed * self.packed_bytes_per_block
+
+    def is_sealed(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean mask: which of `block_ids` are packed blocks."""
+        return block_ids >= self.num_open_blocks
+
+    # ---- allocation -------------------------------------------------------
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= len(self._free_open)
+
+    def allocate(self, num_blocks: int) -> torch.Tensor:
+        """Take `num_blocks` free open blocks, each with ref count 1; returns their ids (int64)."""
+        return self._take(self._free_open, num_blocks, "open")
+
+    def can_seal(self, num_blocks: int) -> bool:
+        return num_blocks <= len(self._free_packed)
+
+    def _take(self, free: list[int], num_blocks: int, kind: str) -> torch.Tensor:
+        if num_blocks > len(free):
+            raise OutOfBlocksError(
+                f"the quantized KV pool has {len(free)} free {kind} blocks, {num_blocks} were asked for "
+                f"(pool: {self.num_open_blocks} open and {self.num_packed_blocks} packed blocks "
+                f"of {self.block_size} tokens)"
+            )
+        if num_blocks == 0:
+            return torch.empty(0, dtype=torch.int64)
+        taken = free[-num_blocks:]
+        del free[-num_blocks:]
+        ids = torch.tensor(taken, dtype=torch.int64)
+        self.ref_counts[ids] = 1
+        return ids
+
+    def incref(self, block_ids: torch.Tensor) -> None:
+        """Add one reference to each block in use, open or sealed."""
+        if bool((self.ref_counts[block_ids] < 1).any()):
+            raise ValueError("incref on a free block")
+        self.ref_counts.index_add_(0, block_ids, torch.ones_like(block_ids, dtype=torch.int32))
+
+    def release(self, block_ids: torch.Tensor) -> None:
+        """Drop one reference to each block; blocks whose count reaches 0 are freed."""
+        if block_ids.numel() == 0:
+            return
+        if bool((self.ref_counts[block_ids] < 1).any()):
+            raise ValueError("release of a block that is already free")
+        self.ref_counts.index_add_(0, block_ids, torch.full_like(block_ids, -1, dtype=torch.int32))
+        freed = block_ids[self.ref_counts[block_ids] == 0].unique()
+        sealed = self.is_sealed(freed)
+        self._free_open.extend(freed[~sealed].tolist())
+        self._free_packed.extend(freed[sealed].tolist())
+
+    # ---- sealing ----------------------------------------------------------
+
+    def seal(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """Quantize full open blocks into packed blocks; returns the packed ids, in order.
+
+        Each block must be open, distinct, and held by exactly one reference
+        (the caller's, which moves to the packed block: others holding the open
+        id would be left pointing at a freed block). Every slot of each block
+        must have been written. The open blocks are freed. Raises
+        OutOfBlocksError (and changes nothing) when too few packed blocks are free.
+        """
+        if block_ids.numel() == 0:
+            return torch.empty(0, dtype=torch.int64)
+        if bool(self.is_sealed(block_ids).any()) or bool((block_ids < 0).any()):
+            raise ValueError("seal of a block that is not open (sealed blocks are never re-quantized)")
+        if block_ids.unique().numel() != block_ids.numel():
+            raise ValueError("seal got the same block twice")
+        if bool((self.ref_counts[block_ids] != 1).any()):
+            raise ValueError(
+                "seal needs blocks held by exactly one reference (free or shared blocks cannot be sealed)"
+            )
+        new_ids = self._take(self._free_packed, block_ids.numel(), "packed")
+        rows = (block_ids[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
+        shape = (block_ids.numel(), self.block_size, self.head_dim)
+        k = self.k.index_select(0, rows).view(shape)  # (N, block_size, D)
+        v = self.v.index_select(0, rows).view(shape)
+        packed = self.layout.quantize_blocks(k, v)
+        dst = new_ids - self.num_open_blocks
+        for store, fresh in zip(self.packed, packed, strict=True):
+            store.index_copy_(0, dst, fresh)
+        self.release(block_ids)
+        return new_ids
+
+    # ---- data -------------------------------------------------------------
+
+    def write(self, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store `key`/`value` rows `(N, head_dim)` at flat slot indices `slots` `(N,)` of open blocks."""
+        if slots.numel() and int(slots.max()) >= self._open_slots:
+            block = int(slots.max()) // self.block_size
+            raise ValueError(f"write into sealed block {block}: packed blocks are read-only")
+        self.k.index_copy_(0, slots, key.to(self.dtype))
+        self.v.index_copy_(0, slots, value.to(self.dtype))
+
+    def read(
+        self, slots: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `(N, head_dim)` in the pool's dtype at flat slots `slots` `(N,)`.
+
+        Slots may mix open and sealed blocks; each sealed block touched is
+        dequantized once. With `out` (two buffers of at least N rows) the
+        result is written into their first N rows, valid until the next read
+        into the same buffers.
+        """
+        n = slots.numel()
+        if out is None or out[0].shape[0] < n:
+            k = torch.empty(n, self.head_dim, dtype=self.dtype, device=self.k.device)
+            v = torch.empty_like(k)
+        else:
+            k, v = out[0][:n], out[1][:n]
+        sealed = slots >= self._open_slots
+        if not bool(sealed.any()):
+            torch.index_select(self.k, 0, slots, out=k)
+            torch.index_select(self.v, 0, slots, out=v)
+            return k, v
+        at_open = (~sealed).nonzero().squeeze(1)
+        k.index_copy_(0, at_open, self.k.index_select(0, slots[at_open]))
+        v.index_copy_(0, at_open, self.v.index_select(0, slots[at_open]))
+
+        at_sealed = sealed.nonzero().squeeze(1)
+        rel = slots[at_sealed] - self._open_slots  # slot within the packed range
+        blocks, which = (rel // self.block_size).unique(return_inverse=True)
+        touched = PackedBlocks(*(t.index_select(0, blocks) for t in self.packed))
+        dk, dv = self.layout.dequantize_blocks(touched, self.dtype)  # (U, block_size, D)
+        rows = which * self.block_size + rel % self.block_size
+        k.index_copy_(0, at_sealed, dk.flatten(0, 1).index_select(0, rows))
+        v.index_copy_(0, at_sealed, dv.flatten(0, 1).index_select(0, rows))
+        return k, v
+
+    # ---- checks -----------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the free lists and ref counts disagree."""
+        free = torch.tensor(self._free_open + self._free_packed, dtype=torch.int64)
+        assert free.numel() == free.unique().numel(), "a block is on a free list twice"
+        open_free = torch.tensor(self._free_open, dtype=torch.int64)
+        assert not bool(self.is_sealed(open_free).any()), "a packed block is on the open free list"
+        packed_free = torch.tensor(self._free_packed, dtype=torch.int64)
+        assert bool(self.is_sealed(packed_free).all()), "an open block is on the packed free list"
+        is_free = torch.zeros(self.num_blocks, dtype=torch.bool)
+        is_free[free] = True
+        assert bool((self.ref_counts[is_free] == 0).all()), "a free block is referenced"
+        assert bool((self.ref_counts[~is_free] >= 1).all()), "a used block has no reference"

@@ -1,0 +1,49 @@
+"""Presses by name: the one registry the Python API, CLI, server and benchmarks share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kvengine.errors import InvalidRequestError
+from kvengine.press.base import Press
+
+PRESSES: dict[str, type[Press]] = {}
+P = TypeVar("P", bound=type[Press])
+
+
+def register_press(name: str) -> Callable[[P], P]:
+    """Class decorator: make a press available as `make_press(name, ...)`."""
+
+    def add(cls: P) -> P:
+        if name in PRESSES:
+            raise ValueError(f"press {name!r} registered twice")
+        PRESSES[name] = cls
+        return cls
+
+    return add
+
+
+def make_press(name: str, **kwargs: Any) -> Press:
+    """The press registered as `name`, built with `kwargs` (its dataclass fields)."""
+    cls = PRESSES.get(name)
+    if cls is None:
+        raise InvalidRequestError(f"unknown press {name!r}; known presses: {', '.join(sorted(PRESSES))}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise InvalidRequestError(f"bad arguments for press {name!r}: {exc}") from None
+
+
+def press_from_spec(spec: str, ratio: float, **kwargs: Any) -> Press:
+    """A press from a spec like "snapkv" or "adakv:expected_attention" (wrapper:inner).
+
+    The innermost press gets `ratio` and `kwargs`; each wrapper wraps the next.
+    """
+    names = [n.strip() for n in spec.split(":")]
+    if not all(names):
+        raise InvalidRequestError(f"bad press spec {spec!r}: expected NAME or WRAPPER:NAME")
+    press = make_press(names[-1], ratio=ratio, **kwargs)
+    for wrapper in reversed(names[:-1]):
+        press = make_press(wrapper, press=press)
+    return press

@@ -1,0 +1,186 @@
+"""Presses inside the engine: exact references, memory really freed, shared contexts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import hf_greedy, use_sdpa
+from test_engine import random_prompt
+
+from kvengine.config import CacheConfig
+from kvengine.engine.engine import Engine
+from kvengine.engine.request import SamplingParams
+from kvengine.models import LoadedModel
+from kvengine.press import PRESSES, Press, PressInput, make_press
+from kvengine.press.none import NoPress
+
+CACHE = CacheConfig(block_size=8, max_kv_bytes=32 * 2**20)
+
+
+def build_press(name: str, ratio: float) -> Press:
+    """A registered press at `ratio`, wrappers around a simple score press."""
+    if name == "none":
+        return NoPress()
+    if name in ("adakv",):
+        return make_press(name, press=make_press("knorm", ratio=ratio))
+    if name == "per_layer":
+        return make_press(name, press=make_press("knorm", ratio=ratio), ratios=(ratio,) * 3)
+    return make_press(name, ratio=ratio)
+
+
+@dataclass
+class KeepFirst(Press):
+    """Test press: every head keeps the first `n` tokens."""
+
+    n: int
+    ratio: float = 0.0
+
+    def keep(self, inp: PressInput) -> list[torch.Tensor]:
+        return [torch.arange(self.n)] * inp.num_kv_heads
+
+
+@dataclass
+class Spy(Press):
+    """Test press: records what it was shown, keeps everything."""
+
+    seen: list
+    ratio: float = 0.0
+
+    def keep(self, inp: PressInput) -> list[torch.Tensor]:
+        self.seen.append((inp.layer, inp.num_tokens, inp.queries.shape[1], inp.positions))
+        return [torch.arange(inp.num_tokens)] * inp.num_kv_heads
+
+
+def run(engine: Engine) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+def test_none_press_gives_identical_tokens(tiny: LoadedModel) -> None:
+    prompts = [random_prompt(n, i) for i, n in enumerate([9, 40, 77])]
+    engine = Engine(tiny, CACHE)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    ids = [engine.add_request(p, params, press=NoPress()) for p in prompts]
+    run(engine)
+    for seq_id, p in zip(ids, prompts, strict=True):
+        assert engine.sequences[seq_id].output_ids == hf_greedy(tiny, p, 12)
+    assert engine.pool.num_used_blocks == 0
+
+
+def test_decoding_after_eviction_matches_hf_on_the_kept_tokens(tiny_llama: LoadedModel) -> None:
+    """Keeping the first n of T tokens = the model on those n tokens, next token at position T."""
+    prompt, n = random_prompt(50, 3), 21
+    engine = Engine(tiny_llama, CACHE)
+    seq_id = engine.add_request(prompt, SamplingParams(max_tokens=6, ignore_eos=True), press=KeepFirst(n))
+    run(engine)
+    out = engine.sequences[seq_id].output_ids
+    # Reference: the first output token comes from the full prompt (compression is after it).
+    tokens = [*prompt[:n]]
+    positions = list(range(n))
+    expected = [hf_greedy(tiny_llama, prompt, 1)[0]]
+    for step in range(5):
+        tokens.append(expected[-1])
+        positions.append(len(prompt) + step)
+        with use_sdpa(tiny_llama) as hf, torch.inference_mode():
+            # An explicit mask: without one, transformers reads the position jump as a packed-sequence boundary.
+            logits = hf(
+                torch.tensor([tokens]),
+                position_ids=torch.tensor([positions]),
+                attention_mask=torch.ones(1, len(tokens), dtype=torch.long),
+                use_cache=False,
+            ).logits
+        expected.append(int(logits[0, -1].argmax()))
+    assert out == expected
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("name", sorted(PRESSES))
+def test_every_press_frees_what_its_ratio_says(tiny_llama: LoadedModel, name: str, ratio: float) -> None:
+    if name == "none":
+        pytest.skip("'none' has ratio 0 only")
+    m = tiny_llama
+    prompt = random_prompt(203, 5)
+    engine = Engine(m, CACHE)
+    ctx = engine.add_context(prompt, build_press(name, ratio))
+    run(engine)
+    held = engine.pool.bytes_in_use
+    block_bytes = engine.pool.bytes_per_block
+    cells = m.num_layers * m.num_kv_heads
+    uncompressed = engine.cache.blocks_for_tokens(len(prompt)) * block_bytes
+    assert held <= (1 - ratio) * uncompressed + cells * block_bytes, f"{held} bytes held"
+    assert held == engine.cache.bytes_held(engine.sequences[ctx].kv)
+    engine.release(ctx)
+    assert engine.pool.num_used_blocks == 0
+
+
+def test_press_sees_only_the_context_not_the_question(tiny_llama: LoadedModel) -> None:
+    seen: list = []
+    context, question = random_prompt(30, 1), random_prompt(7, 2)
+    engine = Engine(tiny_llama, CACHE)
+    engine.add_request(context + question, SamplingParams(max_tokens=2), press=Spy(seen), context_len=30)
+    run(engine)
+    assert [s[0] for s in seen] == [0, 1, 2]
+    assert all(tokens == 30 and queries == 30 for _, tokens, queries, _ in seen)
+    assert seen[0][3].tolist() == list(range(30))
+
+
+def test_questions_share_one_compressed_context(tiny: LoadedModel) -> None:
+    context = random_prompt(60, 7)
+    questions = [random_prompt(5, 8), random_prompt(9, 9), random_prompt(1, 10)]
+    press = make_press("knorm", ratio=0.5)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    # Reference: each question with its own copy of the same compression.
+    alone = Engine(tiny, CACHE)
+    ref = [alone.add_request(context + q, params, press=press, context_len=60) for q in questions]
+    run(alone)
+    shared = Engine(tiny, CACHE)
+    ctx = shared.add_context(context, press)
+    ids = [shared.add_request(q, params, parent=ctx) for q in questions]
+    run(shared)
+    for a, b in zip(ref, ids, strict=True):
+        assert shared.sequences[b].output_ids == alone.sequences[a].output_ids
+    assert shared.pool.num_used_blocks > 0  # the context is still held
+    shared.release(ctx)
+    assert shared.pool.num_used_blocks == 0
+    shared.pool.check_invariants()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kivi_cache_holds_packed_bytes_and_stays_close(tiny_llama: LoadedModel, bits: int) -> None:
+    """KIVI blocks through the engine: exact byte count, logits near the float cache."""
+    from kvengine.engine.runner import StepInput
+
+    m = tiny_llama
+    prompt = random_prompt(101, 4)
+    float_engine = Engine(m, CACHE)
+    kivi = Engine(m, CacheConfig(block_size=8, max_kv_bytes=8 * 2**20, kv_bits=bits))
+    logits = {}
+    for name, engine in [("float", float_engine), ("kivi", kivi)]:
+        kv = engine.cache.new_sequence()
+        engine.runner.forward([StepInput(kv, prompt, 0)])
+        logits[name] = engine.runner.forward([StepInput(kv, [7], len(prompt))])[0]
+        if name == "kivi":
+            pool = engine.pool
+            cells = m.num_layers * m.num_kv_heads
+            # 102 tokens: 12 full blocks per cell sealed, the last 6 tokens still open.
+            assert pool.num_used_packed_blocks == cells * 12 and pool.num_used_open_blocks == cells
+            expected = cells * (12 * pool.packed_bytes_per_block + pool.open_bytes_per_block)
+            assert engine.cache.bytes_held(kv) == pool.bytes_in_use == expected
+        engine.cache.free(kv)
+        assert engine.pool.num_used_blocks == 0
+    error = float((logits["kivi"] - logits["float"]).abs().max() / logits["float"].abs().max())
+    assert error < {2: 0.15, 4: 0.03, 8: 0.002}[bits], f"relative logit error {error:.4f}"
+
+
+def test_press_then_kivi_quantizes_only_what_stays(tiny_llama: LoadedModel) -> None:
+    engine = Engine(tiny_llama, CacheConfig(block_size=8, max_kv_bytes=8 * 2**20, kv_bits=2))
+    ctx = engine.add_context(random_prompt(160, 2), make_press("knorm", ratio=0.5))
+    run(engine)
+    kv = engine.sequences[ctx].kv
+    assert kv is not None and int(kv.lens.max()) == 80
+    cells = tiny_llama.num_layers * tiny_llama.num_kv_heads
+    assert engine.pool.num_used_packed_blocks == cells * 10 and engine.pool.num_used_open_blocks == 0
+    engine.release(ctx)
+    assert engine.pool.num_used_blocks == 0
