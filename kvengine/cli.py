@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from kvengine.bench.simulate import add_simulate_parser
 from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig
 from kvengine.errors import InvalidRequestError, KVEngineError
 
@@ -131,6 +132,23 @@ def _press_from_args(args: argparse.Namespace) -> Press | None:
     return press_from_spec(args.press, args.ratio, **dict(args.press_arg))
 
 
+def _name_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _ratio_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(0.0 <= v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"ratios must be in [0, 1), got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="kvengine",
@@ -185,11 +203,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presses", help="list compression presses and their hyperparameters")
 
+    pr = bench_sub.add_parser(
+        "presses",
+        help="needle accuracy, bytes held and compression cost per press",
+        description=_PRESSES_HELP,
+    )
+    pr.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    pr.add_argument("--lengths", type=_int_list, default=[2048, 4096], help="context lengths in tokens")
+    pr.add_argument(
+        "--presses", type=_name_list, default=None, help="comma-separated press specs (default: all)"
+    )
+    pr.add_argument("--ratios", type=_ratio_list, default=[0.5, 0.75], help="compression ratios")
+    pr.add_argument("--kivi", type=_int_list, default=[2, 4], help="KIVI bit widths to compare (empty: none)")
+    pr.add_argument("--examples", type=_positive_int, default=4, help="needle examples per length")
+    pr.add_argument("--out", default="docs/results/bench_presses.jsonl", help="JSON rows are appended here")
+    pr.add_argument("--report", default="docs/benchmarks.md", help="Markdown report to append to")
+
     models = sub.add_parser("models", help="list bundled models and whether they are converted")
     models.add_argument("--cache-dir", default=None, help="where converted weights live")
+
+    add_simulate_parser(sub)
     return parser
 
 
+_PRESSES_HELP = """For each context length, build needle-in-a-haystack examples, prefill each
+context once, compress a copy of its cache with every press at every ratio, and ask for the
+needle. Also runs KIVI packed caches. Writes accuracy, bytes held (fraction of the uncompressed
+cache) and compression time over prefill time as JSON rows and a Markdown table."""
 _GENERATE_HELP = """Generate completions through kvengine's paged KV cache. Prompts come from
 the command line and from --file; with one prompt, text is streamed as it is produced. The chat
 template is applied for chat models unless --no-chat. Timing and KV bytes go to stderr."""
@@ -254,6 +294,20 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
+    if args.bench == "presses":
+        from kvengine.bench.presses import DEFAULT_PRESSES, run_presses_bench
+
+        run_presses_bench(
+            args.model,
+            args.lengths,
+            args.presses or DEFAULT_PRESSES,
+            args.ratios,
+            [b for b in args.kivi if b],
+            args.examples,
+            Path(args.out),
+            Path(args.report),
+        )
+        return
     from kvengine.bench.decode import run_decode_bench
 
     run_decode_bench(
@@ -281,12 +335,19 @@ def _cmd_presses(args: argparse.Namespace) -> None:
         print(f"{name:20s} {doc}\n{'':20s} fields: {fields}")
 
 
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from kvengine.bench.simulate import run_simulate_command
+
+    run_simulate_command(args)
+
+
 _COMMANDS = {
     "generate": _cmd_generate,
     "demo": _cmd_demo,
     "bench": _cmd_bench,
     "models": _cmd_models,
     "presses": _cmd_presses,
+    "simulate": _cmd_simulate,
 }
 
 

@@ -184,3 +184,109 @@ def test_press_then_kivi_quantizes_only_what_stays(tiny_llama: LoadedModel) -> N
     assert engine.pool.num_used_packed_blocks == cells * 10 and engine.pool.num_used_open_blocks == 0
     engine.release(ctx)
     assert engine.pool.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("name", sorted(PRESSES))
+def test_compressing_a_kept_context_equals_compressing_inline(tiny_llama: LoadedModel, name: str) -> None:
+    """One prefill, many presses (what evaluation does) = a prefill per press."""
+    context, question = random_prompt(90, 11), random_prompt(6, 12)
+    press = build_press(name, 0.0 if name == "none" else 0.5)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    inline = Engine(tiny_llama, CACHE)
+    inline_ctx = inline.add_context(context, press)
+    a = inline.add_request(question, params, parent=inline_ctx)
+    run(inline)
+    kept = Engine(tiny_llama, CACHE)
+    base = kept.add_context(context, keep_queries=True)
+    run(kept)
+    copy = kept.compress_context(base, press)
+    b = kept.add_request(question, params, parent=copy)
+    run(kept)
+    assert kept.sequences[b].output_ids == inline.sequences[a].output_ids
+    copy_kv, inline_kv = kept.sequences[copy].kv, inline.sequences[inline_ctx].kv
+    assert copy_kv is not None and inline_kv is not None
+    assert torch.equal(copy_kv.lens, inline_kv.lens)
+    assert kept.cache.bytes_held(copy_kv) == inline.cache.bytes_held(inline_kv)
+    kept.release(copy)
+    kept.release(base)
+    assert kept.pool.num_used_blocks == 0
+
+
+def test_streaming_llm_while_decoding_matches_a_masked_hf_forward(tiny_llama: LoadedModel) -> None:
+    """Budget 20 (4 sinks + 16 recent), cut back when a head passes 20 + one 8-token block.
+
+    Reference: one transformers forward over prompt and outputs with a 4-D mask:
+    prompt tokens see the whole prompt causally (they were cached before any
+    eviction); each generated token sees exactly what the rule left in the cache.
+    """
+    budget, block, n_sink = 20, 8, 4
+    prompt = random_prompt(40, 21)
+    engine = Engine(tiny_llama, CACHE)
+    seq_id = engine.add_request(
+        prompt,
+        SamplingParams(max_tokens=30, ignore_eos=True),
+        decode_press=make_press("streaming_llm", ratio=0.0, n_sink=n_sink),
+        decode_budget=budget,
+    )
+    run(engine)
+    tokens = list(prompt)
+    cached = list(range(len(prompt)))  # indices into `tokens` held in the cache
+    total = len(prompt) + 30
+    mask = torch.ones(total, total, dtype=torch.bool).tril()
+    expected = [hf_greedy(tiny_llama, prompt, 1)[0]]
+    for _ in range(29):
+        if len(cached) > budget + block:
+            cached = cached[:n_sink] + cached[-(budget - n_sink) :]
+        tokens.append(expected[-1])
+        cached.append(len(tokens) - 1)
+        row = torch.zeros(total, dtype=torch.bool)
+        row[cached] = True
+        mask[len(tokens) - 1] = row
+        n = len(tokens)
+        with use_sdpa(tiny_llama) as hf, torch.inference_mode():
+            logits = hf(
+                torch.tensor([tokens]), attention_mask=mask[None, None, :n, :n], use_cache=False
+            ).logits
+        expected.append(int(logits[0, -1].argmax()))
+    assert engine.sequences[seq_id].output_ids == expected
+    assert engine.num_decode_compressions >= 3
+    assert engine.pool.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "tova", "snapkv", "knorm"])
+def test_decoding_time_presses_keep_memory_bounded(tiny_llama: LoadedModel, name: str) -> None:
+    budget = 80
+    engine = Engine(tiny_llama, CACHE)
+    seq_id = engine.add_request(
+        random_prompt(30, 3),
+        SamplingParams(max_tokens=150, ignore_eos=True),
+        decode_press=build_press(name, 0.0),
+        decode_budget=budget,
+    )
+    peak_tokens = 0
+    while engine.has_unfinished():
+        engine.step()
+        kv = engine.sequences[seq_id].kv
+        if kv is not None and not engine.sequences[seq_id].is_finished:
+            peak_tokens = max(peak_tokens, kv.max_len)
+    assert len(engine.sequences[seq_id].output_ids) == 150
+    assert peak_tokens <= budget + CACHE.block_size + 1
+    assert engine.num_decode_compressions >= 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"decode_budget": 10}, "decode_press and decode_budget go together"),
+        ({"decode_press": make_press("knorm"), "decode_budget": 0}, "positive integer"),
+        ({"decode_press": make_press("streaming_llm", n_sink=4), "decode_budget": 4}, "sink/window"),
+        ({"decode_press": make_press("snapkv", window_size=64), "decode_budget": 50}, "sink/window"),
+        ({"decode_press": make_press("none"), "decode_budget": 50}, "ratio must be 0"),
+    ],
+)
+def test_bad_decoding_compression_is_rejected(tiny_llama: LoadedModel, kwargs: dict, message: str) -> None:
+    from kvengine.errors import InvalidRequestError
+
+    engine = Engine(tiny_llama, CACHE)
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.add_request([1, 2, 3], **kwargs)

@@ -46,6 +46,7 @@ class SeqSpan:
     num_cached: int  # tokens it had cached before this step (0: fresh prefill)
     press: Press | None = None  # compress this sequence's cache after this step
     end_pos: int = 0  # RoPE position after its last new token
+    keep_queries: bool = False  # copy this span's queries into the context, per layer
 
 
 @dataclass
@@ -62,6 +63,8 @@ class ForwardContext:
     rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     # Filled by the attention function: (span index, layer) -> tokens each kv-head keeps.
     kept: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict)
+    # Filled by the attention function: (span index, layer) -> queries (H_q, T_q, D).
+    queries: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("kvengine_forward", default=None)
@@ -127,6 +130,8 @@ def paged_attention(
             v = v.view(*ctx_slots.shape, head_dim)
         o = attend(q, k, v, scaling, head_lens, window)  # (H_q, T_q, D)
         out[span.start : span.end] = o.transpose(0, 1)
+        if span.keep_queries:
+            ctx.queries[i, layer] = q.clone()
         if span.press is not None:
             ctx.kept[i, layer] = _press_keep(ctx, span, layer, q, k, v, scaling or head_dim**-0.5)
     return out.unsqueeze(0), None

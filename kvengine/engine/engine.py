@@ -25,7 +25,7 @@ from kvengine.engine.sampler import sample
 from kvengine.engine.scheduler import Scheduler
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
-from kvengine.press.base import Press
+from kvengine.press.base import Press, ScorePress, with_budget
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,22 @@ class TokenEvent:
     token_id: int
     finished: bool
     finish_reason: str | None
+
+
+DECODE_QUERY_WINDOW = 64  # recent queries kept per layer for decoding-time presses
+
+
+def check_decode_budget(press: Press, budget: int, block_size: int) -> None:
+    """Raise InvalidRequestError if `press` cannot keep `budget` tokens per head."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise InvalidRequestError(f"decode_budget must be a positive integer, got {budget!r}")
+    inner = getattr(press, "press", press)
+    reserved = getattr(inner, "n_sink", 0) + getattr(inner, "window_size", 0)
+    if budget <= reserved:
+        raise InvalidRequestError(
+            f"decode_budget={budget} leaves no room besides the press's {reserved} sink/window tokens"
+        )
+    with_budget(press, budget + block_size + 1, budget)  # raises for presses without a ratio
 
 
 def make_pool(cache: CacheConfig, scheduler: SchedulerConfig, model: LoadedModel) -> KVPool:
@@ -72,6 +88,7 @@ class Engine:
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), self.cache, model.max_context_len)
         self.sequences: dict[int, Sequence] = {}
         self.peak_bytes_in_use = 0
+        self.num_decode_compressions = 0
         self._ids = itertools.count()
 
     @property
@@ -86,6 +103,8 @@ class Engine:
         press: Press | None = None,
         context_len: int | None = None,
         parent: int | None = None,
+        decode_press: Press | None = None,
+        decode_budget: int | None = None,
     ) -> int:
         """Queue a request; returns its id. Raises InvalidRequestError if it can never run.
 
@@ -93,7 +112,10 @@ class Engine:
         compressed as soon as they are cached, before the rest of the prompt is
         seen. With `parent` (the id of a context from `add_context`), the
         request continues that compressed context: `prompt_ids` are only the
-        tokens that follow it.
+        tokens that follow it. With `decode_press` and `decode_budget`, each
+        kv-head is cut back to `decode_budget` tokens by that press whenever it
+        has grown a block past it (from the first decode step on), so long
+        outputs run in bounded memory.
         """
         params = params or SamplingParams()
         parent_seq = self._context(parent) if parent is not None else None
@@ -108,11 +130,23 @@ class Engine:
             raise InvalidRequestError(f"context_len must be in [1, {len(prompt_ids)}], got {context_len}")
         seq = Sequence(next(self._ids), full, params, press=press, parent=parent_seq)
         seq.context_len = context_len if context_len is not None else len(prompt_ids)
+        if (decode_press is None) != (decode_budget is None):
+            raise InvalidRequestError("decode_press and decode_budget go together")
+        if decode_press is not None and decode_budget is not None:
+            check_decode_budget(decode_press, decode_budget, self.cache.block_size)
+            if press is not None and not isinstance(press, ScorePress):
+                raise InvalidRequestError("decoding-time compression needs the same budget in every head")
+            seq.decode_press, seq.decode_budget = decode_press, decode_budget
         return self._queue(seq)
 
-    def add_context(self, context_ids: list[int], press: Press) -> int:
-        """Queue a context to prefill and compress once; requests continue it with `parent=`.
+    def add_context(
+        self, context_ids: list[int], press: Press | None = None, keep_queries: bool = False
+    ) -> int:
+        """Queue a context to prefill (and compress with `press`) once; returns its id.
 
+        Requests continue it with `add_request(..., parent=id)`. With
+        `keep_queries`, each layer's queries are kept so that `compress_context`
+        can make compressed copies of it, one per press, without a new prefill.
         The context holds its blocks until `release(id)`.
         """
         self._check_prompt(context_ids, allow_empty=False)
@@ -120,9 +154,31 @@ class Engine:
             raise InvalidRequestError(
                 f"the context has {len(context_ids)} tokens; the model's context is {self.model.max_context_len}"
             )
+        if press is not None and keep_queries:
+            raise InvalidRequestError("keep_queries is for contexts compressed later, not with a press now")
         seq = Sequence(next(self._ids), list(context_ids), SamplingParams(max_tokens=1), press=press)
-        seq.context_len, seq.is_context = len(context_ids), True
+        seq.context_len, seq.is_context, seq.keep_queries = len(context_ids), True, keep_queries
         return self._queue(seq)
+
+    def compress_context(self, context_id: int, press: Press) -> int:
+        """A new context: a copy of a ready `keep_queries` context, compressed by `press`.
+
+        The same cache as `add_context(ids, press)` would give (presses run after
+        the forward pass either way), without prefilling again.
+        """
+        parent = self._context(context_id)
+        if not parent.compressed or not parent.queries:
+            raise InvalidRequestError(f"context {context_id} is not ready or was not added with keep_queries")
+        assert parent.kv is not None
+        kv = self.cache.fork(parent.kv)
+        self.runner.compress(kv, parent.queries, press)
+        seq = Sequence(next(self._ids), parent.prompt_ids, parent.params, press=press, kv=kv)
+        seq.context_len, seq.is_context, seq.compressed = parent.context_len, True, True
+        seq.num_computed, seq.status = parent.num_computed, Status.RUNNING
+        self.sequences[seq.seq_id] = seq
+        self.scheduler.running.append(seq)
+        self.scheduler.on_compressed(seq)
+        return seq.seq_id
 
     def _check_prompt(self, prompt_ids: list[int], allow_empty: bool) -> None:
         vocab = self.model.config.vocab_size
@@ -177,10 +233,13 @@ class Engine:
         self.peak_bytes_in_use = max(self.peak_bytes_in_use, self.pool.bytes_in_use)
         for (seq, n), item in zip(batch, inputs, strict=True):
             seq.num_computed += n
-            if item.press is not None:
+            self._keep_queries(seq, item.queries)
+            if not seq.compressed and seq.num_computed == seq.context_len and (item.press or seq.is_context):
                 seq.compressed = True
                 self.scheduler.on_compressed(seq)
         ready = [i for i, (seq, _) in enumerate(batch) if not seq.is_prefilling and not seq.is_context]
+        for i in ready:
+            self._compress_while_decoding(batch[i][0])
         tokens = sample(
             logits[ready],
             [batch[i][0].params for i in ready],
@@ -202,7 +261,35 @@ class Engine:
         assert seq.kv is not None
         ids = seq.token_ids[seq.num_computed : seq.num_computed + n]
         compress = seq.awaits_compression and seq.num_computed + n == seq.context_len
-        return StepInput(seq.kv, ids, seq.num_computed, seq.press if compress else None)
+        return StepInput(
+            seq.kv,
+            ids,
+            seq.num_computed,
+            seq.press if compress else None,
+            keep_queries=seq.keep_queries or seq.decode_press is not None,
+            seal=not seq.keep_queries,
+        )
+
+    def _keep_queries(self, seq: Sequence, queries: dict[int, torch.Tensor]) -> None:
+        """Store this step's queries: all of a kept context's, the last few for decoding-time presses."""
+        for layer, q in queries.items():
+            if seq.decode_press is None:
+                seq.queries[layer] = q
+                continue
+            old = seq.queries.get(layer)
+            both = q if old is None else torch.cat([old, q], dim=1)
+            seq.queries[layer] = both[:, -DECODE_QUERY_WINDOW:]
+
+    def _compress_while_decoding(self, seq: Sequence) -> None:
+        """Cut every head back to the decode budget once it has grown a block past it."""
+        if seq.decode_press is None or seq.kv is None:
+            return
+        num_tokens = seq.kv.max_len
+        if num_tokens <= seq.decode_budget + self.cache.block_size:
+            return
+        press = with_budget(seq.decode_press, num_tokens, seq.decode_budget)
+        self.runner.compress(seq.kv, seq.queries, press, end_pos=seq.num_computed)
+        self.num_decode_compressions += 1
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if not seq.params.ignore_eos and token in self.model.eos_token_ids:

@@ -73,7 +73,12 @@ class Sequence:
     context_len: int = 0
     compressed: bool = False
     parent: Sequence | None = None  # a compressed context this sequence continues (a fork)
-    is_context: bool = False  # only prefilled and compressed, for children to continue
+    is_context: bool = False  # only prefilled (and compressed), for children to continue
+    keep_queries: bool = False  # keep each layer's prompt queries, to compress copies later
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H_q, T, D)
+    # Decoding-time compression: keep each head at `decode_budget` tokens while generating.
+    decode_press: Press | None = None
+    decode_budget: int = 0
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
@@ -94,8 +99,8 @@ class Sequence:
 
     @property
     def awaits_compression(self) -> bool:
-        """True while the press still has to run on this sequence's context."""
-        return self.press is not None and not self.compressed
+        """True until the context is cached and compressed (it is prefilled in one piece)."""
+        return (self.press is not None or self.keep_queries) and not self.compressed
 
     @property
     def is_finished(self) -> bool:

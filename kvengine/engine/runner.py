@@ -10,7 +10,7 @@ It knows nothing about scheduling, sampling or text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,7 +18,7 @@ from kvengine.cache.paged import PagedKVCache, SequenceKV
 from kvengine.engine.attention import ATTENTION_NAME, ForwardContext, SeqSpan, forward_context
 from kvengine.errors import OutOfBlocksError
 from kvengine.models import LoadedModel
-from kvengine.press.base import Press
+from kvengine.press.base import Press, PressInput
 
 
 @dataclass
@@ -29,6 +29,9 @@ class StepInput:
     token_ids: list[int]
     start_pos: int  # position (for RoPE) of the first new token
     press: Press | None = None  # compress the whole cache of this sequence after this step
+    keep_queries: bool = False  # fill `queries` with this step's queries, per layer
+    seal: bool = True  # quantize filled blocks after the step (packed pools only)
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H_q, n, D)
 
 
 class ModelRunner:
@@ -41,6 +44,36 @@ class ModelRunner:
         self._scratch_bufs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope = model.adapter.rope(model.hf_model)
         model.hf_model.set_attn_implementation(ATTENTION_NAME)
+
+    def compress(
+        self, kv: SequenceKV, queries: dict[int, torch.Tensor], press: Press, end_pos: int | None = None
+    ) -> None:
+        """Apply `press` to every layer of a cached sequence, given recent queries per layer.
+
+        `queries[layer]` `(H_q, T_q, D)` are the queries of the sequence's last
+        T_q tokens; `end_pos` is the position after its last cached token
+        (default: the cache length, for a context that starts at position 0).
+        """
+        scaling = float(self.model.adapter.attention(self.model.hf_model, 0).scaling)  # type: ignore[arg-type]
+        for layer in range(self.model.num_layers):
+            slots, lens = kv.context(layer)
+            if lens is not None:
+                raise NotImplementedError("compressing a cache whose heads hold different numbers of tokens")
+            k, v = self.cache.pool.read(slots.reshape(-1))
+            num_tokens = slots.shape[1]
+            end = num_tokens if end_pos is None else end_pos
+            inp = PressInput(
+                layer=layer,
+                num_layers=self.model.num_layers,
+                keys=k.view(*slots.shape, -1),
+                values=v.view(*slots.shape, -1),
+                queries=queries[layer],
+                scaling=scaling,
+                positions=torch.arange(end - num_tokens, end),
+                rope=self._rope,
+            )
+            self.cache.retain(kv, layer, press.keep(inp))
+        self.cache.seal_full_blocks(kv)
 
     def _scratch(self, spans: list[SeqSpan]) -> tuple[torch.Tensor, torch.Tensor]:
         """Buffers for the largest context one layer of these spans reads back (grown, kept)."""
@@ -77,7 +110,11 @@ class ModelRunner:
                 raise ValueError("a step input without tokens")
             num_cached = item.kv.max_len
             slots.append(self.cache.append(item.kv, n))
-            spans.append(SeqSpan(start, start + n, item.kv, num_cached, item.press, item.start_pos + n))
+            spans.append(
+                SeqSpan(
+                    start, start + n, item.kv, num_cached, item.press, item.start_pos + n, item.keep_queries
+                )
+            )
             positions.append(torch.arange(item.start_pos, item.start_pos + n))
             tokens.extend(item.token_ids)
             start += n
@@ -101,7 +138,11 @@ class ModelRunner:
         # Evict after the forward, outside inference mode: block tables outlive the step.
         for (i, layer), keep in ctx.kept.items():
             self.cache.retain(batch[i].kv, layer, keep)
+        for (i, layer), q in ctx.queries.items():
+            batch[i].queries[layer] = q
         # Quantize blocks that filled up, after eviction: what stays is quantized once.
+        # A context kept for later compression stays in full precision until then.
         for item in batch:
-            self.cache.seal_full_blocks(item.kv)
+            if item.seal:
+                self.cache.seal_full_blocks(item.kv)
         return out.logits[0].float()

@@ -43,7 +43,15 @@ class Scheduler:
             cells = self.cache.num_layers * self.cache.num_kv_heads
             new_tokens = len(seq.prompt_ids) - seq.parent.num_computed + generated
             return cells + self.cache.blocks_for_tokens(new_tokens)
-        return self.cache.blocks_for_tokens(min(len(seq.prompt_ids) + generated, self.max_context_len))
+        tokens = min(len(seq.prompt_ids) + generated, self.max_context_len)
+        if seq.decode_press is not None:
+            # Never more than the prompt or the budget plus a block, and while a layer
+            # is cut back its kept tokens are copied before the old blocks go.
+            bs = self.cache.block_size
+            tokens = min(tokens, max(len(seq.prompt_ids), seq.decode_budget + bs) + 1)
+            copy = self.cache.num_kv_heads * -(-seq.decode_budget // bs)
+            return self.cache.blocks_for_tokens(tokens) + copy
+        return self.cache.blocks_for_tokens(tokens)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

@@ -17,6 +17,7 @@ Presses are pure: they never touch the cache, the scheduler or the model.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,6 +105,22 @@ class Press(ABC):
             value = getattr(self, name)
             cfg[name] = value.config() if isinstance(value, Press) else value
         return cfg
+
+
+def with_budget(press: Press, num_tokens: int, budget: int) -> Press:
+    """A copy of `press` whose ratio makes each head keep `budget` of `num_tokens` tokens.
+
+    For decoding-time compression, where the budget is a token count. Works
+    for presses with a `ratio` field and for wrappers with a `press` field.
+    """
+    fields = getattr(press, "__dataclass_fields__", {})
+    if "ratio" in fields:
+        # Half a token of slack so that flooring in num_kept lands on the budget.
+        ratio = max(0.0, 1.0 - (budget + 0.5) / num_tokens)
+        return dataclasses.replace(press, ratio=ratio)  # type: ignore[type-var]
+    if "press" in fields:
+        return dataclasses.replace(press, press=with_budget(press.press, num_tokens, budget))  # type: ignore[attr-defined,type-var]
+    raise InvalidRequestError(f"{type(press).__name__} cannot keep a fixed token budget while decoding")
 
 
 def check_ratio(ratio: float) -> None:
