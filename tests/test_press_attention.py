@@ -272,7 +272,7 @@ def test_tova_matches_reference_and_heads_agree(
         ("pyramidkv", {"beta": 0.5}, "beta"),
         ("pyramidkv", {"kernel_size": True}, "pyramidkv: kernel_size"),
         ("tova", {"ratio": -0.1}, "ratio"),
-        ("tova", {"window_size": 8}, "bad arguments for press 'tova'"),
+        ("tova", {"window_size": 8}, "press 'tova' has no hyperparameter 'window_size'"),
     ],
 )
 def test_bad_hyperparameters_are_rejected(name: str, kwargs: dict[str, object], message: str) -> None:

@@ -376,7 +376,7 @@ BAD = [
     ("streaming_llm", dict(n_sink=-1), "n_sink must be an integer >= 0, got -1"),
     ("knorm", dict(ratio=True), "ratio must be in"),
     ("keydiff", dict(ratio="0.5"), "ratio must be in"),
-    ("knorm", dict(bogus=1), "bad arguments for press 'knorm'"),
+    ("knorm", dict(bogus=1), "press 'knorm' has no hyperparameter 'bogus'; it has: ratio"),
     ("expected_attention", dict(n_future_positions=0), "n_future_positions must be an integer >= 1"),
     ("expected_attention", dict(n_sink=2.0), "n_sink must be an integer"),
     ("expected_attention", dict(epsilon=-1.0), "epsilon must be a finite number >= 0"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -29,6 +30,12 @@ def make_press(name: str, **kwargs: Any) -> Press:
     cls = PRESSES.get(name)
     if cls is None:
         raise InvalidRequestError(f"unknown press {name!r}; known presses: {', '.join(sorted(PRESSES))}")
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise InvalidRequestError(
+            f"press {name!r} has no hyperparameter {', '.join(map(repr, unknown))}; it has: {', '.join(fields)}"
+        )
     try:
         return cls(**kwargs)
     except TypeError as exc:
