@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from kvengine.argtypes import name_list, positive_int, positive_int_list, ratio_list
 from kvengine.bench.simulate import add_simulate_parser
 from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig
 from kvengine.errors import InvalidRequestError, KVEngineError
@@ -72,26 +73,6 @@ def read_text_file(path: str) -> str:
         ) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _press_arg(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -132,21 +113,13 @@ def _press_from_args(args: argparse.Namespace) -> Press | None:
     return press_from_spec(args.press, args.ratio, **dict(args.press_arg))
 
 
-def _name_list(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return names
-
-
-def _ratio_list(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or not all(0.0 <= v < 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"ratios must be in [0, 1), got {text!r}")
-    return values
+def _kivi_bits(text: str) -> list[int]:
+    if text.strip() == "none":
+        return []
+    bits = positive_int_list(text)
+    if any(b not in (2, 4, 8) for b in bits):
+        raise argparse.ArgumentTypeError(f"KIVI bit widths are 2, 4 or 8, got {text!r}")
+    return bits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text (one completion each)")
     gen.add_argument("--file", action="append", default=[], help="read a prompt from a UTF-8 file")
     gen.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
-    gen.add_argument("--max-tokens", type=_positive_int, default=128, help="tokens to generate at most")
+    gen.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate at most")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 = off)")
@@ -186,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="answer a question about a long document", description=_DEMO_HELP)
     demo.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
-    demo.add_argument("--doc-tokens", type=_positive_int, default=2000, help="length of the document")
+    demo.add_argument("--doc-tokens", type=positive_int, default=2000, help="length of the document")
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON rows and a Markdown report")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", parser_class=_Parser)
@@ -195,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         "decode", help="prefill and decode tokens/s vs transformers' generate", description=_BENCH_HELP
     )
     dec.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
-    dec.add_argument("--lengths", type=_int_list, default=[512, 2048, 4096], help="prompt lengths")
-    dec.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens decoded per run")
-    dec.add_argument("--repeats", type=_positive_int, default=3, help="runs per length and system")
+    dec.add_argument("--lengths", type=positive_int_list, default=[512, 2048, 4096], help="prompt lengths")
+    dec.add_argument("--new-tokens", type=positive_int, default=64, help="tokens decoded per run")
+    dec.add_argument("--repeats", type=positive_int, default=3, help="runs per length and system")
     dec.add_argument("--out", default="docs/results/bench_decode.jsonl", help="JSON rows are appended here")
     dec.add_argument("--report", default="docs/benchmarks.md", help="Markdown report to append to")
 
@@ -209,13 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=_PRESSES_HELP,
     )
     pr.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
-    pr.add_argument("--lengths", type=_int_list, default=[2048, 4096], help="context lengths in tokens")
     pr.add_argument(
-        "--presses", type=_name_list, default=None, help="comma-separated press specs (default: all)"
+        "--lengths", type=positive_int_list, default=[2048, 4096], help="context lengths in tokens"
     )
-    pr.add_argument("--ratios", type=_ratio_list, default=[0.5, 0.75], help="compression ratios")
-    pr.add_argument("--kivi", type=_int_list, default=[2, 4], help="KIVI bit widths to compare (empty: none)")
-    pr.add_argument("--examples", type=_positive_int, default=4, help="needle examples per length")
+    pr.add_argument(
+        "--presses", type=name_list, default=None, help="comma-separated press specs (default: all)"
+    )
+    pr.add_argument("--ratios", type=ratio_list, default=[0.5, 0.75], help="compression ratios")
+    pr.add_argument("--kivi", type=_kivi_bits, default=[2, 4], help="KIVI bit widths to compare, or 'none'")
+    pr.add_argument("--examples", type=positive_int, default=4, help="needle examples per length")
     pr.add_argument("--out", default="docs/results/bench_presses.jsonl", help="JSON rows are appended here")
     pr.add_argument("--report", default="docs/benchmarks.md", help="Markdown report to append to")
 
@@ -302,7 +277,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             args.lengths,
             args.presses or DEFAULT_PRESSES,
             args.ratios,
-            [b for b in args.kivi if b],
+            args.kivi,
             args.examples,
             Path(args.out),
             Path(args.report),

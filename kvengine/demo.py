@@ -1,47 +1,17 @@
 """`make demo`: one question about a long document, answered through the paged KV cache.
 
-The document is built deterministically: a town's yearly records, each line
-a small fact, with one fact (the needle) placed in the middle. The model is
-asked about the needle; the demo prints the answer and what it cost.
+The document is the needle task's haystack (a town's yearly records) with
+one fact, an access code, in the middle. The model is asked for the code; the
+demo prints the answer and what it cost.
 """
 
 from __future__ import annotations
 
-import random
 import time
 
+from kvengine.bench.needle import is_correct, make_needle_example
 from kvengine.engine.generate import generate
-from kvengine.models import LoadedModel, load
-
-_PLACES = ["the mill", "the harbour", "the old bridge", "the library", "the market", "the school"]
-_EVENTS = [
-    "repainted its doors",
-    "held a spring fair",
-    "hired two new keepers",
-    "was closed for repairs",
-    "opened a reading room",
-    "planted a row of linden trees",
-]
-NEEDLE = "The access code of the archive room is 7429."
-QUESTION = "What is the access code of the archive room? Answer with the number only."
-ANSWER = "7429"
-
-
-def build_document(model: LoadedModel, num_tokens: int, seed: int = 0) -> str:
-    """A document of about `num_tokens` tokens with NEEDLE in its middle."""
-    if model.tokenizer is None:
-        raise ValueError("the demo needs a model with a tokenizer")
-    rng = random.Random(seed)
-    lines: list[str] = []
-    year = 1850
-    while True:
-        place, event = rng.choice(_PLACES), rng.choice(_EVENTS)
-        lines.append(f"In {year}, {place} {event}.")
-        year += 1
-        if len(model.tokenizer.encode(" ".join(lines))) >= num_tokens:
-            break
-    lines.insert(len(lines) // 2, NEEDLE)
-    return " ".join(lines)
+from kvengine.models import load
 
 
 def run_demo(model_name: str, doc_tokens: int) -> None:
@@ -52,20 +22,22 @@ def run_demo(model_name: str, doc_tokens: int) -> None:
         f"model: {model.name} ({model.num_layers} layers, {model.num_kv_heads} kv-heads, "
         f"head dim {model.head_dim}), loaded in {time.perf_counter() - t0:.1f} s"
     )
-    document = build_document(model, doc_tokens)
-    prompt = f"{document}\n\n{QUESTION}"
-    print(f"document: {doc_tokens} tokens of town records, one line of which says: {NEEDLE!r}")
-    print(f"question: {QUESTION}")
+    example = make_needle_example(model, doc_tokens, depth=0.5, seed=0)
+    print(
+        f"document: {example.num_tokens} tokens of town records, one line of which says: {example.needle!r}"
+    )
+    print(f"question: {example.question}")
     print("answer:   ", end="", flush=True)
     completion = generate(
         model,
-        prompt,
-        max_tokens=16,
+        example.context,
+        questions=[example.question],
+        max_tokens=24,
         on_text=lambda _, text: print(text, end="", flush=True),
     )[0]
     print()
     per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * model.dtype.itemsize
-    print(f"correct:  {'yes' if ANSWER in completion.text else 'no'} (expected {ANSWER})")
+    print(f"correct:  {'yes' if is_correct(example, completion.text) else 'no'} (expected {example.answer})")
     print(
         f"KV cache: {completion.kv_bytes / 2**20:.1f} MiB held for {completion.num_prompt_tokens} prompt "
         f"+ {len(completion.token_ids)} generated tokens ({per_token / 1024:.1f} KiB per token)"

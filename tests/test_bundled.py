@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import use_sdpa
 
+from kvengine.bench.needle import make_needle_example
 from kvengine.cache.paged import PagedKVCache
 from kvengine.cache.pool import BlockPool
 from kvengine.cli import main
 from kvengine.config import CacheConfig
-from kvengine.demo import build_document
 from kvengine.engine.engine import Engine
 from kvengine.engine.generate import generate
 from kvengine.engine.request import SamplingParams
@@ -31,7 +31,7 @@ def prompts_of(model: LoadedModel) -> list[list[int]]:
     assert model.tokenizer is not None
     prompts = []
     for i, n in enumerate(LENGTHS):
-        ids = model.tokenizer.encode(build_document(model, n + 8, seed=i))
+        ids = model.tokenizer.encode(make_needle_example(model, n + 32, depth=0.5, seed=i).context)
         prompts.append(ids[:n])
     return prompts
 

@@ -6,7 +6,17 @@ import pytest
 
 from kvengine.cli import build_parser, main
 
-COMMANDS = [[], ["generate"], ["demo"], ["bench"], ["bench", "decode"], ["models"]]
+COMMANDS = [
+    [],
+    ["generate"],
+    ["demo"],
+    ["bench"],
+    ["bench", "decode"],
+    ["bench", "presses"],
+    ["simulate"],
+    ["presses"],
+    ["models"],
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "kvengine")
@@ -44,8 +54,9 @@ def test_generate_help_lists_config_options(capsys: pytest.CaptureFixture[str]) 
         (["generate", "hi", "--max-tokens", "-4"], "must be >= 1"),
         (["generate", "hi", "--max-tokens", "many"], "expected an integer"),
         (["generate", "hi", "--temperature", "hot"], "invalid float value"),
-        (["bench", "decode", "--lengths", "512,x"], "comma-separated integers"),
-        (["bench", "decode", "--lengths", "0"], "positive integers"),
+        (["bench", "decode", "--lengths", "512,x"], "expected an integer, got 'x'"),
+        (["bench", "decode", "--lengths", "0"], "must be >= 1, got 0"),
+        (["bench", "presses", "--kivi", "3"], "KIVI bit widths are 2, 4 or 8"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(

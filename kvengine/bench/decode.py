@@ -1,6 +1,6 @@
 """`kvengine bench decode`: prefill and decode speed, kvengine vs transformers' generate.
 
-Both systems run the same prompt (the demo's document, cut to the exact
+Both systems run the same prompt (a needle-task document, cut to the exact
 length) on the same model object, one request at a time, greedy, with the
 same number of new tokens; runs alternate between the systems so that drift
 of this noisy machine hits both. transformers runs with its own dynamic cache
@@ -21,9 +21,9 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from kvengine.bench.needle import make_needle_example
 from kvengine.bench.report import append_report, append_rows, make_row, markdown_table
 from kvengine.config import CacheConfig, SchedulerConfig
-from kvengine.demo import build_document
 from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams
 from kvengine.models import LoadedModel, load
@@ -86,7 +86,7 @@ def run_decode_bench(
 ) -> list[dict]:
     """Measure, append JSON rows to `out` and a table to `report`; returns the rows."""
     model = load(model_name)
-    doc = build_document(model, max(lengths) + 16)
+    doc = make_needle_example(model, max(lengths) + 64, depth=0.5, seed=0).context
     doc_ids = model.tokenizer.encode(doc) if model.tokenizer else []
     systems = {"transformers": time_transformers, "kvengine": time_kvengine}
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}

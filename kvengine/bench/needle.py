@@ -29,6 +29,7 @@ class NeedleExample:
     context: str
     question: str
     answer: str
+    needle: str  # the sentence that holds the answer
     depth: float  # where the needle sits, as a fraction of the context
     num_tokens: int  # tokens of the context
     target_tokens: int  # tokens asked for (num_tokens is within one sentence below it)
@@ -55,7 +56,9 @@ def make_needle_example(model: LoadedModel, num_tokens: int, depth: float, seed:
         used, year = used + cost, year + 1
     sentences.insert(round(depth * len(sentences)), needle)
     context = " ".join(sentences)
-    return NeedleExample(context, QUESTION, answer, depth, len(model.tokenizer.encode(context)), num_tokens)
+    return NeedleExample(
+        context, QUESTION, answer, needle, depth, len(model.tokenizer.encode(context)), num_tokens
+    )
 
 
 def is_correct(example: NeedleExample, output: str) -> bool:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from kvengine.argtypes import positive_int, positive_int_list
 from kvengine.bench.trace import (
     BLOCK_TOKENS,
     SyntheticTraceConfig,
@@ -194,23 +195,6 @@ the bound no policy can beat. With --generate, a synthetic trace (shared system 
 Zipf-popular documents, multi-turn chats) is written to FILE first and replayed."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _capacities(text: str) -> list[int]:
-    values = [_positive_int(x) for x in text.split(",") if x.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block counts, got {text!r}")
-    return values
-
-
 def _policies(text: str) -> list[str]:
     names = list(POLICIES) if text == "all" else [x.strip() for x in text.split(",") if x.strip()]
     unknown = [n for n in names if n not in POLICIES]
@@ -231,7 +215,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--generate", metavar="FILE", help="write a synthetic trace to FILE and replay it")
     sim.add_argument(
         "--capacity-blocks",
-        type=_capacities,
+        type=positive_int_list,
         default=[2000, 8000, 16000],
         metavar="N[,N...]",
         help="cache sizes in blocks, comma-separated (default: 2000,8000,16000)",
@@ -245,7 +229,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     )
     sim.add_argument("--out", default=None, metavar="FILE", help="append JSON rows to FILE")
     gen = sim.add_argument_group("synthetic trace (with --generate)")
-    gen.add_argument("--num-requests", type=_positive_int, default=2000, help="requests (default: 2000)")
+    gen.add_argument("--num-requests", type=positive_int, default=2000, help="requests (default: 2000)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 

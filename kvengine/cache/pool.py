@@ -114,19 +114,11 @@ class BlockPool:
 
     def incref(self, block_ids: torch.Tensor) -> None:
         """Add one reference to each block in use (sharing, e.g. by a prefix cache)."""
-        if bool((self.ref_counts[block_ids] < 1).any()):
-            raise ValueError("incref on a free block")
-        self.ref_counts.index_add_(0, block_ids, torch.ones_like(block_ids, dtype=torch.int32))
+        add_refs(self.ref_counts, block_ids)
 
     def release(self, block_ids: torch.Tensor) -> None:
         """Drop one reference to each block; blocks whose count reaches 0 are freed."""
-        if block_ids.numel() == 0:
-            return
-        if bool((self.ref_counts[block_ids] < 1).any()):
-            raise ValueError("release of a block that is already free")
-        self.ref_counts.index_add_(0, block_ids, torch.full_like(block_ids, -1, dtype=torch.int32))
-        freed = block_ids[self.ref_counts[block_ids] == 0].unique()
-        self._free.extend(freed.tolist())
+        self._free.extend(drop_refs(self.ref_counts, block_ids).tolist())
 
     # ---- data -------------------------------------------------------------
 
@@ -161,3 +153,20 @@ class BlockPool:
         is_free[free] = True
         assert bool((self.ref_counts[is_free] == 0).all()), "a free block is referenced"
         assert bool((self.ref_counts[~is_free] >= 1).all()), "a used block has no reference"
+
+
+def add_refs(ref_counts: torch.Tensor, block_ids: torch.Tensor) -> None:
+    """One more reference to each of `block_ids` (a block listed twice gets two); all must be in use."""
+    if bool((ref_counts[block_ids] < 1).any()):
+        raise ValueError("incref on a free block")
+    ref_counts.index_add_(0, block_ids, torch.ones_like(block_ids, dtype=torch.int32))
+
+
+def drop_refs(ref_counts: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """One reference less to each of `block_ids`; returns the ids whose count reached 0."""
+    if block_ids.numel() == 0:
+        return block_ids
+    if bool((ref_counts[block_ids] < 1).any()):
+        raise ValueError("release of a block that is already free")
+    ref_counts.index_add_(0, block_ids, torch.full_like(block_ids, -1, dtype=torch.int32))
+    return block_ids[ref_counts[block_ids] == 0].unique()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from kvengine.cache.pool import add_refs, drop_refs
 from kvengine.cache.quant import KIVILayout, PackedBlocks
 from kvengine.errors import InvalidRequestError, OutOfBlocksError
 
@@ -166,18 +167,11 @@ class QuantizedBlockPool:
 
     def incref(self, block_ids: torch.Tensor) -> None:
         """Add one reference to each block in use, open or sealed."""
-        if bool((self.ref_counts[block_ids] < 1).any()):
-            raise ValueError("incref on a free block")
-        self.ref_counts.index_add_(0, block_ids, torch.ones_like(block_ids, dtype=torch.int32))
+        add_refs(self.ref_counts, block_ids)
 
     def release(self, block_ids: torch.Tensor) -> None:
         """Drop one reference to each block; blocks whose count reaches 0 are freed."""
-        if block_ids.numel() == 0:
-            return
-        if bool((self.ref_counts[block_ids] < 1).any()):
-            raise ValueError("release of a block that is already free")
-        self.ref_counts.index_add_(0, block_ids, torch.full_like(block_ids, -1, dtype=torch.int32))
-        freed = block_ids[self.ref_counts[block_ids] == 0].unique()
+        freed = drop_refs(self.ref_counts, block_ids)
         sealed = self.is_sealed(freed)
         self._free_open.extend(freed[~sealed].tolist())
         self._free_packed.extend(freed[sealed].tolist())
