@@ -122,3 +122,24 @@ def test_requests_wait_when_the_pool_is_full(tiny_llama: LoadedModel, no_leaks: 
     assert max_running == 2
     for seq_id, prompt in zip(ids, prompts, strict=True):
         assert engine.sequences[seq_id].output_ids == hf_greedy(m, prompt, 12)
+
+
+def test_32_concurrent_requests_match_hf_generate_alone(tiny_llama: LoadedModel, no_leaks: list) -> None:
+    """32 requests of mixed lengths and output budgets share every step; each equals generate alone."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 300, (32,), generator=g).tolist()
+    budgets = torch.randint(8, 20, (32,), generator=g).tolist()
+    prompts = [random_prompt(n, 100 + i) for i, n in enumerate(lengths)]
+    engine = Engine(tiny_llama, CacheConfig(max_kv_bytes=64 * 2**20), SchedulerConfig(max_step_tokens=8192))
+    no_leaks.append(engine)
+    ids = [
+        engine.add_request(p, SamplingParams(max_tokens=b, ignore_eos=True))
+        for p, b in zip(prompts, budgets, strict=True)
+    ]
+    max_running = 0
+    while engine.has_unfinished():
+        engine.step()
+        max_running = max(max_running, len(engine.scheduler.running))
+    assert max_running == 32
+    for seq_id, prompt, budget in zip(ids, prompts, budgets, strict=True):
+        assert engine.sequences[seq_id].output_ids == hf_greedy(tiny_llama, prompt, budget)

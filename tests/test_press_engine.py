@@ -290,3 +290,14 @@ def test_bad_decoding_compression_is_rejected(tiny_llama: LoadedModel, kwargs: d
     engine = Engine(tiny_llama, CACHE)
     with pytest.raises(InvalidRequestError, match=message):
         engine.add_request([1, 2, 3], **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(PRESSES))
+def test_every_press_at_ratio_0_gives_uncompressed_tokens(tiny_llama: LoadedModel, name: str) -> None:
+    prompts = [random_prompt(n, 30 + n) for n in (12, 70)]
+    engine = Engine(tiny_llama, CACHE)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    ids = [engine.add_request(p, params, press=build_press(name, 0.0)) for p in prompts]
+    run(engine)
+    for seq_id, p in zip(ids, prompts, strict=True):
+        assert engine.sequences[seq_id].output_ids == hf_greedy(tiny_llama, p, 8)
