@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvengine.argtypes import name_list, positive_int, positive_int_list, ratio_list
+from kvengine.bench.eval import add_eval_parser, run_eval_command
+from kvengine.bench.plots import add_report_parser, run_report_command
 from kvengine.bench.simulate import add_simulate_parser
 from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig
 from kvengine.errors import InvalidRequestError, KVEngineError
@@ -38,6 +40,14 @@ def _add_config_args(parser: argparse.ArgumentParser, cls: type, help_text: dict
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         default = f.default
+        if isinstance(default, bool):  # type=bool would read "False" as True: --x / --no-x instead
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f"{help_text.get(f.name, '')} (default: {default})",
+            )
+            continue
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             type=type(default),
@@ -55,6 +65,8 @@ _CONFIG_HELP = {
     "block_size": "tokens per KV block",
     "max_kv_bytes": "bytes of key/value memory in the block pool",
     "max_num_seqs": "sequences running at once",
+    "prefix_cache": "keep finished requests' KV blocks for later requests with the same prefix",
+    "eviction_policy": "what the prefix cache evicts first: lru, lfu, gdsf or predictive",
     "max_step_tokens": "prefill + decode tokens per forward pass",
 }
 
@@ -197,10 +209,51 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list bundled models and whether they are converted")
     models.add_argument("--cache-dir", default=None, help="where converted weights live")
 
+    _add_serving_bench_parsers(bench_sub)
     add_simulate_parser(sub)
+    add_eval_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
+def _add_serving_bench_parsers(bench_sub: argparse._SubParsersAction) -> None:
+    """`bench throughput` and `bench prefix` (kvengine/bench/serving.py)."""
+    tp = bench_sub.add_parser(
+        "throughput",
+        help="output tokens/s with many requests in flight vs transformers' generate",
+        description=_THROUGHPUT_HELP,
+    )
+    tp.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    tp.add_argument(
+        "--concurrency", type=positive_int_list, default=[1, 4, 16, 32], help="requests in flight at once"
+    )
+    tp.add_argument("--prompt-len", type=positive_int, default=256, help="prompt tokens per request")
+    tp.add_argument("--new-tokens", type=positive_int, default=64, help="output tokens per request")
+    tp.add_argument(
+        "--baseline-requests", type=positive_int, default=4, help="requests transformers serves one at a time"
+    )
+    tp.add_argument(
+        "--out", default="docs/results/bench_throughput.jsonl", help="JSON rows are appended here"
+    )
+    tp.add_argument("--report", default="docs/benchmarks.md", help="Markdown report to append to")
+    px = bench_sub.add_parser(
+        "prefix", help="time to first token with a cached prefix vs cold", description=_PREFIX_HELP
+    )
+    px.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    px.add_argument("--prefix-len", type=positive_int, default=2048, help="tokens of the shared prefix")
+    px.add_argument("--suffix-len", type=positive_int, default=32, help="tokens after the prefix")
+    px.add_argument("--new-tokens", type=positive_int, default=8, help="output tokens per request")
+    px.add_argument("--repeats", type=positive_int, default=3, help="cold/warm pairs, each on a fresh engine")
+    px.add_argument("--out", default="docs/results/bench_prefix.jsonl", help="JSON rows are appended here")
+    px.add_argument("--report", default="docs/benchmarks.md", help="Markdown report to append to")
+
+
+_THROUGHPUT_HELP = """Serve 1, 4, 16, 32 requests at once (all added together, greedy, no EOS stop)
+and report output tokens/s next to transformers' generate serving requests one at a time, in the
+same run. Rows are appended as JSON lines to --out, and a table to --report."""
+_PREFIX_HELP = """Time to first token of a request whose --prefix-len-token prefix is in the prefix
+cache, against the same request on a cold cache (fresh engine per repeat). Rows are appended as JSON
+lines to --out, and a table to --report."""
 _PRESSES_HELP = """For each context length, build needle-in-a-haystack examples, prefill each
 context once, compress a copy of its cache with every press at every ratio, and ask for the
 needle. Also runs KIVI packed caches. Writes accuracy, bytes held (fraction of the uncompressed
@@ -269,6 +322,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
+    if args.bench in ("throughput", "prefix"):
+        _cmd_bench_serving(args)
+        return
     if args.bench == "presses":
         from kvengine.bench.presses import DEFAULT_PRESSES, run_presses_bench
 
@@ -288,6 +344,26 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     run_decode_bench(
         args.model, args.lengths, args.new_tokens, args.repeats, Path(args.out), Path(args.report)
     )
+
+
+def _cmd_bench_serving(args: argparse.Namespace) -> None:
+    from kvengine.bench.serving import run_prefix_bench, run_throughput_bench
+
+    out, report = Path(args.out), Path(args.report)
+    if args.bench == "throughput":
+        run_throughput_bench(
+            args.model,
+            args.concurrency,
+            args.prompt_len,
+            args.new_tokens,
+            args.baseline_requests,
+            out,
+            report,
+        )
+    else:
+        run_prefix_bench(
+            args.model, args.prefix_len, args.suffix_len, args.new_tokens, args.repeats, out, report
+        )
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -323,6 +399,8 @@ _COMMANDS = {
     "models": _cmd_models,
     "presses": _cmd_presses,
     "simulate": _cmd_simulate,
+    "eval": run_eval_command,
+    "report": run_report_command,
 }
 
 

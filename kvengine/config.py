@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvengine.cache.policy import online_policy_names
 from kvengine.errors import InvalidRequestError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -46,11 +47,18 @@ class CacheConfig:
     `kv_bits`, full blocks are stored packed (KIVI); `max_kv_bytes` then buys
     packed blocks, and full-precision blocks for the tokens of one step and
     each sequence's partly filled last blocks come on top.
+
+    With `prefix_cache`, the full blocks of finished requests stay in a radix
+    tree and later requests with the same prefix (same model and tenant salt,
+    no press) reuse them; `eviction_policy` (a registered policy name) picks
+    what goes when the pool is short.
     """
 
     block_size: int = 16
     max_kv_bytes: int = 2 * 2**30
     kv_bits: int = 0  # 0: keys and values in the model's dtype; 2, 4 or 8: packed KIVI blocks
+    prefix_cache: bool = False
+    eviction_policy: str = "lru"
 
     def __post_init__(self) -> None:
         if self.kv_bits not in (0, 2, 4, 8):
@@ -59,6 +67,13 @@ class CacheConfig:
             raise InvalidRequestError(f"block_size must be >= 1, got {self.block_size}")
         if self.max_kv_bytes < 1:
             raise InvalidRequestError(f"max_kv_bytes must be >= 1, got {self.max_kv_bytes}")
+        if self.eviction_policy not in online_policy_names():
+            raise InvalidRequestError(
+                f"unknown eviction policy {self.eviction_policy!r}; "
+                f"known policies: {', '.join(online_policy_names())}"
+            )
+        if self.prefix_cache and self.kv_bits:
+            raise InvalidRequestError("the prefix cache does not hold packed KIVI blocks yet; use kv_bits=0")
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,39 @@ class PagedKVCache:
                 child.slots[layer, head, start:n] = dst
         return child
 
+    def share_blocks(self, block_ids: torch.Tensor) -> SequenceKV:
+        """A new sequence whose cache starts with the full blocks `block_ids` `(L, H, n)`.
+
+        Every cell then holds the same `n * block_size` tokens. The blocks are
+        shared, not copied: each gains a reference, dropped when the sequence
+        is freed. They are full, so the sequence appends into fresh blocks and
+        never writes into them.
+        """
+        if tuple(block_ids.shape[:2]) != (self.num_layers, self.num_kv_heads):
+            raise ValueError(f"block ids of shape {tuple(block_ids.shape)} do not match the cache's cells")
+        seq = self.new_sequence()
+        num_blocks = block_ids.shape[2]
+        if num_blocks == 0:
+            return seq
+        self.pool.incref(block_ids.flatten())
+        bs, num_tokens = self.block_size, num_blocks * self.block_size
+        seq.block_table = _grow(seq.block_table, num_blocks, -1)
+        seq.block_table[..., :num_blocks] = block_ids
+        seq.num_blocks.fill_(num_blocks)
+        seq.slots = _grow(seq.slots, num_tokens, 0)
+        seq.slots[..., :num_tokens] = (block_ids[..., None] * bs + torch.arange(bs)).flatten(2)
+        seq.lens.fill_(num_tokens)
+        return seq
+
+    def full_blocks(self, seq: SequenceKV) -> torch.Tensor:
+        """Block ids `(L, H, n)` of the first `n` blocks, full in every cell.
+
+        Only meaningful for a sequence no press has touched, where block j of
+        every cell holds tokens `[j * block_size, (j + 1) * block_size)`.
+        """
+        num_blocks = int(seq.lens.min()) // self.block_size
+        return seq.block_table[..., :num_blocks].clone()
+
     def free(self, seq: SequenceKV) -> None:
         """Release every block of `seq`; the sequence is left empty."""
         self.pool.release(seq.block_table[seq.block_table >= 0])

@@ -2,8 +2,11 @@
 
 The engine works on token ids only; it knows nothing about text, chat
 templates or stop strings (see `generate.py`). It owns the block pool, the
-scheduler and the model runner, and guarantees that a finished or aborted
-request's blocks are back in the pool when `step()` or `abort()` returns.
+scheduler, the prefix cache (when `CacheConfig.prefix_cache` is on) and the
+model runner, and guarantees that a finished or aborted request's blocks are
+back in the pool, or kept by the prefix cache, when `step()` or `abort()`
+returns. `generate` runs a batch to the end; `AsyncEngine` (async_engine.py)
+streams tokens per request.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from kvengine.cache.pool import BlockPool
 from kvengine.cache.quant import KIVILayout
 from kvengine.cache.quant_pool import QuantizedBlockPool
 from kvengine.config import CacheConfig, SchedulerConfig
-from kvengine.engine.request import SamplingParams, Sequence, Status
+from kvengine.engine.prefix import PrefixCache, check_ownership
+from kvengine.engine.request import RequestOutput, SamplingParams, Sequence, Status, check_decode_budget
 from kvengine.engine.runner import ModelRunner, StepInput
 from kvengine.engine.sampler import sample
 from kvengine.engine.scheduler import Scheduler
@@ -39,19 +43,6 @@ class TokenEvent:
 
 
 DECODE_QUERY_WINDOW = 64  # recent queries kept per layer for decoding-time presses
-
-
-def check_decode_budget(press: Press, budget: int, block_size: int) -> None:
-    """Raise InvalidRequestError if `press` cannot keep `budget` tokens per head."""
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise InvalidRequestError(f"decode_budget must be a positive integer, got {budget!r}")
-    inner = getattr(press, "press", press)
-    reserved = getattr(inner, "n_sink", 0) + getattr(inner, "window_size", 0)
-    if budget <= reserved:
-        raise InvalidRequestError(
-            f"decode_budget={budget} leaves no room besides the press's {reserved} sink/window tokens"
-        )
-    with_budget(press, budget + block_size + 1, budget)  # raises for presses without a ratio
 
 
 def make_pool(cache: CacheConfig, scheduler: SchedulerConfig, model: LoadedModel) -> KVPool:
@@ -85,10 +76,14 @@ class Engine:
         pool = make_pool(self.cache_config, scheduler_config, model)
         self.cache = PagedKVCache(pool, model.num_layers, model.num_kv_heads)
         self.runner = ModelRunner(model, self.cache)
-        self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), self.cache, model.max_context_len)
+        self.prefix: PrefixCache | None = None
+        if self.cache_config.prefix_cache:
+            self.prefix = PrefixCache(self.cache, model.name, self.cache_config.eviction_policy)
+        self.scheduler = Scheduler(scheduler_config, self.cache, model.max_context_len, self.prefix)
         self.sequences: dict[int, Sequence] = {}
         self.peak_bytes_in_use = 0
         self.num_decode_compressions = 0
+        self.last_step_size = 0  # sequences in the last step's forward pass
         self._ids = itertools.count()
 
     @property
@@ -105,8 +100,14 @@ class Engine:
         parent: int | None = None,
         decode_press: Press | None = None,
         decode_budget: int | None = None,
+        cache_salt: str = "",
     ) -> int:
         """Queue a request; returns its id. Raises InvalidRequestError if it can never run.
+
+        With the prefix cache on, a request without a press reuses the cached
+        blocks of the longest prefix it shares with earlier requests of the
+        same `cache_salt` (a tenant's secret: other tenants never hit its
+        prefixes), and leaves its own full blocks cached when it finishes.
 
         With `press`, the first `context_len` prompt tokens (default: all) are
         compressed as soon as they are cached, before the rest of the prompt is
@@ -128,7 +129,9 @@ class Engine:
             )
         if context_len is not None and not 0 < context_len <= len(prompt_ids):
             raise InvalidRequestError(f"context_len must be in [1, {len(prompt_ids)}], got {context_len}")
-        seq = Sequence(next(self._ids), full, params, press=press, parent=parent_seq)
+        if not isinstance(cache_salt, str):
+            raise InvalidRequestError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
+        seq = Sequence(next(self._ids), full, params, press=press, parent=parent_seq, cache_salt=cache_salt)
         seq.context_len = context_len if context_len is not None else len(prompt_ids)
         if (decode_press is None) != (decode_budget is None):
             raise InvalidRequestError("decode_press and decode_budget go together")
@@ -225,6 +228,7 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """Run one forward pass; returns the tokens it produced."""
         batch = self.scheduler.schedule()
+        self.last_step_size = len(batch)
         if not batch:
             return []
         inputs = [self._step_input(seq, n) for seq, n in batch]
@@ -237,7 +241,11 @@ class Engine:
             if not seq.compressed and seq.num_computed == seq.context_len and (item.press or seq.is_context):
                 seq.compressed = True
                 self.scheduler.on_compressed(seq)
-        ready = [i for i, (seq, _) in enumerate(batch) if not seq.is_prefilling and not seq.is_context]
+        # Ready for a new token: every known token computed (a recomputed sequence
+        # after preemption has its earlier outputs to compute again first).
+        ready = [
+            i for i, (seq, _) in enumerate(batch) if seq.num_computed == seq.num_tokens and not seq.is_context
+        ]
         for i in ready:
             self._compress_while_decoding(batch[i][0])
         tokens = sample(
@@ -315,3 +323,47 @@ class Engine:
             seq.kv_bytes = self.cache.bytes_held(seq.kv) if seq.kv is not None else 0
             self.scheduler.finish(seq, "context")
         return self.sequences.pop(seq_id)
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        cache_salt: str = "",
+    ) -> list[RequestOutput]:
+        """Run `prompts` (token ids) to the end in one batch; returns their outputs in order.
+
+        `params` is one `SamplingParams` for all prompts or one per prompt.
+        Requests added earlier keep running alongside. If any prompt can never
+        run, InvalidRequestError is raised and none of them is left queued.
+        """
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(per_prompt)} sampling parameters")
+        ids: list[int] = []
+        try:
+            for prompt, p in zip(prompts, per_prompt, strict=True):
+                ids.append(self.add_request(list(prompt), p, cache_salt=cache_salt))
+        except InvalidRequestError:
+            for seq_id in ids:
+                self.abort(seq_id)
+                self.release(seq_id)
+            raise
+        while not all(self.sequences[i].is_finished for i in ids):
+            self.step()
+            if self.last_step_size == 0:
+                raise RuntimeError("the scheduler can run none of the unfinished requests")
+        return [RequestOutput.of(self.release(i)) for i in ids]
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError unless every block is free, or held exactly by its holders.
+
+        Holders are running sequences, kept contexts and the prefix cache
+        (see `prefix.check_ownership`).
+        """
+        live = [*self.scheduler.running, *self.scheduler.contexts.values()]
+        check_ownership(self.pool, [s.kv for s in live if s.kv is not None], self.prefix)

@@ -10,7 +10,7 @@ import torch
 
 from kvengine.cache.paged import SequenceKV
 from kvengine.errors import InvalidRequestError
-from kvengine.press.base import Press
+from kvengine.press.base import Press, with_budget
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,19 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def check_decode_budget(press: Press, budget: int, block_size: int) -> None:
+    """Raise InvalidRequestError if `press` cannot keep `budget` tokens per head."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise InvalidRequestError(f"decode_budget must be a positive integer, got {budget!r}")
+    inner = getattr(press, "press", press)
+    reserved = getattr(inner, "n_sink", 0) + getattr(inner, "window_size", 0)
+    if budget <= reserved:
+        raise InvalidRequestError(
+            f"decode_budget={budget} leaves no room besides the press's {reserved} sink/window tokens"
+        )
+    with_budget(press, budget + block_size + 1, budget)  # raises for presses without a ratio
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -80,6 +93,11 @@ class Sequence:
     decode_press: Press | None = None
     decode_budget: int = 0
     generator: torch.Generator | None = None
+    # Prefix cache: the tenant's salt (part of the key), tokens reused at the last admission.
+    cache_salt: str = ""
+    num_cached_tokens: int = 0
+    num_skipped: int = 0  # admissions that went to a later request with a longer cached prefix
+    num_preemptions: int = 0  # times its blocks were freed to be recomputed later
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -98,6 +116,21 @@ class Sequence:
         return self.num_computed < len(self.prompt_ids)
 
     @property
+    def is_plain(self) -> bool:
+        """No press, no shared context: its cache is exactly its tokens' keys and values.
+
+        Only plain sequences share prefixes through the prefix cache and are
+        preempted (recomputing them gives the same cache).
+        """
+        return (
+            self.press is None
+            and self.decode_press is None
+            and self.parent is None
+            and not self.is_context
+            and not self.keep_queries
+        )
+
+    @property
     def awaits_compression(self) -> bool:
         """True until the context is cached and compressed (it is prefilled in one piece)."""
         return (self.press is not None or self.keep_queries) and not self.compressed
@@ -105,3 +138,29 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A finished request as `Engine.generate` returns it."""
+
+    seq_id: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    finish_reason: str
+    num_cached_tokens: int  # prompt tokens reused from the prefix cache at the last admission
+    num_preemptions: int
+    ttft_s: float  # time to first token, from `add_request`
+
+    @classmethod
+    def of(cls, seq: Sequence) -> RequestOutput:
+        first = seq.first_token_time or seq.finish_time or seq.arrival_time
+        return cls(
+            seq.seq_id,
+            list(seq.prompt_ids),
+            list(seq.output_ids),
+            seq.finish_reason or "abort",
+            seq.num_cached_tokens,
+            seq.num_preemptions,
+            first - seq.arrival_time,
+        )

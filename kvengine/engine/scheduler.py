@@ -1,12 +1,26 @@
 """Chooses the work of the next forward pass: which sequences, how many tokens each.
 
 Every running sequence advances by its uncomputed tokens (its prompt, in
-chunks, then one token per step), within a token budget per step; waiting
-sequences are admitted first come, first served while the pool can hold the
-worst case of everything admitted (prompt plus `max_tokens` each). That
-reservation means a running sequence never runs out of blocks, so nothing is
-preempted. A compressed sequence's reservation shrinks to what it holds plus
-what it can still grow, which is how compression lets more requests in.
+chunks, then one token per step), within a token budget per step.
+
+Admission. Waiting sequences are admitted while their block reservations fit
+the pool and the blocks of their first chunk are free. A plain sequence (no
+press, no shared context) reserves what it holds plus `GROWTH_BLOCKS` blocks of
+growth per cell (renewed every step); any other sequence reserves its worst
+case (prompt plus `max_tokens`), shrunk to what it holds plus what it can
+still grow once a press has compressed it. With a prefix cache, the waiting
+sequence with the longest cached prefix goes first, but the oldest one is
+passed over at most `MAX_SKIPS` times; without one, first come, first served.
+Blocks of a cached prefix that running sequences reuse are counted once.
+
+Memory. The blocks a step takes must be free before it runs: the prefix cache
+evicts first; if that is not enough, the youngest running plain sequence is
+preempted: its blocks go back (its full blocks into the prefix cache, if on)
+and it returns to the front of the queue, to recompute its prompt and what it
+generated so far. Other sequences are never preempted: their worst-case
+reservations leave them room once the plain ones are gone. A packed (KIVI)
+pool keeps worst-case reservations for every sequence, since a step may also
+need packed blocks, which preemption does not account for.
 
 A sequence with a press prefills its context in one chunk (the press sees the
 whole context at once) and is compressed right after; a sequence that
@@ -17,23 +31,57 @@ and starts from a fork of it.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 
 from kvengine.cache.paged import PagedKVCache
+from kvengine.cache.pool import BlockPool
 from kvengine.config import SchedulerConfig
+from kvengine.engine.prefix import PrefixCache
 from kvengine.engine.request import Sequence, Status
+
+GROWTH_BLOCKS = 4  # blocks per cell a plain sequence reserves beyond what it holds
+MAX_SKIPS = 8  # times the oldest waiting sequence may be passed over for a longer cached prefix
+MATCH_WINDOW = 64  # waiting sequences compared for their cached prefix
+
+
+@dataclass
+class _Plan:
+    """The step being built: (sequence, new tokens, blocks they take)."""
+
+    items: list[tuple[Sequence, int, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n, _ in self.items)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(b for _, _, b in self.items)
+
+    def remove(self, seq: Sequence) -> None:
+        self.items = [item for item in self.items if item[0] is not seq]
 
 
 class Scheduler:
-    """FCFS admission under a block reservation, chunked prefill under a token budget."""
+    """Admission under block reservations, chunked prefill, eviction and preemption."""
 
-    def __init__(self, config: SchedulerConfig, cache: PagedKVCache, max_context_len: int) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        cache: PagedKVCache,
+        max_context_len: int,
+        prefix: PrefixCache | None = None,
+    ) -> None:
         self.config = config
         self.cache = cache
         self.max_context_len = max_context_len
+        self.prefix = prefix
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.contexts: dict[int, Sequence] = {}  # compressed contexts kept for their children
-        self._reserved: dict[int, int] = {}  # seq_id -> blocks reserved for its worst case
+        self._reserved: dict[int, int] = {}  # seq_id -> blocks reserved (beyond a reused prefix)
+        self._preemptive = isinstance(cache.pool, BlockPool)
+        self.num_preemptions = 0
 
     def worst_case_blocks(self, seq: Sequence) -> int:
         """Blocks `seq` can hold at most if it generates all of `max_tokens`."""
@@ -53,6 +101,15 @@ class Scheduler:
             return self.cache.blocks_for_tokens(tokens) + copy
         return self.cache.blocks_for_tokens(tokens)
 
+    def reserve_blocks(self, seq: Sequence) -> int:
+        """Blocks `seq` reserves now, besides the cached prefix it reuses."""
+        if not (seq.is_plain and self._preemptive):
+            return self.worst_case_blocks(seq)
+        remaining = seq.params.max_tokens - len(seq.output_ids)
+        growth = min(remaining, GROWTH_BLOCKS * self.cache.block_size)
+        tokens = min(seq.num_tokens + growth, self.max_context_len)
+        return self.cache.blocks_for_tokens(tokens) - self.cache.blocks_for_tokens(seq.num_cached_tokens)
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
@@ -60,28 +117,133 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
-        """Sequences of the next step with their number of new tokens, in order."""
-        budget = self.config.max_step_tokens
-        batch: list[tuple[Sequence, int]] = []
-        for seq in self.running:
-            n = self._chunk(seq, budget, first=not batch)
-            if n:
-                batch.append((seq, n))
-                budget -= n
-        for seq in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+        """Sequences of the next step with their number of new tokens, in order.
+
+        The pool has the blocks for all of them when this returns (after
+        evictions and preemptions, if needed).
+        """
+        plan = _Plan()
+        preempted_before = self.num_preemptions
+        for seq in list(self.running):
+            if seq.status is Status.RUNNING:  # not preempted while planning this step
+                self._plan_running(seq, plan)
+        # After a preemption the pool is short: admitting now would only preempt again.
+        while (
+            self.num_preemptions == preempted_before
+            and self.waiting
+            and plan.num_tokens < self.config.max_step_tokens
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            picked = self._next_waiting()
+            if picked is None or not self._try_admit(*picked, plan):
                 break
-            if seq.parent is not None and not seq.parent.compressed:
-                continue  # its context is not ready yet; do not hold up the others
-            blocks = self.worst_case_blocks(seq)
-            if sum(self._reserved.values()) + blocks > self.cache.pool.num_blocks:
-                break
-            self._admit(seq, blocks)
-            n = self._chunk(seq, budget, first=not batch)
-            if n:
-                batch.append((seq, n))
-                budget -= n
-        return batch
+        return [(seq, n) for seq, n, _ in plan.items]
+
+    def _plan_running(self, seq: Sequence, plan: _Plan) -> None:
+        assert seq.kv is not None
+        n = self._chunk(seq, self.config.max_step_tokens - plan.num_tokens, first=not plan.items)
+        if n == 0:
+            return
+        need = self.cache.blocks_needed(seq.kv, n)
+        if self._preemptive:
+            if seq.is_plain:
+                self._reserved[seq.seq_id] = self.reserve_blocks(seq)
+            while not self._make_room(plan.num_blocks + need):
+                victim = self._youngest_plain()
+                if victim is None:
+                    return  # only if reservations were broken; it may fit once others finish
+                self._preempt(victim, plan)
+                if victim is seq:
+                    return
+        plan.items.append((seq, n, need))
+
+    def _make_room(self, num_blocks: int) -> bool:
+        """True if `num_blocks` blocks can be allocated, after evicting cached prefixes if needed."""
+        pool = self.cache.pool
+        if not pool.can_allocate(num_blocks) and self.prefix is not None:
+            self.prefix.evict(num_blocks - pool.num_free_blocks)
+        return pool.can_allocate(num_blocks)
+
+    def _youngest_plain(self) -> Sequence | None:
+        plain = [s for s in self.running if s.is_plain]
+        return max(plain, key=lambda s: s.seq_id) if plain else None
+
+    def _preempt(self, seq: Sequence, plan: _Plan) -> None:
+        """Free a running plain sequence's blocks; it waits at the front to recompute them."""
+        plan.remove(seq)
+        self.running.remove(seq)
+        self._reserved.pop(seq.seq_id, None)
+        self._drop_cache(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _next_waiting(self) -> tuple[Sequence, Sequence] | None:
+        """(the sequence to admit next, the oldest one that could start now), or None."""
+        ready = [s for s in self.waiting if s.parent is None or s.parent.compressed][:MATCH_WINDOW]
+        if not ready:
+            return None  # their contexts are not ready yet
+        oldest = ready[0]
+        if self.prefix is None or oldest.num_skipped >= MAX_SKIPS:
+            return oldest, oldest
+        return max(ready, key=self.prefix.peek), oldest  # the first of equals: the oldest
+
+    def _try_admit(self, seq: Sequence, oldest: Sequence, plan: _Plan) -> bool:
+        """Admit `seq` and plan its first chunk if both fit; otherwise change nothing."""
+        if seq.parent is not None and not self._make_room(plan.num_blocks + self._fork_blocks(seq)):
+            return False
+        self._attach(seq)
+        assert seq.kv is not None
+        reserve = self.reserve_blocks(seq)
+        locked = self.prefix.num_locked_blocks if self.prefix is not None else 0
+        n = self._chunk(seq, self.config.max_step_tokens - plan.num_tokens, first=not plan.items)
+        need = self.cache.blocks_needed(seq.kv, n)
+        fits = sum(self._reserved.values()) + locked + reserve <= self.cache.pool.num_blocks
+        if not (fits and self._make_room(plan.num_blocks + need)):
+            self._drop_cache(seq)
+            return False
+        if seq is not oldest:
+            oldest.num_skipped += 1
+        self.waiting.remove(seq)
+        self._reserved[seq.seq_id] = reserve
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        if n:
+            plan.items.append((seq, n, need))
+        return True
+
+    def _fork_blocks(self, seq: Sequence) -> int:
+        """Blocks a fork of `seq`'s context takes at once: a copy of each partly filled last block."""
+        assert seq.parent is not None and seq.parent.kv is not None
+        kv = seq.parent.kv
+        return int(((kv.lens % self.cache.block_size != 0) & (kv.num_blocks > 0)).sum())
+
+    def _attach(self, seq: Sequence) -> None:
+        """Give a sequence being admitted its cache: a fork, a cached prefix, or empty."""
+        if seq.parent is not None:
+            assert seq.parent.kv is not None
+            seq.kv = self.cache.fork(seq.parent.kv)
+            seq.num_computed = seq.parent.num_computed
+        elif self.prefix is not None and seq.is_plain:
+            self.prefix.attach(seq)
+        else:
+            seq.kv = self.cache.new_sequence()
+            seq.num_computed = 0
+
+    def _free_cache(self, seq: Sequence) -> None:
+        """Give back `seq`'s blocks (its full ones into the prefix cache, if it takes part)."""
+        assert seq.kv is not None
+        if self.prefix is not None and seq.is_plain:
+            self.prefix.detach(seq)
+        else:
+            self.cache.free(seq.kv)
+
+    def _drop_cache(self, seq: Sequence) -> None:
+        """Free `seq`'s cache so that it starts again from nothing (or from a cached prefix)."""
+        self._free_cache(seq)
+        seq.kv = None
+        seq.num_computed = 0
 
     def _chunk(self, seq: Sequence, budget: int, first: bool) -> int:
         """Tokens `seq` computes this step; a context to compress goes in one piece."""
@@ -90,18 +252,6 @@ class Scheduler:
             whole = seq.context_len - seq.num_computed
             return whole if whole <= budget or first else 0
         return max(0, min(remaining, budget))
-
-    def _admit(self, seq: Sequence, blocks: int) -> None:
-        self.waiting.remove(seq)
-        self._reserved[seq.seq_id] = blocks
-        seq.status = Status.RUNNING
-        if seq.parent is not None:
-            assert seq.parent.kv is not None
-            seq.kv = self.cache.fork(seq.parent.kv)
-            seq.num_computed = seq.parent.num_computed
-        else:
-            seq.kv = self.cache.new_sequence()
-        self.running.append(seq)
 
     def on_compressed(self, seq: Sequence) -> None:
         """Shrink `seq`'s reservation to its blocks plus its worst-case growth."""
@@ -116,7 +266,7 @@ class Scheduler:
             seq.finish_reason = "context"
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark `seq` finished and give its blocks back to the pool at once."""
+        """Mark `seq` finished and give its blocks back at once (full ones to the prefix cache)."""
         if seq.status is Status.WAITING:
             self.waiting.remove(seq)
         elif seq.status is Status.RUNNING:
@@ -124,6 +274,6 @@ class Scheduler:
         self.contexts.pop(seq.seq_id, None)
         self._reserved.pop(seq.seq_id, None)
         if seq.kv is not None:
-            self.cache.free(seq.kv)
+            self._free_cache(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason

@@ -1,0 +1,241 @@
+"""`kvengine report`: a Markdown table and PNG plots from the JSON rows of `kvengine eval`.
+
+The table has one line per task x press x ratio x KIVI width (and an "all"
+line per setting, averaged over all its rows): accuracy, KV bytes held (measured in
+the pool, as a fraction of the uncompressed cache and in MiB) and seconds per
+example. The plots: accuracy vs. KV bytes held, one curve per press (the curve
+users compare), and, when the needle task ran at several lengths or depths,
+the needle grid (depth x length) as a heatmap per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvengine.bench.report import markdown_table
+from kvengine.errors import InvalidRequestError
+
+GRID_TASK = "niah_single"
+Setting = tuple[str, float, int]  # (press, ratio, kivi)
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """The `kvengine eval` rows of a JSONL file; other benchmarks' rows and a torn last line are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read results {path}: {exc.strerror}") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # an interrupted write
+            raise InvalidRequestError(f"{path}:{number}: not valid JSON") from None
+        if isinstance(row, dict) and row.get("bench") == "eval":
+            rows.append(row)
+    if not rows:
+        raise InvalidRequestError(f"{path} holds no `kvengine eval` rows")
+    return rows
+
+
+def _setting(row: dict[str, Any]) -> Setting:
+    c = row["config"]
+    return (str(c["press"]), float(c["ratio"]), int(c["kivi"]))
+
+
+def label(setting: Setting) -> str:
+    """How a setting is named in tables and legends: "snapkv", "none", "kivi-2", "snapkv+kivi-2"."""
+    press, _, kivi = setting
+    if not kivi:
+        return press
+    return f"kivi-{kivi}" if press == "none" else f"{press}+kivi-{kivi}"
+
+
+@dataclass(frozen=True)
+class Summary:
+    task: str
+    setting: Setting
+    num_examples: int
+    accuracy: float
+    kv_fraction: float  # bytes held / uncompressed bytes, mean over examples
+    kv_mib: float
+    seconds: float  # prefill + compression + answers, per example
+
+
+def _summary(task: str, setting: Setting, rows: list[dict[str, Any]]) -> Summary:
+    return Summary(
+        task,
+        setting,
+        len(rows),
+        statistics.mean(r["value"] for r in rows),
+        statistics.mean(r["kv_bytes"] / r["kv_bytes_full"] for r in rows),
+        statistics.mean(r["kv_bytes"] for r in rows) / 2**20,
+        statistics.mean(r["prefill_s"] + r["compress_s"] + r["answer_s"] for r in rows),
+    )
+
+
+def summarize(rows: Iterable[dict[str, Any]]) -> list[Summary]:
+    """One summary per (task, setting), then one per setting over all tasks (task "all"), sorted."""
+    groups: dict[tuple[str, Setting], list[dict[str, Any]]] = {}
+    for r in rows:
+        for task in (r["config"]["task"], "all"):
+            groups.setdefault((task, _setting(r)), []).append(r)
+    order = sorted(groups, key=lambda k: (k[0] == "all", k[0], k[1][0] != "none", k[1][0], k[1][2], k[1][1]))
+    return [_summary(task, setting, groups[task, setting]) for task, setting in order]
+
+
+def summary_table(summaries: list[Summary]) -> str:
+    header = [
+        "task",
+        "press",
+        "ratio",
+        "KIVI bits",
+        "examples",
+        "accuracy",
+        "KV bytes / full",
+        "KV MiB",
+        "s / example",
+    ]
+    lines = [
+        [
+            s.task,
+            s.setting[0],
+            f"{s.setting[1]:.2f}",
+            s.setting[2] or "-",
+            s.num_examples,
+            f"{s.accuracy:.3f}",
+            f"{s.kv_fraction:.3f}",
+            f"{s.kv_mib:.2f}",
+            f"{s.seconds:.2f}",
+        ]
+        for s in summaries
+    ]
+    return markdown_table(header, lines)
+
+
+def plot_accuracy_vs_bytes(summaries: list[Summary], path: Path) -> None:
+    """Accuracy over all rows (every task) vs. KV bytes held (fraction of full), one curve per press (ratios joined)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[Summary]] = {}
+    for s in summaries:
+        if s.task == "all":
+            curves.setdefault(label(s.setting), []).append(s)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in sorted(curves.items()):
+        points.sort(key=lambda s: s.kv_fraction)
+        style = "*" if len(points) == 1 else "o-"
+        ax.plot(
+            [p.kv_fraction for p in points], [p.accuracy for p in points], style, label=name, markersize=6
+        )
+    ax.set_xlabel("KV bytes held / uncompressed (measured in the pool)")
+    ax.set_ylabel("accuracy (mean over all rows)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def needle_grid(rows: Iterable[dict[str, Any]]) -> dict[Setting, dict[tuple[float, int], float]]:
+    """Mean score of the needle task per setting and (depth, length); empty unless it spans a grid."""
+    cells: dict[Setting, dict[tuple[float, int], list[float]]] = {}
+    for r in rows:
+        c = r["config"]
+        if c["task"] == GRID_TASK and c.get("depth") is not None:
+            cell = (round(float(c["depth"]), 3), int(c["length"]))
+            cells.setdefault(_setting(r), {}).setdefault(cell, []).append(r["value"])
+    points = {cell for by_cell in cells.values() for cell in by_cell}
+    if len({d for d, _ in points}) < 2 and len({n for _, n in points}) < 2:
+        return {}
+    return {s: {cell: statistics.mean(v) for cell, v in by_cell.items()} for s, by_cell in cells.items()}
+
+
+def plot_needle_grid(grid: dict[Setting, dict[tuple[float, int], float]], path: Path) -> None:
+    """One heatmap per setting: needle depth (rows) x context length (columns), color = accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted({d for cells in grid.values() for d, _ in cells})
+    lengths = sorted({n for cells in grid.values() for _, n in cells})
+    settings = sorted(grid, key=lambda s: (s[0] != "none", s[0], s[2], s[1]))
+    ncols = min(4, len(settings))
+    nrows = -(-len(settings) // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False, layout="constrained"
+    )
+    for ax, setting in zip(axes.flat, settings, strict=False):
+        cells = grid[setting]
+        values = [[cells.get((d, n), float("nan")) for n in lengths] for d in depths]
+        image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        ax.set_title(
+            f"{label(setting)} @ {setting[1]:.2f}" if setting[0] != "none" else label(setting), fontsize=8
+        )
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=7)
+        ax.set_xlabel("context tokens", fontsize=7)
+        ax.set_ylabel("needle depth", fontsize=7)
+    for ax in axes.flat[len(settings) :]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: Path, out_dir: Path) -> list[Path]:
+    """Write `eval_report.md` and the PNG plots for `results` into `out_dir`; returns the files written."""
+    rows = load_rows(results)
+    summaries = summarize(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curve = out_dir / "eval_accuracy_vs_kv_bytes.png"
+    plot_accuracy_vs_bytes(summaries, curve)
+    written, images = [curve], [f"![accuracy vs KV bytes]({curve.name})"]
+    grid = needle_grid(rows)
+    if grid:
+        heatmap = out_dir / "eval_needle_grid.png"
+        plot_needle_grid(grid, heatmap)
+        written.append(heatmap)
+        images.append(f"![needle grid]({heatmap.name})")
+    models = sorted({str(r["config"].get("model")) for r in rows})
+    report = out_dir / "eval_report.md"
+    report.write_text(
+        f"# Evaluation: {results.name}\n\nModel {', '.join(models)}; {len(rows)} result rows. "
+        "accuracy: mean fraction of each question's answers found in the output. KV bytes: held in the pool "
+        "after compression, over the uncompressed fp cache. s / example: prefill + compression + all "
+        "answers.\n\n" + summary_table(summaries) + "\n\n" + "\n\n".join(images) + "\n",
+        encoding="utf-8",
+    )
+    return [report, *written]
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    """`kvengine report RESULTS.jsonl [--out-dir DIR]`."""
+    rep = sub.add_parser(
+        "report",
+        help="Markdown table and PNG plots from `kvengine eval` results",
+        description="Regenerate the table (task x press x ratio: accuracy, KV bytes held, time) and the plots "
+        "(accuracy vs KV bytes per press; needle grid heatmap when present) from eval's JSON rows.",
+    )
+    rep.add_argument("results", help="JSONL file written by `kvengine eval`")
+    rep.add_argument("--out-dir", default="docs", help="where eval_report.md and the PNGs go (default: docs)")
+
+
+def run_report_command(args: argparse.Namespace) -> None:
+    for path in write_report(Path(args.results), Path(args.out_dir)):
+        print(path)

@@ -1,0 +1,23 @@
+"""Evaluation tasks: RULER-style synthetic generators and a user's JSONL tasks.
+
+Every task yields `Example`s: a context, several questions with their
+answers, and metadata (task, length, depth). Generators are deterministic in
+(task, length, seed, index, depth) and the tokenizer; nothing is downloaded.
+"""
+
+from kvengine.bench.tasks.example import Example, Question, Tokenizer, count_tokens, score
+from kvengine.bench.tasks.jsonl import load_jsonl_tasks
+from kvengine.bench.tasks.registry import RULER_TASKS, default_depth, expand_task_names, make_example
+
+__all__ = [
+    "RULER_TASKS",
+    "Example",
+    "Question",
+    "Tokenizer",
+    "count_tokens",
+    "default_depth",
+    "expand_task_names",
+    "load_jsonl_tasks",
+    "make_example",
+    "score",
+]

@@ -1,0 +1,232 @@
+"""`kvengine eval` runner: rows per setting, answers equal to `generate`, resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import tiny_model
+from test_tasks import ByteTokenizer
+
+from kvengine.bench.eval import EvalConfig, done_keys, row_key, run_eval
+from kvengine.bench.tasks import make_example
+from kvengine.engine.generate import generate
+from kvengine.errors import InvalidRequestError
+from kvengine.models import LoadedModel
+from kvengine.press import press_from_spec
+
+CFG = EvalConfig(
+    tasks=("niah_single", "niah_multiquery"),
+    lengths=(160,),
+    presses=("none", "knorm", "snapkv"),
+    ratios=(0.5,),
+    kivi=(2,),
+    num_examples=2,
+    max_new_tokens=3,
+)
+FIELDS = {"value", "scores", "outputs", "kv_bytes", "kv_bytes_full", "prefill_s", "compress_s", "answer_s"}
+
+
+@pytest.fixture(scope="module")
+def model() -> LoadedModel:
+    m = tiny_model("llama")
+    m.tokenizer = ByteTokenizer()  # type: ignore[assignment]
+    return m
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _all_keys(cfg: EvalConfig) -> set[tuple[Any, ...]]:
+    return {
+        (task, n, i, *s)
+        for task in cfg.tasks
+        for n in cfg.lengths
+        for i in range(cfg.num_examples)
+        for s in cfg.settings()
+    }
+
+
+def test_rows_have_every_key_and_field(model: LoadedModel, tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    rows = run_eval(model, CFG, out, progress=False)
+    assert rows == _rows(out)
+    assert [row_key(r) for r in rows] == sorted(map(row_key, rows), key=[row_key(r) for r in rows].index)
+    assert {row_key(r) for r in rows} == _all_keys(CFG) and len(rows) == len(_all_keys(CFG))
+    for r in rows:
+        assert set(r) >= FIELDS and r["bench"] == "eval" and 0.0 <= r["value"] <= 1.0
+        assert r["num_questions"] == (4 if r["config"]["task"] == "niah_multiquery" else 1)
+        c = r["config"]
+        if c["press"] == "none" and c["kivi"] == 0:
+            assert r["kv_bytes"] == r["kv_bytes_full"]
+        else:  # half the tokens evicted (or 2-bit packed): well under the full cache
+            assert r["kv_bytes"] < 0.7 * r["kv_bytes_full"]
+
+
+def test_outputs_match_generate(model: LoadedModel, tmp_path: Path) -> None:
+    """The runner's copy-per-press answers equal `generate` compressing the context inline."""
+    cfg = EvalConfig(("niah_multiquery",), (160,), ("none", "knorm"), (0.5,), (), 1, max_new_tokens=3)
+    rows = run_eval(model, cfg, tmp_path / "r.jsonl", progress=False)
+    assert model.tokenizer is not None
+    ex = make_example("niah_multiquery", model.tokenizer, 160, 0, 0, 0.5, model.max_context_len)
+    questions = [q.text for q in ex.questions]
+    for row in rows:
+        spec = row["config"]["press"]
+        press = None if spec == "none" else press_from_spec(spec, row["config"]["ratio"])
+        want = generate(model, ex.context, max_tokens=3, press=press, questions=questions)
+        assert row["outputs"] == [c.text for c in want]
+
+
+def test_resume_runs_only_missing_keys(model: LoadedModel, tmp_path: Path) -> None:
+    cfg = EvalConfig(("niah_single",), (160,), ("none", "knorm"), (0.25, 0.5), (2,), 2, max_new_tokens=2)
+    out = tmp_path / "r.jsonl"
+    first = run_eval(model, cfg, out, progress=False)
+    lines = out.read_text().splitlines()
+    # An interrupted run: three rows written, the fourth cut mid-line.
+    out.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
+    assert done_keys(out) == {row_key(json.loads(line)) for line in lines[:3]}
+    second = run_eval(model, cfg, out, progress=False)
+    assert [row_key(r) for r in second] == [row_key(r) for r in first[3:]]
+    assert [r["outputs"] for r in second] == [r["outputs"] for r in first[3:]]
+    kept = [json.loads(line) for line in out.read_text().splitlines() if line != lines[3][:25]]
+    assert sorted(map(row_key, kept)) == sorted(_all_keys(cfg))
+    assert run_eval(model, cfg, out, progress=False) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(tasks=("haystack",)), "unknown task 'haystack'"),
+        (dict(presses=("none", "nopress")), "unknown press 'nopress'"),
+        (dict(kivi=(3,)), "KIVI bit widths"),
+        (dict(ratios=(1.0,)), "ratios must be in"),
+    ],
+)
+def test_bad_config(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        EvalConfig(**kwargs)
+
+
+def test_length_beyond_context(model: LoadedModel, tmp_path: Path) -> None:
+    cfg = EvalConfig(("niah_single",), (2048,), ("none",))
+    with pytest.raises(InvalidRequestError, match=r"beyond model 'tiny-llama'.s context of 1024"):
+        run_eval(model, cfg, tmp_path / "r.jsonl", progress=False)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_jsonl_tasks(model: LoadedModel, tmp_path: Path) -> None:
+    path = tmp_path / "mine.jsonl"
+    lines = [
+        {"context": "Ann is 31 years old. " * 5, "question": q, "answers": a}
+        for q, a in [("Ann?", "31"), ("B?", "x")]
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    cfg = EvalConfig((str(path),), (160,), ("none", "knorm"), (0.5,), max_new_tokens=2)
+    rows = run_eval(model, cfg, tmp_path / "r.jsonl", progress=False)
+    assert [(r["config"]["task"], r["config"]["press"], r["num_questions"]) for r in rows] == [
+        ("mine", "none", 2),
+        ("mine", "knorm", 2),
+    ]
+
+
+def _synthetic_rows() -> list[dict[str, Any]]:
+    """Hand-made eval rows: a 2 x 2 needle grid under two settings plus a cwe row."""
+    rows = []
+    for press, ratio, kivi, held in [("none", 0.0, 0, 100), ("snapkv", 0.5, 0, 50), ("none", 0.0, 2, 20)]:
+        for task, length, depth, value in [
+            ("niah_single", 1024, 0.25, 1.0),
+            ("niah_single", 1024, 0.75, 0.0),
+            ("niah_single", 2048, 0.25, 1.0),
+            ("niah_single", 2048, 0.75, 1.0),
+            ("cwe", 1024, None, 0.5),
+        ]:
+            config = dict(
+                task=task,
+                length=length,
+                example=0,
+                press=press,
+                ratio=ratio,
+                kivi=kivi,
+                depth=depth,
+                model="m",
+            )
+            times = dict(prefill_s=1.0, compress_s=0.5, answer_s=0.5)
+            rows.append(
+                dict(bench="eval", value=value, config=config, kv_bytes=held, kv_bytes_full=100, **times)
+            )
+    return rows
+
+
+def test_report_writes_table_and_plots(tmp_path: Path) -> None:
+    from kvengine.bench.plots import needle_grid, summarize, write_report
+
+    results = tmp_path / "r.jsonl"
+    rows = _synthetic_rows()
+    results.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows) + '{"bench": "eval", "val'
+    )  # torn last line
+    files = write_report(results, tmp_path / "docs")
+    assert [f.name for f in files] == [
+        "eval_report.md",
+        "eval_accuracy_vs_kv_bytes.png",
+        "eval_needle_grid.png",
+    ]
+    for f in files[1:]:
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = files[0].read_text()
+    # niah_single: 4 rows per setting, accuracy (1 + 0 + 1 + 1) / 4; cwe 0.5; "all" averages the 5 rows.
+    assert "| niah_single | none | 0.00 | - | 4 | 0.750 | 1.000 | 0.00 | 2.00 |" in table
+    assert "| niah_single | snapkv | 0.50 | - | 4 | 0.750 | 0.500 |" in table
+    assert "| cwe | none | 0.00 | 2 | 1 | 0.500 | 0.200 |" in table
+    assert "| all | none | 0.00 | - | 5 | 0.700 |" in table
+    assert len([line for line in table.splitlines() if line.startswith("| ") and "---" not in line]) == 1 + 9
+    grid = needle_grid(rows)
+    assert grid[("none", 0.0, 0)] == {
+        (0.25, 1024): 1.0,
+        (0.75, 1024): 0.0,
+        (0.25, 2048): 1.0,
+        (0.75, 2048): 1.0,
+    }
+    assert len(summarize(rows)) == 9
+
+
+def test_report_without_grid_and_bad_files(tmp_path: Path) -> None:
+    from kvengine.bench.plots import write_report
+
+    results = tmp_path / "r.jsonl"
+    results.write_text(
+        "".join(json.dumps(r) + "\n" for r in _synthetic_rows() if r["config"]["task"] == "cwe")
+    )
+    assert [f.name for f in write_report(results, tmp_path)] == [
+        "eval_report.md",
+        "eval_accuracy_vs_kv_bytes.png",
+    ]
+    with pytest.raises(InvalidRequestError, match="cannot read results"):
+        write_report(tmp_path / "absent.jsonl", tmp_path)
+    results.write_text('{"bench": "decode"}\n')
+    with pytest.raises(InvalidRequestError, match="no `kvengine eval` rows"):
+        write_report(results, tmp_path)
+    results.write_text('{"bench": \n{"bench": "eval"}\n')
+    with pytest.raises(InvalidRequestError, match=r"r\.jsonl:1: not valid JSON"):
+        write_report(results, tmp_path)
+
+
+def test_cli_eval_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvengine.cli import main
+
+    for command in (["eval", "--help"], ["report", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(command)
+        assert exc.value.code == 0
+    assert main(["eval", "--tasks", "nope", "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "absent.jsonl")]) == 2
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in _synthetic_rows()))
+    assert main(["report", str(results), "--out-dir", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "eval_report.md").exists() and (
+        tmp_path / "out" / "eval_needle_grid.png"
+    ).exists()
