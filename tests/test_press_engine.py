@@ -301,3 +301,27 @@ def test_every_press_at_ratio_0_gives_uncompressed_tokens(tiny_llama: LoadedMode
     run(engine)
     for seq_id, p in zip(ids, prompts, strict=True):
         assert engine.sequences[seq_id].output_ids == hf_greedy(tiny_llama, p, 8)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_batched_decode_equals_one_at_a_time(family: str) -> None:
+    """Decode attention of many sequences in one call (padded, masked per head) = one by one.
+
+    AdaKV leaves heads with different lengths; Mistral adds a sliding window.
+    """
+    from conftest import tiny_model
+
+    from kvengine.config import SchedulerConfig
+
+    model = tiny_model(family)
+    prompts = [random_prompt(n, 40 + n) for n in (20, 57, 90, 33)]
+    press = make_press("adakv", press=make_press("knorm", ratio=0.5))
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    outputs = []
+    for max_num_seqs in (1, 4):
+        engine = Engine(model, CACHE, SchedulerConfig(max_num_seqs=max_num_seqs))
+        ids = [engine.add_request(p, params, press=press) for p in prompts]
+        run(engine)
+        outputs.append([engine.sequences[i].output_ids for i in ids])
+        assert engine.pool.num_used_blocks == 0
+    assert outputs[0] == outputs[1]

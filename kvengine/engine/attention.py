@@ -117,7 +117,15 @@ def paged_attention(
     ctx.pool.write(slots.reshape(-1), new_k.reshape(-1, head_dim), new_v.reshape(-1, head_dim))
 
     out = query.new_empty(num_tokens, num_heads, head_dim)
+    batched = [span for span in ctx.spans if _is_plain_decode(span)]
+    if len(batched) > 1:
+        rows = torch.tensor([span.start for span in batched])
+        out[rows] = _decode_batch(ctx, layer, query[0, :, rows], batched, scaling, window)
+    else:
+        batched = []
     for i, span in enumerate(ctx.spans):
+        if batched and _is_plain_decode(span):
+            continue
         q = query[0, :, span.start : span.end]  # (H_q, T_q, D)
         if span.num_cached == 0 and span.kv.is_uniform:
             # Fresh prefill: this step's keys are the whole context, no need to read them back.
@@ -135,6 +143,45 @@ def paged_attention(
         if span.press is not None:
             ctx.kept[i, layer] = _press_keep(ctx, span, layer, q, k, v, scaling or head_dim**-0.5)
     return out.unsqueeze(0), None
+
+
+def _is_plain_decode(span: SeqSpan) -> bool:
+    """One new token after a cached context, with nothing else to do for it."""
+    return span.end - span.start == 1 and span.num_cached > 0 and span.press is None and not span.keep_queries
+
+
+def _decode_batch(
+    ctx: ForwardContext,
+    layer: int,
+    q: torch.Tensor,
+    spans: list[SeqSpan],
+    scaling: float | None,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention of N decoding sequences in one SDPA call; q `(H_q, N, D)` -> `(N, H_q, D)`.
+
+    Each sequence's cache is read into a row padded to the longest one and
+    masked past each head's length: one call instead of N gathers and N calls.
+    """
+    num_heads, n, head_dim = q.shape
+    num_kv_heads = ctx.new_slots.shape[1]
+    lens = torch.stack([span.kv.lens[layer] for span in spans])  # (N, H_kv)
+    max_len = int(lens.max())
+    slots = torch.zeros(n, num_kv_heads, max_len, dtype=torch.int64)  # slot 0 pads; masked below
+    for row, span in enumerate(spans):
+        span_slots, _ = span.kv.context(layer)
+        slots[row, :, : span_slots.shape[1]] = span_slots
+    k, v = ctx.pool.read(slots.reshape(-1), out=ctx.scratch)
+    k = k.view(n, num_kv_heads, max_len, head_dim)
+    v = v.view(n, num_kv_heads, max_len, head_dim)
+    pos = torch.arange(max_len)
+    mask = pos < lens[..., None]  # (N, H_kv, T)
+    if window is not None:  # the query is the last cached token of each head
+        mask &= pos > lens[..., None] - 1 - window
+    group = num_heads // num_kv_heads
+    q4 = q.transpose(0, 1).reshape(n, num_kv_heads, group, head_dim)  # query heads folded into rows
+    out = F.scaled_dot_product_attention(q4, k, v, attn_mask=mask[:, :, None, :], scale=scaling)
+    return out.reshape(n, num_heads, head_dim)
 
 
 def _press_keep(

@@ -77,7 +77,10 @@ class ModelRunner:
 
     def _scratch(self, spans: list[SeqSpan]) -> tuple[torch.Tensor, torch.Tensor]:
         """Buffers for the largest context one layer of these spans reads back (grown, kept)."""
-        rows = max(span.kv.max_len for span in spans) * self.cache.num_kv_heads
+        # One span read alone, or all decoding spans read together padded to the longest.
+        longest = max(span.kv.max_len for span in spans)
+        decoding = [span.kv.max_len for span in spans if span.end - span.start == 1]
+        rows = max(longest, len(decoding) * max(decoding, default=0)) * self.cache.num_kv_heads
         if self._scratch_bufs is None or rows > self._scratch_rows:
             self._scratch_rows = max(rows, 2 * self._scratch_rows)
             pool = self.cache.pool
