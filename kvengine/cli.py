@@ -1,4 +1,4 @@
-"""The `kvengine` command line: generate | demo | bench | models.
+"""The `kvengine` command line: generate | serve | demo | bench | models.
 
 Bad arguments and bad input end with one line on stderr and exit code 2;
 cache and scheduler options are derived from the config dataclasses, so the
@@ -19,7 +19,7 @@ from kvengine.argtypes import name_list, positive_int, positive_int_list, ratio_
 from kvengine.bench.eval import add_eval_parser, run_eval_command
 from kvengine.bench.plots import add_report_parser, run_report_command
 from kvengine.bench.simulate import add_simulate_parser
-from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig
+from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig, ServerConfig
 from kvengine.errors import InvalidRequestError, KVEngineError
 
 if TYPE_CHECKING:
@@ -210,10 +210,46 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--cache-dir", default=None, help="where converted weights live")
 
     _add_serving_bench_parsers(bench_sub)
+    _add_serve_parser(sub)
     add_simulate_parser(sub)
     add_eval_parser(sub)
     add_report_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """`serve`: the OpenAI-compatible HTTP server (kvengine/server)."""
+    defaults = ServerConfig()
+    sv = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API", description=_SERVE_HELP
+    )
+    sv.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    sv.add_argument("--host", default=defaults.host, help=f"address to listen on (default: {defaults.host})")
+    sv.add_argument("--port", type=int, default=defaults.port, help=f"port (default: {defaults.port})")
+    sv.add_argument(
+        "--api-key", action="append", default=[], help="accepted Bearer key (repeatable; none: no auth)"
+    )
+    limits = {
+        "max_prompt_tokens": "longest prompt accepted, in tokens",
+        "max_tokens_limit": "largest max_tokens a request may ask for",
+        "max_concurrent_requests": "requests in flight at once; more get 429",
+        "max_body_bytes": "largest request body; larger gets 413",
+    }
+    for name, text in limits.items():
+        sv.add_argument(
+            "--" + name.replace("_", "-"),
+            type=positive_int,
+            default=getattr(defaults, name),
+            help=f"{text} (default: {getattr(defaults, name)})",
+        )
+    _add_config_args(sv, CacheConfig, _CONFIG_HELP)
+    _add_config_args(sv, SchedulerConfig, _CONFIG_HELP)
+
+
+_SERVE_HELP = """Serve the model at /v1/completions, /v1/chat/completions (streaming with
+"stream": true), /v1/models and /health. Extra body fields "kv_press" and "kv_compression_ratio"
+compress a request's prompt with a registered press. With --api-key, each key is a tenant of the
+prefix cache. Ctrl-C shuts down gracefully: running requests are aborted and the engine closed."""
 
 
 def _add_serving_bench_parsers(bench_sub: argparse._SubParsersAction) -> None:
@@ -386,6 +422,34 @@ def _cmd_presses(args: argparse.Namespace) -> None:
         print(f"{name:20s} {doc}\n{'':20s} fields: {fields}")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from kvengine.engine.async_engine import AsyncEngine
+    from kvengine.engine.engine import Engine
+    from kvengine.models import load
+    from kvengine.server import create_app
+
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(args.api_key),
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_body_bytes=args.max_body_bytes,
+    )
+    cache = _config_from_args(CacheConfig, args)
+    scheduler = _config_from_args(SchedulerConfig, args)
+    model = load(args.model)
+    engine = AsyncEngine(Engine(model, cache, scheduler))
+    # Streams still open after the grace period are cancelled (aborting their requests), then the
+    # app's lifespan closes the engine.
+    uvicorn.run(
+        create_app(engine, model, config), host=config.host, port=config.port, timeout_graceful_shutdown=10
+    )
+
+
 def _cmd_simulate(args: argparse.Namespace) -> None:
     from kvengine.bench.simulate import run_simulate_command
 
@@ -398,6 +462,7 @@ _COMMANDS = {
     "bench": _cmd_bench,
     "models": _cmd_models,
     "presses": _cmd_presses,
+    "serve": _cmd_serve,
     "simulate": _cmd_simulate,
     "eval": run_eval_command,
     "report": run_report_command,

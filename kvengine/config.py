@@ -88,3 +88,30 @@ class SchedulerConfig:
             raise InvalidRequestError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_step_tokens < 1:
             raise InvalidRequestError(f"max_step_tokens must be >= 1, got {self.max_step_tokens}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP server: where it listens, who may call it, and the limits on each request.
+
+    `api_keys` empty means no authentication; otherwise each request must send
+    one of them as `Authorization: Bearer KEY`, and each key is its own tenant
+    of the prefix cache.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    max_prompt_tokens: int = 8192
+    max_tokens_limit: int = 4096  # the largest `max_tokens` a request may ask for
+    max_concurrent_requests: int = 256  # requests in flight at once; more are answered 429
+    max_body_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidRequestError(f"port must be in [0, 65535], got {self.port}")
+        if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
+            raise InvalidRequestError("api_keys must be non-empty strings")
+        for name in ("max_prompt_tokens", "max_tokens_limit", "max_concurrent_requests", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -325,3 +325,63 @@ def test_batched_decode_equals_one_at_a_time(family: str) -> None:
         outputs.append([engine.sequences[i].output_ids for i in ids])
         assert engine.pool.num_used_blocks == 0
     assert outputs[0] == outputs[1]
+
+
+@dataclass
+class Refuses(Press):
+    """Test press: refuses at keep() time what validate() let through."""
+
+    ratio: float = 0.5
+
+    def keep(self, inp: PressInput) -> list[torch.Tensor]:
+        from kvengine.errors import InvalidRequestError
+
+        raise InvalidRequestError("refused")
+
+
+def test_press_that_cannot_fit_is_rejected_when_added(tiny_llama: LoadedModel) -> None:
+    from kvengine.errors import InvalidRequestError
+
+    engine = Engine(tiny_llama, CACHE)
+    press = make_press("streaming_llm", ratio=0.5, n_sink=4)
+    with pytest.raises(InvalidRequestError, match="4 sink tokens do not fit in the budget of 2 tokens"):
+        engine.add_request([5, 6, 7, 8, 9], press=press)
+    with pytest.raises(InvalidRequestError, match="2 ratios given but the model has 3 layers"):
+        engine.add_context(
+            random_prompt(20, 1), make_press("per_layer", press=make_press("knorm"), ratios=(0.5, 0.5))
+        )
+    assert not engine.has_unfinished()
+
+
+def test_a_press_failing_mid_step_ends_that_step_only(tiny_llama: LoadedModel) -> None:
+    """The engine ends the step's requests with an error, frees them, and keeps serving."""
+    engine = Engine(tiny_llama, CACHE)
+    bad = engine.add_request(random_prompt(20, 1), press=Refuses())
+    assert engine.step() == []
+    assert set(engine.step_errors) == {bad} and engine.sequences[bad].finish_reason == "error"
+    assert engine.pool.num_used_blocks == 0
+    good = engine.add_request(random_prompt(20, 2), SamplingParams(max_tokens=4, ignore_eos=True))
+    run(engine)
+    assert engine.sequences[good].output_ids == hf_greedy(tiny_llama, random_prompt(20, 2), 4)
+
+
+def test_async_engine_survives_a_failing_request(tiny_llama: LoadedModel) -> None:
+    import asyncio
+
+    from kvengine.engine.async_engine import AsyncEngine
+    from kvengine.errors import InvalidRequestError
+
+    engine = Engine(tiny_llama, CACHE)
+
+    async def main_() -> list[int]:
+        async with AsyncEngine(engine) as llm:
+            with pytest.raises(InvalidRequestError, match="refused"):
+                async for _ in llm.generate(
+                    random_prompt(20, 1), SamplingParams(max_tokens=3), press=Refuses()
+                ):
+                    pass
+            params = SamplingParams(max_tokens=3, ignore_eos=True)
+            return [e.token_id async for e in llm.generate(random_prompt(9, 2), params)]
+
+    assert len(asyncio.run(main_())) == 3
+    assert engine.pool.num_used_blocks == 0

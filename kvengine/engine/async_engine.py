@@ -21,7 +21,7 @@ from typing import Any
 
 from kvengine.engine.engine import Engine, TokenEvent
 from kvengine.engine.request import SamplingParams
-from kvengine.errors import InvalidRequestError
+from kvengine.errors import InvalidRequestError, KVEngineError
 
 # What a request's queue holds: its tokens, then None once it ended without a
 # last token (aborted), or the exception that stopped the engine.
@@ -101,6 +101,8 @@ class AsyncEngine:
                 item = await queue.get()
                 if item is None:
                     return
+                if isinstance(item, KVEngineError):  # this request's own bad input
+                    raise item
                 if isinstance(item, BaseException):
                     raise RuntimeError("the engine stopped with an error") from item
                 done = item.finished
@@ -135,6 +137,11 @@ class AsyncEngine:
                 events = await asyncio.to_thread(self.engine.step)
                 for event in events:
                     self._deliver(event)
+                for seq_id, error in self.engine.step_errors.items():  # only those requests fail
+                    queue = self._queues.get(seq_id)
+                    if queue is not None:
+                        queue.put_nowait(error)
+                    self.engine.release(seq_id)
                 if self.engine.last_step_size == 0:  # nothing can run: wait for news, do not spin
                     self._wake.clear()
                     await self._wake.wait()

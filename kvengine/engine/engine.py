@@ -27,7 +27,7 @@ from kvengine.engine.request import RequestOutput, SamplingParams, Sequence, Sta
 from kvengine.engine.runner import ModelRunner, StepInput
 from kvengine.engine.sampler import sample
 from kvengine.engine.scheduler import Scheduler
-from kvengine.errors import InvalidRequestError
+from kvengine.errors import InvalidRequestError, KVEngineError
 from kvengine.models import LoadedModel
 from kvengine.press.base import Press, ScorePress, with_budget
 
@@ -83,6 +83,7 @@ class Engine:
         self.sequences: dict[int, Sequence] = {}
         self.peak_bytes_in_use = 0
         self.num_decode_compressions = 0
+        self.step_errors: dict[int, KVEngineError] = {}  # requests the last step ended with an error
         self.last_step_size = 0  # sequences in the last step's forward pass
         self._ids = itertools.count()
 
@@ -133,6 +134,8 @@ class Engine:
             raise InvalidRequestError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
         seq = Sequence(next(self._ids), full, params, press=press, parent=parent_seq, cache_salt=cache_salt)
         seq.context_len = context_len if context_len is not None else len(prompt_ids)
+        if press is not None:
+            press.validate(seq.context_len, self.model.num_layers)
         if (decode_press is None) != (decode_budget is None):
             raise InvalidRequestError("decode_press and decode_budget go together")
         if decode_press is not None and decode_budget is not None:
@@ -159,6 +162,8 @@ class Engine:
             )
         if press is not None and keep_queries:
             raise InvalidRequestError("keep_queries is for contexts compressed later, not with a press now")
+        if press is not None:
+            press.validate(len(context_ids), self.model.num_layers)
         seq = Sequence(next(self._ids), list(context_ids), SamplingParams(max_tokens=1), press=press)
         seq.context_len, seq.is_context, seq.keep_queries = len(context_ids), True, keep_queries
         return self._queue(seq)
@@ -170,6 +175,7 @@ class Engine:
         the forward pass either way), without prefilling again.
         """
         parent = self._context(context_id)
+        press.validate(parent.context_len, self.model.num_layers)
         if not parent.compressed or not parent.queries:
             raise InvalidRequestError(f"context {context_id} is not ready or was not added with keep_queries")
         assert parent.kv is not None
@@ -232,7 +238,16 @@ class Engine:
         if not batch:
             return []
         inputs = [self._step_input(seq, n) for seq, n in batch]
-        logits = self.runner.forward(inputs)
+        self.step_errors = {}
+        try:
+            logits = self.runner.forward(inputs)
+        except KVEngineError as exc:
+            # A press refused its input in the middle of a shared forward pass. The caches
+            # of this step's requests are half written: end them all and keep serving.
+            for seq, _ in batch:
+                self._finish(seq, "error")
+                self.step_errors[seq.seq_id] = exc
+            return []
         # The peak is before compression: the press sees the whole context first.
         self.peak_bytes_in_use = max(self.peak_bytes_in_use, self.pool.bytes_in_use)
         for (seq, n), item in zip(batch, inputs, strict=True):

@@ -151,7 +151,10 @@ def generate(
     index = {seq_id: i for i, seq_id in enumerate(ids)}
     streams = {i: _TextStream(model.tokenizer, params.stop) for i in ids} if model.tokenizer else {}
     while engine.has_unfinished():
-        for event in engine.step():
+        events = engine.step()
+        if engine.step_errors:
+            raise next(iter(engine.step_errors.values()))
+        for event in events:
             stream = streams.get(event.seq_id)
             if stream is None:
                 continue

@@ -50,6 +50,9 @@ class AdaKV(Press):
         check_ratio(value)
         self.press.ratio = value
 
+    def validate(self, num_tokens: int, num_layers: int) -> None:
+        self.press.validate(num_tokens, num_layers)
+
     def keep(self, inp: PressInput) -> list[torch.Tensor]:
         num_heads, num_tokens = inp.num_kv_heads, inp.num_tokens
         per_head = num_kept(num_tokens, self.ratio)

@@ -97,6 +97,14 @@ class Press(ABC):
     def keep(self, inp: PressInput) -> list[torch.Tensor]:
         """Indices to keep per kv-head: a list of H_kv sorted int64 tensors into `[0, T)`."""
 
+    def validate(self, num_tokens: int, num_layers: int) -> None:
+        """Raise InvalidRequestError if this press cannot compress a context of `num_tokens`.
+
+        Called when a request is added, so that a press never fails inside a
+        forward pass shared with other requests. The default accepts anything.
+        """
+        return None
+
     def config(self) -> dict[str, object]:
         """The press's name and hyperparameters (part of prefix-cache keys and reports)."""
         fields = getattr(self, "__dataclass_fields__", {})

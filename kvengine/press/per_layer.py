@@ -48,9 +48,15 @@ class PerLayerPress(Press):
     def ratio(self) -> float:  # type: ignore[override]  # read-only: derived from `ratios`
         return sum(self.ratios) / len(self.ratios)
 
+    def validate(self, num_tokens: int, num_layers: int) -> None:
+        if len(self.ratios) != num_layers:
+            raise InvalidRequestError(
+                f"per_layer: {len(self.ratios)} ratios given but the model has {num_layers} layers"
+            )
+        for ratio in self.ratios:
+            replace(self.press, ratio=ratio).validate(num_tokens, num_layers)
+
     def keep(self, inp: PressInput) -> list[torch.Tensor]:
         if len(self.ratios) != inp.num_layers:
-            raise InvalidRequestError(
-                f"per_layer: {len(self.ratios)} ratios given but the model has {inp.num_layers} layers"
-            )
+            self.validate(inp.num_tokens, inp.num_layers)
         return replace(self.press, ratio=self.ratios[inp.layer]).keep(inp)

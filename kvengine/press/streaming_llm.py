@@ -38,11 +38,14 @@ class StreamingLLMPress(ScorePress):
         scores[:num_sink] = 2 * num_tokens - scores[:num_sink]
         return scores.expand(inp.num_kv_heads, num_tokens)  # (H_kv, T)
 
-    def keep(self, inp: PressInput) -> list[torch.Tensor]:
-        budget = num_kept(inp.num_tokens, self.ratio)
-        if budget < inp.num_tokens and self.n_sink > budget:
+    def validate(self, num_tokens: int, num_layers: int) -> None:
+        budget = num_kept(num_tokens, self.ratio)
+        if budget < num_tokens and self.n_sink > budget:
             raise InvalidRequestError(
                 f"streaming_llm: {self.n_sink} sink tokens do not fit in the budget of {budget} tokens "
-                f"({inp.num_tokens} tokens at ratio {self.ratio}); lower n_sink or the ratio"
+                f"({num_tokens} tokens at ratio {self.ratio}); lower n_sink or the ratio"
             )
+
+    def keep(self, inp: PressInput) -> list[torch.Tensor]:
+        self.validate(inp.num_tokens, inp.num_layers)
         return super().keep(inp)
