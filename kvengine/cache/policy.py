@@ -22,11 +22,12 @@ import heapq
 import math
 import statistics
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from kvengine.errors import InvalidRequestError
+from kvengine.registry import Registry
 
 if TYPE_CHECKING:
     from kvengine.cache.radix import RadixNode
@@ -99,27 +100,13 @@ class PriorityPolicy(EvictionPolicy):
         return blocks_in_order(sorted(candidates, key=self.priority), n)
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {}
-P = TypeVar("P", bound=type[EvictionPolicy])
-
-
-def register_policy(name: str) -> Callable[[P], P]:
-    """Class decorator: make a policy available as `make_policy(name, ...)`."""
-
-    def add(cls: P) -> P:
-        if name in POLICIES:
-            raise ValueError(f"eviction policy {name!r} registered twice")
-        POLICIES[name] = cls
-        return cls
-
-    return add
+POLICIES: Registry[EvictionPolicy] = Registry("eviction policy", "policies")
+register_policy = POLICIES.register
 
 
 def make_policy(name: str, **kwargs: Any) -> EvictionPolicy:
     """The policy registered as `name`, built with `kwargs` (its dataclass fields)."""
-    cls = POLICIES.get(name)
-    if cls is None:
-        raise InvalidRequestError(f"unknown eviction policy {name!r}; known policies: {', '.join(POLICIES)}")
+    cls = POLICIES.lookup(name)
     if cls.clairvoyant and "future" not in kwargs:
         raise InvalidRequestError(
             f"eviction policy {name!r} is an offline bound: it needs the future trace, "

@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from kvengine.errors import InvalidRequestError
 from kvengine.press.base import Press
+from kvengine.registry import Registry
 
-PRESSES: dict[str, type[Press]] = {}
-P = TypeVar("P", bound=type[Press])
-
-
-def register_press(name: str) -> Callable[[P], P]:
-    """Class decorator: make a press available as `make_press(name, ...)`."""
-
-    def add(cls: P) -> P:
-        if name in PRESSES:
-            raise ValueError(f"press {name!r} registered twice")
-        PRESSES[name] = cls
-        return cls
-
-    return add
+PRESSES: Registry[Press] = Registry("press", "presses", sort_names=True)
+register_press = PRESSES.register
 
 
 def make_press(name: str, **kwargs: Any) -> Press:
     """The press registered as `name`, built with `kwargs` (its dataclass fields)."""
-    cls = PRESSES.get(name)
-    if cls is None:
-        raise InvalidRequestError(f"unknown press {name!r}; known presses: {', '.join(sorted(PRESSES))}")
+    cls = PRESSES.lookup(name)
     fields = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
