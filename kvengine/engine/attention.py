@@ -127,8 +127,9 @@ def paged_attention(
         if batched and _is_plain_decode(span):
             continue
         q = query[0, :, span.start : span.end]  # (H_q, T_q, D)
-        if span.num_cached == 0 and span.kv.is_uniform:
-            # Fresh prefill: this step's keys are the whole context, no need to read them back.
+        if span.num_cached == 0:
+            # Fresh prefill: this step's keys are the whole context (every head holds the same
+            # tokens), no need to read them back.
             k, v = new_k[:, span.start : span.end], new_v[:, span.start : span.end]
             head_lens = None
         else:

@@ -105,15 +105,6 @@ class Press(ABC):
         """
         return None
 
-    def config(self) -> dict[str, object]:
-        """The press's name and hyperparameters (part of prefix-cache keys and reports)."""
-        fields = getattr(self, "__dataclass_fields__", {})
-        cfg: dict[str, object] = {"class": type(self).__name__}
-        for name in fields:
-            value = getattr(self, name)
-            cfg[name] = value.config() if isinstance(value, Press) else value
-        return cfg
-
 
 def with_budget(press: Press, num_tokens: int, budget: int) -> Press:
     """A copy of `press` whose ratio makes each head keep `budget` of `num_tokens` tokens.
