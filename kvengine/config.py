@@ -14,6 +14,7 @@ from kvengine.cache.policy import online_policy_names
 from kvengine.errors import InvalidRequestError
 
 DEFAULT_MODEL = "smollm2-135m"
+TIER_NAMES = ("host", "disk", "redis")  # the storage tiers of cache/tiers.py, fastest first
 
 
 def default_cache_dir() -> Path:
@@ -51,7 +52,15 @@ class CacheConfig:
     With `prefix_cache`, the full blocks of finished requests stay in a radix
     tree and later requests with the same prefix (same model and tenant salt,
     no press) reuse them; `eviction_policy` (a registered policy name) picks
-    what goes when the pool is short.
+    what goes when the pool is short. A context compressed by a press is kept
+    too, whole, and reused by the next request with the same context, press
+    and salt.
+
+    `tiers` (comma-separated, fastest first: "host", "disk", "redis") puts
+    storage below the pool: cached blocks are written there when cached
+    (`tier_write="through"`) or when evicted from the pool ("back"), and
+    loaded back on a prefix match. The disk tier persists across restarts;
+    several processes may share one Redis.
     """
 
     block_size: int = 16
@@ -59,6 +68,22 @@ class CacheConfig:
     kv_bits: int = 0  # 0: keys and values in the model's dtype; 2, 4 or 8: packed KIVI blocks
     prefix_cache: bool = False
     eviction_policy: str = "lru"
+    tiers: str = ""  # e.g. "host,disk,redis"; needs prefix_cache
+    tier_write: str = "through"  # "through" or "back"
+    host_tier_bytes: int = 4 * 2**30
+    disk_tier_dir: str = ""  # "": <cache dir>/kv-blocks
+    disk_tier_bytes: int = 16 * 2**30
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [t.strip() for t in self.tiers.split(",") if t.strip()]
+
+    @property
+    def disk_tier_path(self) -> Path:
+        return (
+            Path(self.disk_tier_dir).expanduser() if self.disk_tier_dir else default_cache_dir() / "kv-blocks"
+        )
 
     def __post_init__(self) -> None:
         if self.kv_bits not in (0, 2, 4, 8):
@@ -74,6 +99,18 @@ class CacheConfig:
             )
         if self.prefix_cache and self.kv_bits:
             raise InvalidRequestError("the prefix cache does not hold packed KIVI blocks yet; use kv_bits=0")
+        unknown = [t for t in self.tier_names if t not in TIER_NAMES]
+        if unknown:
+            raise InvalidRequestError(f"unknown tier {unknown[0]!r}; known tiers: {', '.join(TIER_NAMES)}")
+        if len(set(self.tier_names)) != len(self.tier_names):
+            raise InvalidRequestError(f"a tier is named twice in tiers={self.tiers!r}")
+        if self.tier_names and not self.prefix_cache:
+            raise InvalidRequestError("storage tiers sit below the prefix cache: turn prefix_cache on")
+        if self.tier_write not in ("through", "back"):
+            raise InvalidRequestError(f"tier_write must be 'through' or 'back', got {self.tier_write!r}")
+        for name in ("host_tier_bytes", "disk_tier_bytes"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -96,7 +133,14 @@ class ServerConfig:
 
     `api_keys` empty means no authentication; otherwise each request must send
     one of them as `Authorization: Bearer KEY`, and each key is its own tenant
-    of the prefix cache.
+    of the prefix cache. `public_prefixes` are texts (a shared system prompt)
+    whose cached blocks every tenant may reuse, as a chat's system message or
+    as the start of a plain prompt; they need the prefix cache.
+
+    GET /metrics (Prometheus) and GET /health are always served and need no
+    key, as is common for scrapers and probes: they give aggregate counts
+    and latencies, never a request's content. Keep the port off untrusted
+    networks, or filter /metrics in front of it, if even that is too much.
     """
 
     host: str = "127.0.0.1"
@@ -106,12 +150,15 @@ class ServerConfig:
     max_tokens_limit: int = 4096  # the largest `max_tokens` a request may ask for
     max_concurrent_requests: int = 256  # requests in flight at once; more are answered 429
     max_body_bytes: int = 1 << 20
+    public_prefixes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise InvalidRequestError(f"port must be in [0, 65535], got {self.port}")
         if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
             raise InvalidRequestError("api_keys must be non-empty strings")
+        if any(not isinstance(p, str) or not p for p in self.public_prefixes):
+            raise InvalidRequestError("public_prefixes must be non-empty strings")
         for name in ("max_prompt_tokens", "max_tokens_limit", "max_concurrent_requests", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")

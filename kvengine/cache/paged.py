@@ -211,6 +211,23 @@ class PagedKVCache:
         seq.lens.fill_(num_tokens)
         return seq
 
+    def adopt(self, block_table: torch.Tensor, lens: torch.Tensor) -> SequenceKV:
+        """A new sequence over blocks the caller allocated and hands over (no new reference).
+
+        `block_table` `(L, H, n)` lists each cell's blocks (-1 past its last);
+        `lens` `(L, H)` its cached tokens. Used to rebuild a cache read back
+        from storage.
+        """
+        bs = self.block_size
+        seq = self.new_sequence()
+        seq.block_table = _grow(block_table.clone(), 4, -1)
+        seq.num_blocks = (block_table >= 0).sum(-1)
+        seq.lens = lens.clone()
+        slots = (block_table.clamp_min(0)[..., None] * bs + torch.arange(bs)).flatten(2)  # (L, H, n * bs)
+        slots[torch.arange(slots.shape[-1]) >= lens[..., None]] = 0
+        seq.slots = _grow(slots, 16, 0)
+        return seq
+
     def full_blocks(self, seq: SequenceKV) -> torch.Tensor:
         """Block ids `(L, H, n)` of the first `n` blocks, full in every cell.
 

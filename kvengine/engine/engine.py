@@ -22,11 +22,13 @@ from kvengine.cache.pool import BlockPool
 from kvengine.cache.quant import KIVILayout
 from kvengine.cache.quant_pool import QuantizedBlockPool
 from kvengine.config import CacheConfig, SchedulerConfig
+from kvengine.engine.compressed import reuses_compressed
 from kvengine.engine.prefix import PrefixCache, check_ownership
 from kvengine.engine.request import RequestOutput, SamplingParams, Sequence, Status, check_decode_budget
 from kvengine.engine.runner import ModelRunner, StepInput
 from kvengine.engine.sampler import sample
 from kvengine.engine.scheduler import Scheduler
+from kvengine.engine.tiered import TierBridge, make_tier_stack
 from kvengine.errors import InvalidRequestError, KVEngineError
 from kvengine.models import LoadedModel
 from kvengine.press.base import Press, ScorePress, with_budget
@@ -61,6 +63,15 @@ def make_pool(cache: CacheConfig, scheduler: SchedulerConfig, model: LoadedModel
     )
 
 
+def _make_prefix_cache(config: CacheConfig, cache: PagedKVCache, model_name: str) -> PrefixCache:
+    stack = make_tier_stack(config)
+    bridge = None
+    if stack is not None:
+        assert isinstance(cache.pool, BlockPool)  # CacheConfig refuses tiers with KIVI
+        bridge = TierBridge(stack, cache.pool, model_name, cache.num_layers, cache.num_kv_heads)
+    return PrefixCache(cache, model_name, config.eviction_policy, bridge, config.tier_write == "back")
+
+
 class Engine:
     """Continuous generation over a paged KV cache for one model."""
 
@@ -78,12 +89,14 @@ class Engine:
         self.runner = ModelRunner(model, self.cache)
         self.prefix: PrefixCache | None = None
         if self.cache_config.prefix_cache:
-            self.prefix = PrefixCache(self.cache, model.name, self.cache_config.eviction_policy)
+            self.prefix = _make_prefix_cache(self.cache_config, self.cache, model.name)
         self.scheduler = Scheduler(scheduler_config, self.cache, model.max_context_len, self.prefix)
         self.sequences: dict[int, Sequence] = {}
         self.peak_bytes_in_use = 0
         self.num_decode_compressions = 0
         self.num_prompt_tokens = 0  # prompt tokens of queued requests, cached ones included
+        self.num_prefill_tokens = 0  # prompt tokens computed by forward passes
+        self.num_compressions = 0  # contexts a press compressed (kept contexts reused are not counted)
         self.num_compressed_bytes_saved = 0  # uncompressed minus held bytes, summed over compressions
         self.step_errors: dict[int, KVEngineError] = {}  # requests the last step ended with an error
         self.last_step_size = 0  # sequences in the last step's forward pass
@@ -223,7 +236,20 @@ class Engine:
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         self.num_prompt_tokens += len(seq.prompt_ids)
+        if self.prefix is not None:
+            self.prefix.prefetch(seq)
         return seq.seq_id
+
+    def add_public_prefix(self, token_ids: list[int]) -> None:
+        """Let every tenant share the cached blocks of these tokens, e.g. a common system prompt.
+
+        A prompt's whole blocks that match a public prefix are cached without
+        the tenant's salt; everything after them stays the tenant's own.
+        """
+        if self.prefix is None:
+            raise InvalidRequestError("public prefixes need the prefix cache (CacheConfig.prefix_cache)")
+        self._check_prompt(list(token_ids), allow_empty=False)
+        self.prefix.add_public_prefix(list(token_ids))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -254,12 +280,13 @@ class Engine:
         # The peak is before compression: the press sees the whole context first.
         self.peak_bytes_in_use = max(self.peak_bytes_in_use, self.pool.bytes_in_use)
         for (seq, n), item in zip(batch, inputs, strict=True):
+            self.num_prefill_tokens += min(n, max(0, len(seq.prompt_ids) - seq.num_computed))
             seq.num_computed += n
             self._keep_queries(seq, item.queries)
             if not seq.compressed and seq.num_computed == seq.context_len and (item.press or seq.is_context):
                 seq.compressed = True
                 if item.press is not None:
-                    self._count_saved_bytes(seq)
+                    self._on_press_done(seq)
                 self.scheduler.on_compressed(seq)
         # Ready for a new token: every known token computed (a recomputed sequence
         # after preemption has its earlier outputs to compute again first).
@@ -375,10 +402,13 @@ class Engine:
                 raise RuntimeError("the scheduler can run none of the unfinished requests")
         return [RequestOutput.of(self.release(i)) for i in ids]
 
-    def _count_saved_bytes(self, seq: Sequence) -> None:
+    def _on_press_done(self, seq: Sequence) -> None:
+        """Count what a press saved, and keep the compressed context for later requests."""
         assert seq.kv is not None
-        cells = self.model.num_layers * self.model.num_kv_heads
-        uncompressed = cells * self.cache.blocks_for_tokens(seq.kv.max_len) * self.pool.bytes_per_block
+        self.num_compressions += 1
+        if self.prefix is not None and reuses_compressed(seq):
+            self.prefix.compressed.store(seq)
+        uncompressed = self.cache.blocks_for_tokens(seq.context_len) * self.pool.bytes_per_block
         self.num_compressed_bytes_saved += max(0, uncompressed - self.cache.bytes_held(seq.kv))
 
     def stats(self) -> dict[str, float]:
@@ -402,7 +432,17 @@ class Engine:
             "compression_bytes_saved_total": self.num_compressed_bytes_saved,
             "decode_compressions_total": self.num_decode_compressions,
             "preemptions_total": self.num_preemptions,
+            "prefill_tokens_total": self.num_prefill_tokens,
+            "compressions_total": self.num_compressions,
         }
+        if prefix is not None:
+            stats["prefix_tier_hit_tokens_total"] = prefix.num_tier_hit_tokens
+            stats["compressed_prefix_entries"] = len(prefix.compressed.entries)
+            stats["compressed_prefix_hits_total"] = prefix.compressed.num_hits
+            stats["compressed_prefix_stores_total"] = prefix.compressed.num_stores
+            stats["compressed_prefix_evictions_total"] = prefix.compressed.num_evictions
+            if prefix.tiers is not None:
+                stats.update(prefix.tiers.stats())
         return stats
 
     def close(self) -> None:
@@ -424,4 +464,7 @@ class Engine:
         (see `prefix.check_ownership`).
         """
         live = [*self.scheduler.running, *self.scheduler.contexts.values()]
-        check_ownership(self.pool, [s.kv for s in live if s.kv is not None], self.prefix)
+        holders = [s.kv for s in live if s.kv is not None]
+        if self.prefix is not None:
+            holders += self.prefix.compressed.holders()
+        check_ownership(self.pool, holders, self.prefix)

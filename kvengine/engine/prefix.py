@@ -15,27 +15,54 @@ unlocked nodes, is what eviction can free (`check_ownership`).
 
 Only plain sequences take part (`Sequence.is_plain`): a cache a press has
 compressed is not the keys and values of its tokens, so it can neither serve
-nor reuse a prefix. Keys are namespaced by the model and the request's tenant
-salt: one tenant's prompts never speed up another's.
+nor reuse a prefix (compressed contexts are kept whole, in compressed.py).
+Keys are namespaced by the model and the request's tenant salt: one tenant's
+prompts never speed up another's. A public prefix (`add_public_prefix`, e.g.
+a shared system prompt) is the one exception: the whole blocks a prompt
+shares with it are keyed without a salt, and every later token is salted
+into its key, so tenants share exactly the public text and nothing after it.
+
+Tiers. With a `TierBridge`, chunks move below the pool: written when cached
+(write-through) or when evicted (write-back), and loaded back when a
+sequence is attached, from what `prefetch` read ahead when it arrived.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Hashable, Iterable
+from concurrent.futures import Future
 
 import torch
 
 from kvengine.cache.paged import KVPool, PagedKVCache, SequenceKV
 from kvengine.cache.policy import EvictionPolicy
 from kvengine.cache.radix import RadixCache, RadixNode
+from kvengine.engine.compressed import CompressedPrefixes
 from kvengine.engine.request import Sequence
+from kvengine.engine.tiered import TierBridge
+
+PUBLIC = "public"  # the salt of public prefixes' blocks
 
 
 class PrefixCache:
     """Shares the full blocks of finished (or preempted) plain sequences with later ones."""
 
-    def __init__(self, cache: PagedKVCache, model_name: str, policy: EvictionPolicy | str = "lru") -> None:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        model_name: str,
+        policy: EvictionPolicy | str = "lru",
+        tiers: TierBridge | None = None,
+        write_back: bool = False,
+    ) -> None:
         self.cache = cache
+        self.tiers = tiers
+        self.write_back = write_back
+        self.compressed = CompressedPrefixes(cache, model_name, tiers)
+        self._public: list[tuple[int, ...]] = []
+        self._chunk_keys: dict[int, str] = {}  # first block id of a cached chunk -> its chunk key
+        self._prefetches: dict[int, Future[None]] = {}  # seq_id -> its chunks being read ahead
         self.model_name = model_name
         self.tree = RadixCache(cache.block_size, policy)
         self.cells = cache.num_layers * cache.num_kv_heads
@@ -45,6 +72,7 @@ class PrefixCache:
         self._version = 0
         self._peeks: dict[int, tuple[int, int]] = {}  # seq_id -> (version, matched tokens)
         self.num_hit_tokens = 0
+        self.num_tier_hit_tokens = 0  # hit tokens whose blocks came from a tier
         self.num_evicted_blocks = 0
 
     @property
@@ -61,13 +89,50 @@ class PrefixCache:
         """Pool blocks of cached prefixes that running sequences reuse."""
         return self.tree.num_locked_blocks * self.cells
 
-    def namespace(self, seq: Sequence) -> tuple[str, str]:
-        return (self.model_name, seq.cache_salt)
+    def add_public_prefix(self, token_ids: list[int]) -> None:
+        """Let every tenant share the cached whole blocks of these tokens (and nothing after them)."""
+        self._public.append(tuple(token_ids))
+        self._version += 1
 
-    @staticmethod
-    def _key(seq: Sequence) -> list[int]:
+    def _public_len(self, tokens: list[int]) -> int:
+        """Tokens of the longest run of whole blocks that `tokens` share with a public prefix."""
+        best = 0
+        for public in self._public:
+            n = 0
+            for a, b in zip(tokens, public, strict=False):
+                if a != b:
+                    break
+                n += 1
+            best = max(best, n)
+        return best - best % self.cache.block_size
+
+    def tree_key(self, seq: Sequence, num_tokens: int) -> tuple[Hashable, list[int]]:
+        """The namespace and tree key of the first `num_tokens` tokens of `seq`.
+
+        Without a public prefix: the tokens, under (model, salt). With one:
+        the public blocks as they are, then every token salted (a 128-bit hash
+        of the salt above its 32 bits), under (model, PUBLIC).
+        """
+        tokens = seq.token_ids[:num_tokens]
+        num_public = self._public_len(tokens) if self._public else 0
+        if num_public == 0:
+            return (self.model_name, seq.cache_salt), tokens
+        salt = int.from_bytes(hashlib.sha256(seq.cache_salt.encode()).digest()[:16], "big") << 32
+        return (self.model_name, PUBLIC), tokens[:num_public] + [t | salt for t in tokens[num_public:]]
+
+    def _key(self, seq: Sequence) -> tuple[Hashable, list[int]]:
         # The last token is always computed again: its logits give the next token.
-        return seq.token_ids[: seq.num_tokens - 1]
+        return self.tree_key(seq, seq.num_tokens - 1)
+
+    def prefetch(self, seq: Sequence) -> None:
+        """Start reading from the tiers the chunks of `seq` the tree lacks (when it arrives)."""
+        if self.tiers is None or not seq.is_plain:
+            return
+        namespace, key = self._key(seq)
+        num_matched = self.tree.match_prefix(key, namespace).num_tokens
+        keys = self.tiers.chunk_keys(namespace, key)[num_matched // self.cache.block_size :]
+        if keys:
+            self._prefetches[seq.seq_id] = self.tiers.prefetch(keys)
 
     def peek(self, seq: Sequence) -> int:
         """Tokens `attach(seq)` would reuse now; 0 for a sequence that is not plain."""
@@ -76,7 +141,8 @@ class PrefixCache:
         seen = self._peeks.get(seq.seq_id)
         if seen is not None and seen[0] == self._version:
             return seen[1]
-        num_tokens = self.tree.match_prefix(self._key(seq), self.namespace(seq)).num_tokens
+        namespace, key = self._key(seq)
+        num_tokens = self.tree.match_prefix(key, namespace).num_tokens
         self._peeks[seq.seq_id] = (self._version, num_tokens)
         return num_tokens
 
@@ -89,7 +155,9 @@ class PrefixCache:
         """
         if not seq.is_plain or seq.kv is not None:
             raise ValueError(f"sequence {seq.seq_id} is not a plain sequence waiting for a cache")
-        match = self.tree.match_prefix(self._key(seq), self.namespace(seq))
+        namespace, key = self._key(seq)
+        self._load_from_tiers(seq, namespace, key)
+        match = self.tree.match_prefix(key, namespace)
         self.tree.lock(match.last_node)
         self._locks[seq.seq_id] = match.last_node
         if match.values:
@@ -112,36 +180,90 @@ class PrefixCache:
         blocks = self.cache.full_blocks(seq.kv)  # (L, H_kv, n)
         num_blocks = min(blocks.shape[2], seq.num_computed // self.cache.block_size)
         if num_blocks:
-            tokens = seq.token_ids[: num_blocks * self.cache.block_size]
+            namespace, tokens = self.tree_key(seq, num_blocks * self.cache.block_size)
             values = list(blocks[..., :num_blocks].unbind(2))
-            num_new = self.tree.insert(tokens, values, self.namespace(seq)) // self.cache.block_size
+            num_new = self.tree.insert(tokens, values, namespace) // self.cache.block_size
             if num_new:
                 self.pool.incref(blocks[..., num_blocks - num_new : num_blocks].flatten())
                 self._version += 1
+                self._remember(namespace, tokens, values, num_new, store=not self.write_back)
         self.cache.free(seq.kv)
         node = self._locks.pop(seq.seq_id, None)
         if node is not None:
             self.tree.unlock(node)
         self._peeks.pop(seq.seq_id, None)
+        self._prefetches.pop(seq.seq_id, None)
+
+    def _remember(
+        self, namespace: Hashable, tokens: list[int], values: list[torch.Tensor], num_new: int, store: bool
+    ) -> None:
+        """Note the chunk keys of the last `num_new` chunks just cached; store them if asked."""
+        if self.tiers is None:
+            return
+        keys = self.tiers.chunk_keys(namespace, tokens)[-num_new:]
+        new_values = values[-num_new:]
+        for key, value in zip(keys, new_values, strict=True):
+            self._chunk_keys[int(value[0, 0])] = key
+        if store:
+            self.tiers.store(keys, new_values)
+
+    def _load_from_tiers(self, seq: Sequence, namespace: Hashable, key: list[int]) -> None:
+        """Put the chunks of `key` the tree lacks and the tiers hold into the pool and the tree.
+
+        Only into free blocks: loading never evicts. Chunks come in order and
+        stop at the first one missing or failing its checks.
+        """
+        prefetch = self._prefetches.pop(seq.seq_id, None)
+        if self.tiers is None:
+            return
+        if prefetch is not None:
+            prefetch.result()
+        bs = self.cache.block_size
+        all_keys = self.tiers.chunk_keys(namespace, key)
+        num_matched = self.tree.match_prefix(key, namespace).num_tokens // bs
+        wanted = all_keys[num_matched : num_matched + self.pool.num_free_blocks // self.cells]
+        chunks = self.tiers.fetch(wanted)
+        self.tiers.unstage(all_keys)
+        if not chunks:
+            return
+        loaded = self.tiers.install(chunks)
+        num_tokens = (num_matched + len(loaded)) * bs
+        prefix = self.tree.match_prefix(key[:num_tokens], namespace)
+        num_new = self.tree.insert(key[:num_tokens], [*prefix.values, *loaded], namespace) // bs
+        assert num_new == len(loaded), "the tree changed while chunks were loaded"
+        self._remember(namespace, key[:num_tokens], loaded, num_new, store=False)
+        self._version += 1
+        self.num_tier_hit_tokens += num_new * bs
 
     def close(self) -> None:
         """Flush and close the storage tiers below the pool."""
+        if self.tiers is not None:
+            self.tiers.close()
 
     def evict(self, num_blocks: int) -> int:
         """Evict cached prefixes until `num_blocks` pool blocks are freed or none is evictable.
 
-        Returns the number of pool blocks freed (a multiple of the cells per block chunk).
+        The tree's blocks go first, then kept compressed contexts. Returns the
+        number of pool blocks freed.
         """
         if num_blocks <= 0:
             return 0
+        freed = 0
         values = self.tree.evict(-(-num_blocks // self.cells))
-        if not values:
-            return 0
-        ids = torch.stack(values).flatten()
-        self.pool.release(ids)  # unlocked nodes' blocks are the tree's alone: freed here
-        self._version += 1
-        self.num_evicted_blocks += ids.numel()
-        return ids.numel()
+        if values:
+            if self.tiers is not None:
+                keys = [self._chunk_keys.pop(int(value[0, 0]), None) for value in values]
+                if self.write_back:
+                    kept = [(k, v) for k, v in zip(keys, values, strict=True) if k is not None]
+                    self.tiers.store([k for k, _ in kept], [v for _, v in kept])
+            ids = torch.stack(values).flatten()
+            self.pool.release(ids)  # unlocked nodes' blocks are the tree's alone: freed here
+            self._version += 1
+            self.num_evicted_blocks += ids.numel()
+            freed = ids.numel()
+        if freed < num_blocks:
+            freed += self.compressed.evict(num_blocks - freed)
+        return freed
 
     def cached_block_ids(self, locked: bool | None = None) -> torch.Tensor:
         """Pool block ids the tree holds (only those of locked or unlocked nodes, if asked)."""

@@ -200,7 +200,7 @@ class Scheduler:
         n = self._chunk(seq, self.config.max_step_tokens - plan.num_tokens, first=not plan.items)
         need = self.cache.blocks_needed(seq.kv, n)
         fits = sum(self._reserved.values()) + locked + reserve <= self.cache.pool.num_blocks
-        if not (fits and self._make_room(plan.num_blocks + need)):
+        if not (fits and self._make_room(plan.num_blocks + need + self._press_room(seq, n))):
             self._drop_cache(seq)
             return False
         if seq is not oldest:
@@ -211,7 +211,18 @@ class Scheduler:
         self.running.append(seq)
         if n:
             plan.items.append((seq, n, need))
+        if seq.compressed:  # a kept compressed context was attached
+            self.on_compressed(seq)
         return True
+
+    def _press_room(self, seq: Sequence, n: int) -> int:
+        """Blocks a press needs free while it runs in this step (see `PagedKVCache.retain`).
+
+        It copies one layer's kept tokens into new blocks before the old ones go.
+        """
+        if not (seq.awaits_compression and seq.num_computed + n == seq.context_len):
+            return 0
+        return self.cache.num_kv_heads * -(-seq.context_len // self.cache.block_size)
 
     def _fork_blocks(self, seq: Sequence) -> int:
         """Blocks a fork of `seq`'s context takes at once: a copy of each partly filled last block."""
@@ -225,6 +236,8 @@ class Scheduler:
             assert seq.parent.kv is not None
             seq.kv = self.cache.fork(seq.parent.kv)
             seq.num_computed = seq.parent.num_computed
+        elif self.prefix is not None and self.prefix.compressed.attach(seq):
+            pass  # a kept compressed context: neither prefill nor press for it
         elif self.prefix is not None and seq.is_plain:
             self.prefix.attach(seq)
         else:
@@ -244,6 +257,8 @@ class Scheduler:
         self._free_cache(seq)
         seq.kv = None
         seq.num_computed = 0
+        if seq.press is not None:
+            seq.compressed = False  # it may have come from a kept compressed context
 
     def _chunk(self, seq: Sequence, budget: int, first: bool) -> int:
         """Tokens `seq` computes this step; a context to compress goes in one piece."""
