@@ -14,7 +14,7 @@ from kvengine.cache.policy import online_policy_names
 from kvengine.errors import InvalidRequestError
 
 DEFAULT_MODEL = "smollm2-135m"
-TIER_NAMES = ("host", "disk", "redis")  # the storage tiers of cache/tiers.py, fastest first
+TIER_NAMES = ("host", "disk", "redis")  # the storage tiers of cache/tiers/, fastest first
 
 
 def default_cache_dir() -> Path:

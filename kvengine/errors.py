@@ -26,3 +26,7 @@ class UnsupportedModelError(KVEngineError):
 
 class OutOfBlocksError(KVEngineError, MemoryError):
     """The block pool cannot hold what was asked of it."""
+
+
+class MissingDependencyError(KVEngineError, ImportError):
+    """An optional package a feature needs (e.g. redis for the redis tier) is not installed."""

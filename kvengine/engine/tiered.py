@@ -4,7 +4,7 @@ The prefix cache caches whole blocks; a *chunk* is one block-aligned run of
 `block_size` tokens in every (layer, kv-head) cell: the `(L, H_kv)` block ids
 that are one value of the radix tree. Below the pool a chunk is one blob
 (`cache/blob.py`: safetensors with a content hash) in every tier of a
-`TierStack` (`cache/tiers.py`), stored under its chunk key.
+`TierStack` (`cache/tiers/`), stored under its chunk key.
 
 A chunk key is a chained hash: of the model, the block layout, the namespace
 (tenant salt) and every token up to the chunk's end. Equal keys mean equal
@@ -19,7 +19,7 @@ it); encoding and writing happen in another (`store`), after the blocks'
 contents were copied out of the pool on the caller's thread. Neither thread
 touches the pool.
 
-This module is not the tiers (cache/tiers.py) nor the tree (engine/prefix.py).
+This module is not the tiers (cache/tiers/) nor the tree (engine/prefix.py).
 """
 
 from __future__ import annotations
