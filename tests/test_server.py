@@ -321,3 +321,78 @@ def test_a_press_that_cannot_fit_is_a_400_and_the_server_keeps_serving(model: Lo
         assert r.status_code == 400 and "sink tokens do not fit" in r.json()["error"]["message"]
         r = client.post("/v1/completions", json={"prompt": "hi there", "max_tokens": 2})
         assert r.status_code == 200, r.text
+
+
+class _ClosingEngine(Engine):
+    """Records what the engine looked like when the app closed it."""
+
+    closed_with: list[tuple[int, int]]
+
+    def close(self) -> None:
+        self.closed_with.append((len(self.sequences), self.pool.num_used_blocks))
+        super().close()
+
+
+def test_shutdown_closes_the_engine_after_the_driver(model: LoadedModel) -> None:
+    engine = _ClosingEngine(model, CacheConfig(block_size=4, max_kv_bytes=2**22, prefix_cache=True))
+    engine.closed_with = []
+    app = create_app(AsyncEngine(engine), model, ServerConfig())
+    with TestClient(app) as client:
+        assert client.post("/v1/completions", json={"prompt": "hi there", "max_tokens": 2}).status_code == 200
+        assert engine.closed_with == []
+    assert engine.closed_with == [(0, engine.pool.num_used_blocks)]  # once, with no request left
+
+
+def _post(client: TestClient, key: str, route: str, body: dict) -> int:
+    """The response's cached prompt tokens."""
+    r = client.post(route, json={**body, "max_tokens": 1}, headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def _public_prefix_case(client: TestClient, public: str, block_size: int, public_len: dict[str, int]) -> None:
+    """Tenants share the public prefix's whole blocks, and nothing else."""
+
+    def chat(question: str) -> dict:
+        return {"messages": [{"role": "system", "content": public}, {"role": "user", "content": question}]}
+
+    for route, body_a, body_b in (
+        ("/v1/chat/completions", chat("first question"), chat("other question")),
+        ("/v1/completions", {"prompt": public + " and tenant a's text"}, {"prompt": public + " b's text"}),
+    ):
+        assert _post(client, "key-a", route, body_a) == 0
+        shared = _post(client, "key-b", route, body_b)
+        assert 0 < shared <= public_len[route], route  # from the public part only
+        assert shared == public_len[route] // block_size * block_size, route
+    private = {"prompt": "Private words that no public prefix starts with. " * 2}
+    assert _post(client, "key-a", "/v1/completions", private) == 0
+    assert _post(client, "key-b", "/v1/completions", private) == 0  # not public: never another tenant's
+    assert _post(client, "key-a", "/v1/completions", private) > 0  # the same tenant's, yes
+
+
+def test_public_prefix_is_shared_across_tenants(model: LoadedModel) -> None:
+    public = "You are a helpful assistant of a shared deployment."
+    config = dict(api_keys=("key-a", "key-b"), public_prefixes=(public,))
+    with _client(model, prefix_cache=True, **config) as client:
+        lens = {"/v1/chat/completions": len(f"system: {public}\n"), "/v1/completions": len(public)}
+        _public_prefix_case(client, public, 4, lens)
+
+
+@pytest.mark.model
+def test_public_prefix_on_bundled_model(bundled: LoadedModel) -> None:
+    from kvengine.server.tenancy import public_prefix_ids
+
+    public = "You are a careful assistant. Answer in one short sentence, and say so when unsure. " * 3
+    chat_ids, plain_ids = public_prefix_ids(bundled, public)
+    engine = Engine(bundled, CacheConfig(max_kv_bytes=2**26, prefix_cache=True))
+    config = ServerConfig(api_keys=("key-a", "key-b"), public_prefixes=(public,))
+    with TestClient(create_app(AsyncEngine(engine), bundled, config)) as client:
+        lens = {"/v1/chat/completions": len(chat_ids), "/v1/completions": len(plain_ids)}
+        _public_prefix_case(client, public, engine.cache_config.block_size, lens)
+
+
+def test_public_prefixes_need_the_prefix_cache(model: LoadedModel) -> None:
+    with pytest.raises(InvalidRequestError, match="prefix cache"):
+        create_app(AsyncEngine(_engine(model)), model, ServerConfig(public_prefixes=("shared",)))
+    with pytest.raises(InvalidRequestError):
+        ServerConfig(public_prefixes=("",))

@@ -1,199 +1,39 @@
 """The OpenAI-compatible HTTP app over an `AsyncEngine`: `create_app`.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with
-`stream: true` as server-sent events), GET /v1/models, GET /health. Bodies are
-read and parsed here rather than by FastAPI, so that every bad input (too
-large, not UTF-8, not JSON, wrong types) gets a 4xx with OpenAI's error body
-and never a 5xx. The app's lifespan starts the engine's driver and closes it
-on shutdown, which aborts what is still running.
+`stream: true` as server-sent events), GET /v1/models, GET /health, GET
+/metrics (Prometheus). Bodies are read and parsed by the routes rather than
+by FastAPI, so that every bad input (too large, not UTF-8, not JSON, wrong
+types) gets a 4xx with OpenAI's error body and never a 5xx; the OpenAPI
+document still declares them (see openapi.py). The app's lifespan starts the
+engine's driver; on shutdown it closes the driver, which aborts what is still
+running, then the engine, which flushes its storage tiers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
 from kvengine.config import ServerConfig
 from kvengine.engine.async_engine import AsyncEngine
-from kvengine.engine.generate import _TextStream
-from kvengine.engine.request import SamplingParams
-from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
-from kvengine.press.base import Press
-from kvengine.press.registry import press_from_spec
 from kvengine.server import openai_format as fmt
-from kvengine.server.schemas import ChatRequest, CompletionRequest
-
-B = TypeVar("B", bound=BaseModel)
-
-
-@dataclass
-class _Job:
-    """One accepted request: what to run, and what it cost once it ran."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    press: Press | None
-    cache_salt: str
-    num_completion: int = 0
-    num_cached: int = 0
-
-    def usage(self) -> dict[str, Any]:
-        return fmt.usage(len(self.prompt_ids), self.num_completion, self.num_cached)
+from kvengine.server.metrics import RequestMetricsMiddleware
+from kvengine.server.openapi import declare_request_bodies, error_responses
+from kvengine.server.schemas import ChatCompletionResponse, ChatRequest, CompletionRequest, CompletionResponse
+from kvengine.server.service import Job, Service
+from kvengine.server.tenancy import public_prefix_ids
 
 
-class _Server:
-    """The state behind the routes: engine, model, limits, requests in flight."""
-
-    def __init__(self, llm: AsyncEngine, model: LoadedModel, config: ServerConfig) -> None:
-        if model.tokenizer is None:
-            raise InvalidRequestError("the server needs a model with a tokenizer")
-        self.llm = llm
-        self.model = model
-        self.config = config
-        self.num_in_flight = 0
-        # The engine refuses prompts that leave no room for a new token.
-        self.max_prompt_tokens = min(config.max_prompt_tokens, model.max_context_len - 1)
-
-    def tenant(self, request: Request) -> str:
-        """The prefix-cache salt of the caller; 401 unless it sent a configured key."""
-        if not self.config.api_keys:
-            return ""
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            raise fmt.APIError(401, "missing API key: send Authorization: Bearer KEY", "authentication_error")
-        # compare_digest on every key: the time taken does not say which key was close.
-        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in self.config.api_keys):
-            raise fmt.APIError(401, "invalid API key", "authentication_error", code="invalid_api_key")
-        return hashlib.sha256(b"kvengine-tenant:" + key.encode()).hexdigest()
-
-    async def read_body(self, request: Request, cls: type[B]) -> B:
-        """The request body parsed as `cls`; 413 if too large, 400 if not UTF-8 JSON of that shape."""
-        limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise fmt.APIError(413, f"request body over {limit} bytes", code="request_too_large")
-        data = bytearray()
-        async for part in request.stream():
-            data += part
-            if len(data) > limit:
-                raise fmt.APIError(413, f"request body over {limit} bytes", code="request_too_large")
-        try:
-            obj = json.loads(bytes(data).decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise fmt.APIError(400, f"request body is not UTF-8 (byte offset {exc.start})") from None
-        except json.JSONDecodeError as exc:
-            raise fmt.APIError(400, f"request body is not valid JSON: {exc}") from None
-        try:
-            return cls.model_validate(obj)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            param = ".".join(str(p) for p in err["loc"]) or None
-            raise fmt.APIError(400, f"{param or 'body'}: {err['msg']}", param=param) from None
-
-    def job(self, body: CompletionRequest | ChatRequest, prompt_ids: list[int], salt: str) -> _Job:
-        """Check a parsed request against the limits and the registry; 4xx if it cannot run."""
-        if body.model is not None and body.model != self.model.name:
-            raise fmt.APIError(
-                404,
-                f"model {body.model!r} is not served here; this server serves {self.model.name!r}",
-                param="model",
-                code="model_not_found",
-            )
-        if body.n != 1:
-            raise fmt.APIError(400, "only n=1 is supported", param="n")
-        if not prompt_ids:
-            raise fmt.APIError(400, "the prompt is empty", param="prompt")
-        if len(prompt_ids) > self.max_prompt_tokens:
-            raise fmt.APIError(
-                400,
-                f"the prompt has {len(prompt_ids)} tokens; at most {self.max_prompt_tokens} are allowed",
-                param="prompt",
-                code="context_length_exceeded",
-            )
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise fmt.APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
-        max_tokens = _max_tokens(body)
-        room = self.model.max_context_len - len(prompt_ids)
-        if max_tokens is None:
-            max_tokens = min(self.config.max_tokens_limit, room)
-        elif not 1 <= max_tokens <= self.config.max_tokens_limit:
-            raise fmt.APIError(
-                400,
-                f"max_tokens must be in [1, {self.config.max_tokens_limit}], got {max_tokens}",
-                param="max_tokens",
-            )
-        try:
-            params = SamplingParams(
-                max_tokens, body.temperature, body.top_p, body.top_k, body.seed, body.stop_strings()
-            )
-        except InvalidRequestError as exc:
-            raise fmt.APIError(400, str(exc)) from None
-        press = None
-        if body.kv_press is not None:
-            try:
-                press = press_from_spec(body.kv_press, body.kv_compression_ratio)
-            except InvalidRequestError as exc:
-                raise fmt.APIError(400, str(exc), param="kv_press") from None
-        return _Job(prompt_ids, params, press, salt)
-
-    async def run(self, job: _Job) -> AsyncGenerator[tuple[str, str | None], None]:
-        """(new text, finish reason or None) as the request runs; closing it aborts the request."""
-        try:
-            seq_id = await self.llm.add_request(
-                job.prompt_ids, job.params, press=job.press, cache_salt=job.cache_salt
-            )
-        except InvalidRequestError as exc:
-            raise fmt.APIError(400, str(exc)) from None
-        # Held on to: the engine forgets a request as soon as its last token is out.
-        seq = self.llm.engine.sequences[seq_id]
-        text = _TextStream(self.model.tokenizer, job.params.stop)
-        ids: list[int] = []
-        try:
-            async with contextlib.aclosing(self.llm.stream(seq_id)) as events:
-                async for event in events:
-                    ids.append(event.token_id)
-                    job.num_completion = len(ids)
-                    delta = text.update(ids, event.finished)
-                    if text.stopped or event.finished:  # a stop string ends it early: the stream aborts
-                        yield delta, "stop" if text.stopped else event.finish_reason or "stop"
-                        return
-                    if delta:
-                        yield delta, None
-            yield "", "abort"  # ended without a last token: the engine is shutting down
-        finally:
-            job.num_cached = seq.num_cached_tokens
-
-    def acquire(self) -> None:
-        """Take one of `max_concurrent_requests` (429 when all are taken); `release` gives it back."""
-        if self.num_in_flight >= self.config.max_concurrent_requests:
-            raise fmt.APIError(
-                429, f"{self.num_in_flight} requests in flight, the limit; retry later", "rate_limit_error"
-            )
-        self.num_in_flight += 1
-
-    def release(self) -> None:
-        self.num_in_flight -= 1
-
-
-def _max_tokens(body: CompletionRequest | ChatRequest) -> int | None:
-    if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
-        return body.max_completion_tokens
-    return body.max_tokens
-
-
-async def _respond(server: _Server, chat: bool, body: CompletionRequest | ChatRequest, job: _Job) -> Any:
+async def _respond(server: Service, chat: bool, body: CompletionRequest | ChatRequest, job: Job) -> Any:
     """The JSON response, or the event stream when `body.stream` is set."""
     rid, name = fmt.new_id("chatcmpl" if chat else "cmpl"), server.model.name
     server.acquire()
@@ -211,7 +51,7 @@ async def _respond(server: _Server, chat: bool, body: CompletionRequest | ChatRe
 
 
 async def _sse(
-    server: _Server, chat: bool, body: CompletionRequest | ChatRequest, job: _Job, rid: str
+    server: Service, chat: bool, body: CompletionRequest | ChatRequest, job: Job, rid: str
 ) -> AsyncIterator[str]:
     """Server-sent events; a client that goes away cancels this, which aborts the request."""
     name = server.model.name
@@ -238,8 +78,12 @@ def create_app(engine: AsyncEngine, model: LoadedModel, config: ServerConfig) ->
     """The app serving `model` through `engine`; its lifespan starts the engine and closes it.
 
     The engine must not be started yet: it is started on the app's event loop.
+    Each of `config.public_prefixes` is registered with the engine here.
     """
-    server = _Server(engine, model, config)
+    server = Service(engine, model, config)
+    for text in config.public_prefixes:
+        for ids in public_prefix_ids(model, text):
+            engine.engine.add_public_prefix(ids)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -247,15 +91,30 @@ def create_app(engine: AsyncEngine, model: LoadedModel, config: ServerConfig) ->
         try:
             yield
         finally:
-            await engine.close()
+            await engine.close()  # the driver first: no step may run while the tiers close
+            engine.engine.close()
 
     app = FastAPI(title="kvengine", lifespan=lifespan)
-    app.state.server = server  # for tests and metrics: requests in flight, limits
+    app.state.server = server  # for tests: requests in flight, limits, metrics
     fmt.add_error_handlers(app)
+    _add_routes(app, server)
+    declare_request_bodies(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest})
+    routes = frozenset(str(getattr(r, "path", "")) for r in app.routes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=server.metrics, routes=routes)
+    return app
+
+
+def _add_routes(app: FastAPI, server: Service) -> None:
+    model = server.model
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
+        """Prometheus metrics; served without an API key (see ServerConfig)."""
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -268,7 +127,9 @@ def create_app(engine: AsyncEngine, model: LoadedModel, config: ServerConfig) ->
         }
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions")
+    errors = error_responses(400, 401, 404, 413, 429)
+
+    @app.post("/v1/completions", responses={**_ok(CompletionResponse), **errors})
     async def completions(request: Request) -> Any:
         salt = server.tenant(request)
         body = await server.read_body(request, CompletionRequest)
@@ -280,11 +141,14 @@ def create_app(engine: AsyncEngine, model: LoadedModel, config: ServerConfig) ->
             ids = list(body.prompt)
         return await _respond(server, False, body, server.job(body, ids, salt))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={**_ok(ChatCompletionResponse), **errors})
     async def chat_completions(request: Request) -> Any:
         salt = server.tenant(request)
         body = await server.read_body(request, ChatRequest)
         ids = fmt.render_chat(model, body.messages)
         return await _respond(server, True, body, server.job(body, ids, salt))
 
-    return app
+
+def _ok(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """A 200 that is `model` as JSON, or server-sent events with `"stream": true`."""
+    return {200: {"model": model, "content": {"text/event-stream": {}}}}

@@ -138,8 +138,10 @@ def chunk(
 DONE = "data: [DONE]\n\n"
 
 
-def render_chat(model: LoadedModel, messages: list[ChatMessage]) -> list[int]:
-    """Token ids of a conversation, up to the assistant's turn.
+def render_chat(
+    model: LoadedModel, messages: list[ChatMessage], add_generation_prompt: bool = True
+) -> list[int]:
+    """Token ids of a conversation, up to the assistant's turn (or its own end, without it).
 
     Uses the model's chat template; a model without one gets a plain
     "role: content" transcript, so that base models can still be chatted with.
@@ -148,7 +150,9 @@ def render_chat(model: LoadedModel, messages: list[ChatMessage]) -> list[int]:
     assert tok is not None  # create_app refuses models without a tokenizer
     plain = [{"role": m.role, "content": m.text()} for m in messages]
     if model.has_chat_template:
-        text = str(tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=False))
+        text = str(
+            tok.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tokenize=False)
+        )
         return list(tok.encode(text, add_special_tokens=False))
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"
-    return list(tok.encode(text))
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in plain)
+    return list(tok.encode(text + "assistant:" if add_generation_prompt else text))

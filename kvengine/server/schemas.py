@@ -1,9 +1,12 @@
-"""Request bodies of the OpenAI-compatible API, as pydantic models.
+"""Request and response bodies of the OpenAI-compatible API, as pydantic models.
 
 Validation is strict (a string is not a number), so a wrong type is a 400
 rather than a silent conversion. Fields the server does not implement are
 ignored, as OpenAI-compatible servers commonly do, except `n`, which must be 1.
 `kv_press` and `kv_compression_ratio` are kvengine's own extra body fields.
+
+The response models only document the responses in the OpenAPI schema (the
+app builds responses as dicts, in openai_format); they allow extra fields.
 """
 
 from __future__ import annotations
@@ -72,3 +75,73 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+
+
+# ---- responses: declared in the OpenAPI document only; the app builds them as dicts ----
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class PromptTokensDetails(_Out):
+    cached_tokens: int
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class CompletionResponse(_Out):
+    """The body of a non-streaming POST /v1/completions."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Out):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(_Out):
+    """The body of a non-streaming POST /v1/chat/completions."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ErrorDetail(_Out):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Out):
+    """OpenAI's error body, sent with every 4xx and 5xx."""
+
+    error: ErrorDetail
