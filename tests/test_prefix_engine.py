@@ -326,3 +326,23 @@ def test_random_mixes_match_brute_force_and_hf(requests: list, blocks_per_cell: 
     engine.check_invariants()
     assert engine.pool.num_used_blocks == prefix.num_evictable_blocks
     assert torch.equal(prefix.cached_block_ids().sort().values, engine.pool.ref_counts.nonzero().flatten())
+
+
+def test_a_prompt_is_shared_as_soon_as_its_prefill_is_done(
+    tiny_llama: LoadedModel, cached_or_free: list
+) -> None:
+    engine = prefix_engine(tiny_llama)
+    cached_or_free.append(engine)
+    shared = random_prompt(40, 31)
+    first, second = shared + random_prompt(3, 32), shared + random_prompt(5, 33)
+    long = SamplingParams(max_tokens=12, ignore_eos=True)
+    a = engine.add_request(first, long)
+    while engine.sequences[a].is_prefilling:
+        engine.step()
+        engine.check_invariants()
+    b = engine.add_request(second, PARAMS)  # `first` is still decoding
+    run_checked(engine)
+    out_a, out_b = engine.release(a), engine.release(b)
+    assert out_b.num_cached_tokens == 40
+    assert out_a.output_ids == hf_greedy(tiny_llama, first, 12)
+    assert out_b.output_ids == hf_greedy(tiny_llama, second, PARAMS.max_tokens)

@@ -253,7 +253,10 @@ class Engine:
         self.peak_bytes_in_use = max(self.peak_bytes_in_use, self.pool.bytes_in_use)
         for (seq, n), item in zip(batch, inputs, strict=True):
             self.num_prefill_tokens += min(n, max(0, len(seq.prompt_ids) - seq.num_computed))
+            prefilling = seq.is_prefilling
             seq.num_computed += n
+            if prefilling and not seq.is_prefilling and self.prefix is not None and seq.is_plain:
+                self.prefix.publish(seq)  # requests arriving while it decodes reuse its prompt
             self._keep_queries(seq, item.queries)
             if not seq.compressed and seq.num_computed == seq.context_len and (item.press or seq.is_context):
                 seq.compressed = True

@@ -165,9 +165,41 @@ class PrefixCache:
         else:
             blocks = torch.empty(self.cache.num_layers, self.cache.num_kv_heads, 0, dtype=torch.int64)
         seq.kv = self.cache.share_blocks(blocks)
-        seq.num_computed = seq.num_cached_tokens = match.num_tokens
+        seq.num_computed = seq.num_cached_tokens = seq.num_locked_tokens = match.num_tokens
         self.num_hit_tokens += match.num_tokens
         self._peeks.pop(seq.seq_id, None)
+
+    def publish(self, seq: Sequence) -> int:
+        """Cache the whole blocks of a running plain sequence's computed prompt; returns pool blocks.
+
+        Called once its prompt is computed, so that requests arriving while it
+        decodes reuse the prompt. The blocks become the tree's too and stay
+        locked by `seq` (the lock moves to where they end) until `detach`.
+        Nothing is cached when another sequence cached more of this prompt
+        since `seq` was attached: its blocks then differ from the tree's, and
+        `detach` sorts that out.
+        """
+        assert seq.kv is not None and seq.is_plain
+        node = self._locks.get(seq.seq_id)
+        bs = self.cache.block_size
+        blocks = self.cache.full_blocks(seq.kv)
+        num_blocks = min(blocks.shape[2], seq.num_computed // bs)
+        if node is None or num_blocks * bs <= seq.num_locked_tokens:
+            return 0
+        namespace, tokens = self.tree_key(seq, num_blocks * bs)
+        if self.tree.match_prefix(tokens, namespace).num_tokens != seq.num_locked_tokens:
+            return 0
+        values = list(blocks[..., :num_blocks].unbind(2))
+        num_new = self.tree.insert(tokens, values, namespace) // bs
+        self.pool.incref(blocks[..., num_blocks - num_new : num_blocks].flatten())
+        self._remember(namespace, tokens, values, num_new, store=not self.write_back)
+        self._version += 1
+        last = self.tree.match_prefix(tokens, namespace).last_node
+        self.tree.lock(last)
+        self.tree.unlock(node)
+        self._locks[seq.seq_id] = last
+        seq.num_locked_tokens = num_blocks * bs
+        return num_new * self.cells
 
     def detach(self, seq: Sequence) -> None:
         """Free an attached sequence's cache, keeping its full blocks in the tree.
@@ -191,6 +223,7 @@ class PrefixCache:
         node = self._locks.pop(seq.seq_id, None)
         if node is not None:
             self.tree.unlock(node)
+        seq.num_locked_tokens = 0
         self._peeks.pop(seq.seq_id, None)
         self._prefetches.pop(seq.seq_id, None)
 

@@ -96,6 +96,7 @@ class Sequence:
     # Prefix cache: the tenant's salt (part of the key), tokens reused at the last admission.
     cache_salt: str = ""
     num_cached_tokens: int = 0
+    num_locked_tokens: int = 0  # its prefix's tokens the prefix cache holds under its lock
     num_skipped: int = 0  # admissions that went to a later request with a longer cached prefix
     num_preemptions: int = 0  # times its blocks were freed to be recomputed later
     arrival_time: float = field(default_factory=time.perf_counter)

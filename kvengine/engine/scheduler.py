@@ -108,7 +108,7 @@ class Scheduler:
         remaining = seq.params.max_tokens - len(seq.output_ids)
         growth = min(remaining, GROWTH_BLOCKS * self.cache.block_size)
         tokens = min(seq.num_tokens + growth, self.max_context_len)
-        return self.cache.blocks_for_tokens(tokens) - self.cache.blocks_for_tokens(seq.num_cached_tokens)
+        return self.cache.blocks_for_tokens(tokens) - self.cache.blocks_for_tokens(seq.num_locked_tokens)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
