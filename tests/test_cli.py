@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kvengine.cli import build_parser, main
@@ -97,3 +99,31 @@ def test_non_utf8_file_is_rejected(tmp_path, capsys: pytest.CaptureFixture[str])
 def test_parser_builds_configs_from_dataclass_fields() -> None:
     args = build_parser().parse_args(["generate", "x", "--block-size", "32", "--max-step-tokens", "64"])
     assert args.block_size == 32 and args.max_step_tokens == 64 and args.max_num_seqs == 64
+
+
+def test_demo_comparison_table_and_plot(tmp_path: Path) -> None:
+    """The demo's press comparison: one table line per cache setting, equal to eval's summary, and a PNG."""
+    from conftest import tiny_model
+    from test_tasks import ByteTokenizer
+
+    from kvengine.bench.plots import load_rows, summarize
+    from kvengine.demo import COMPARE_PRESSES, compare_presses
+
+    model = tiny_model("llama")
+    model.tokenizer = ByteTokenizer()  # type: ignore[assignment]
+    table, plot = compare_presses(model, tmp_path, length=160, num_examples=2, max_new_tokens=2)
+    assert plot == tmp_path / "demo_accuracy_vs_kv_bytes.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = table.splitlines()
+    assert lines[0].startswith("| cache | ratio | accuracy | KV MiB held | KV bytes / full | s / example |")
+    names = [line.split(" | ")[0].lstrip("| ") for line in lines[2:]]
+    assert sorted(names) == sorted([*COMPARE_PRESSES, "kivi-2"])
+    rows = load_rows(tmp_path / "demo_eval.jsonl")
+    assert len(rows) == 2 * (len(COMPARE_PRESSES) + 1)  # 2 examples, every press and KIVI
+    for s in summarize(rows):
+        if s.task == "all" and s.setting[0] == "knorm":
+            assert f"| knorm | 0.50 | {s.accuracy:.2f} | {s.kv_mib:.1f} | {s.kv_fraction:.3f} |" in table
+            assert 0.45 < s.kv_fraction < 0.55
+    # A second run replaces the rows instead of resuming from them.
+    compare_presses(model, tmp_path, length=160, num_examples=1, max_new_tokens=2)
+    assert len(load_rows(tmp_path / "demo_eval.jsonl")) == len(COMPARE_PRESSES) + 1

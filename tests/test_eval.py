@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from conftest import tiny_model
 from test_tasks import ByteTokenizer
 
 from kvengine.bench.eval import EvalConfig, done_keys, row_key, run_eval
+from kvengine.bench.kvpress_baseline import DEFAULT_KVPRESS_PYTHON, KvpressWorker, compare_table, press_kwargs
 from kvengine.bench.tasks import make_example
 from kvengine.engine.generate import generate
 from kvengine.errors import InvalidRequestError
@@ -40,9 +43,9 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _all_keys(cfg: EvalConfig) -> set[tuple[Any, ...]]:
+def _all_keys(cfg: EvalConfig, model: str = "tiny-llama") -> set[tuple[Any, ...]]:
     return {
-        (task, n, i, *s)
+        ("kvengine", model, cfg.seed, task, n, i, *s)
         for task in cfg.tasks
         for n in cfg.lengths
         for i in range(cfg.num_examples)
@@ -103,11 +106,54 @@ def test_resume_runs_only_missing_keys(model: LoadedModel, tmp_path: Path) -> No
         (dict(presses=("none", "nopress")), "unknown press 'nopress'"),
         (dict(kivi=(3,)), "KIVI bit widths"),
         (dict(ratios=(1.0,)), "ratios must be in"),
+        (dict(baseline="vllm"), "unknown baseline 'vllm'; known baselines: kvpress"),
     ],
 )
 def test_bad_config(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         EvalConfig(**kwargs)
+
+
+def test_resume_key_has_model_seed_and_engine(model: LoadedModel, tmp_path: Path) -> None:
+    """Rows of another seed, model or engine in the same file are never taken for this run's."""
+    cfg = EvalConfig(("niah_single",), (160,), ("none",), (0.5,), (), 1, seed=0, max_new_tokens=2)
+    out = tmp_path / "r.jsonl"
+    first = run_eval(model, cfg, out, progress=False)
+    assert [row_key(r)[:3] for r in first] == [("kvengine", "tiny-llama", 0)]
+    assert run_eval(model, cfg, out, progress=False) == []
+    other_seed = run_eval(model, dataclasses.replace(cfg, seed=1), out, progress=False)
+    assert [row_key(r)[:3] for r in other_seed] == [("kvengine", "tiny-llama", 1)]
+    # The same file, read by a run of another model: none of its rows is done.
+    lines = out.read_text().splitlines()
+    renamed = [json.loads(line) for line in lines]
+    for r in renamed:
+        r["config"]["model"] = "other"
+    out.write_text("".join(json.dumps(r) + "\n" for r in renamed))
+    assert len(run_eval(model, cfg, out, progress=False)) == 1
+    # A kvpress row of the same setting does not count as kvengine's; a row with no engine does.
+    theirs, legacy = json.loads(lines[0]), json.loads(lines[0])
+    theirs["config"]["engine"] = "kvpress"
+    del legacy["config"]["engine"]
+    out.write_text(json.dumps(theirs) + "\n")
+    assert len(run_eval(model, cfg, out, progress=False)) == 1
+    out.write_text(json.dumps(legacy) + "\n")
+    assert run_eval(model, cfg, out, progress=False) == []
+
+
+def test_jsonl_task_with_missing_field(model: LoadedModel, tmp_path: Path) -> None:
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"context": "Ann is 31.", "question": "Ann?"}) + "\n")
+    cfg = EvalConfig((str(path),), (160,), ("none",))
+    with pytest.raises(InvalidRequestError, match=r"mine\.jsonl:1: missing field 'answers'"):
+        run_eval(model, cfg, tmp_path / "r.jsonl", progress=False)
+
+
+def test_jsonl_example_beyond_context(model: LoadedModel, tmp_path: Path) -> None:
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"context": "x" * 1100, "question": "Q?", "answers": "x"}) + "\n")
+    cfg = EvalConfig((str(path),), (160,), ("none",), max_new_tokens=2)
+    with pytest.raises(InvalidRequestError, match=r"long example 0: \d+ tokens .* beyond model 'tiny-llama'"):
+        run_eval(model, cfg, tmp_path / "r.jsonl", progress=False)
 
 
 def test_length_beyond_context(model: LoadedModel, tmp_path: Path) -> None:
@@ -230,3 +276,103 @@ def test_cli_eval_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert (tmp_path / "out" / "eval_report.md").exists() and (
         tmp_path / "out" / "eval_needle_grid.png"
     ).exists()
+
+
+# --- the kvpress baseline -------------------------------------------------------------------------
+
+KVPRESS_PYTHON = Path(os.environ.get("KVENGINE_KVPRESS_PYTHON", str(DEFAULT_KVPRESS_PYTHON)))
+
+
+def test_baseline_runs_only_presses_kvpress_has() -> None:
+    cfg = EvalConfig(
+        presses=("none", "knorm", "h2o", "adakv:snapkv", "scissorhands"), ratios=(0.5,), kivi=(2,)
+    )
+    assert cfg.baseline_settings() == []
+    with_baseline = dataclasses.replace(cfg, baseline="kvpress")
+    assert with_baseline.baseline_settings() == [
+        ("none", 0.0, 0),
+        ("knorm", 0.5, 0),
+        ("adakv:snapkv", 0.5, 0),
+    ]
+    assert press_kwargs("adakv:snapkv", 0.5) == (
+        {"window_size": 64, "kernel_size": 5},
+        {"alpha_safeguard": 0.2},
+    )
+    assert press_kwargs("streaming_llm", 0.25) == ({"n_sink": 4}, {})
+
+
+def _twin(row: dict[str, Any], value: float, outputs: list[str], held: int, seconds: float) -> dict[str, Any]:
+    twin = json.loads(json.dumps(row))
+    twin["config"]["engine"] = "kvpress"
+    twin.update(value=value, outputs=outputs, kv_bytes=held, prefill_s=seconds, compress_s=0.0, answer_s=0.0)
+    return twin
+
+
+def test_compare_table_pairs_the_same_examples(tmp_path: Path) -> None:
+    from kvengine.bench.plots import summarize, write_report
+
+    ours = [r for r in _synthetic_rows() if not r["config"]["kivi"]]
+    for i, r in enumerate(ours):
+        r["outputs"], r["config"]["example"] = ["a"], i  # one example per row, so each has its own key
+    snap = [r for r in ours if r["config"]["press"] == "snapkv"]
+    # kvpress answered two of the five snapkv examples (one alike, one not) and one "none" example.
+    theirs = [_twin(snap[0], 0.0, ["b"], 100, 8.0), _twin(snap[1], 1.0, ["a"], 100, 8.0)]
+    theirs.append(_twin(ours[0], 1.0, ["a"], 100, 4.0))
+    rows = ours + theirs
+    assert len(summarize(rows)) == len(summarize(ours))  # kvpress rows stay out of kvengine's table
+    assert [s.num_examples for s in summarize(rows, "kvpress") if s.task == "all"] == [1, 2]
+    table = compare_table(rows).splitlines()
+    # snapkv pairs: kvengine scores 1.0 and 0.0 (snap[0], snap[1]), kvpress 0.0 and 1.0; held 50 vs 100 of 100;
+    # kvengine's seconds are 2.0 per example, kvpress's 8.0.
+    assert table[2] == "| none | 0.00 | 1 | 1.000 | 1.000 | 1.00 | 1.000 | 1.000 | 2.00 | 4.00 | 2.00 |"
+    assert table[3] == "| snapkv | 0.50 | 2 | 0.500 | 0.500 | 0.50 | 0.500 | 1.000 | 2.00 | 8.00 | 4.00 |"
+    assert len(table) == 4 and compare_table(ours) == ""
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = write_report(results, tmp_path)[0].read_text()
+    assert "## kvengine vs kvpress" in report and table[3] in report
+
+
+def test_baseline_errors_name_the_recipe(tmp_path: Path) -> None:
+    import sys
+
+    from kvengine.models import load
+
+    tiny = tiny_model("llama")
+    with pytest.raises(InvalidRequestError, match=r"does not exist; see tools/kvpress_reference/README\.md"):
+        KvpressWorker(tmp_path / "nopython", tiny, 1).__enter__()
+    with pytest.raises(InvalidRequestError, match="needs a model loaded from a directory; 'tiny-llama'"):
+        KvpressWorker(Path(sys.executable), tiny, 1).__enter__()
+    tiny.hf_model.save_pretrained(tmp_path / "tiny")
+    saved = load(str(tmp_path / "tiny"), progress=False)
+    # kvengine's own python exists but has no kvpress: the worker says so, and the message names the recipe.
+    worker = KvpressWorker(Path(sys.executable), saved, 1)
+    with pytest.raises(InvalidRequestError, match=r"kvpress is not usable under .*kvpress.*README\.md"):
+        worker.__enter__()
+    assert worker._proc is None  # the failed worker was stopped
+
+
+@pytest.mark.model
+@pytest.mark.skipif(
+    not KVPRESS_PYTHON.is_file(),
+    reason=f"no kvpress venv at {KVPRESS_PYTHON} (set KVENGINE_KVPRESS_PYTHON; recipe in tools/kvpress_reference)",
+)
+def test_kvpress_baseline_matches_kvengine(bundled: LoadedModel, tmp_path: Path) -> None:
+    """kvpress's pipeline, on the same ids, keeps what kvengine keeps and answers alike (real kvpress)."""
+    cfg = EvalConfig(
+        ("niah_single",), (256,), ("none", "knorm", "adakv:knorm"), (0.5,), (), 1,
+        max_new_tokens=12, baseline="kvpress", kvpress_python=KVPRESS_PYTHON,
+    )  # fmt: skip
+    rows = run_eval(bundled, cfg, tmp_path / "r.jsonl", progress=False)
+    by = {(r["config"]["engine"], r["config"]["press"]): r for r in rows}
+    assert set(by) == {(e, p) for e in ("kvengine", "kvpress") for p in cfg.presses}
+    assert by["kvpress", "none"]["versions"]["kvpress"] == "0.5.5"
+    for press in ("none", "knorm"):  # the same kept tokens and greedy decoding: the same answers
+        assert by["kvpress", press]["outputs"] == by["kvengine", press]["outputs"], press
+    ratio = {k: r["kv_bytes"] / r["kv_bytes_full"] for k, r in by.items()}
+    assert ratio["kvpress", "knorm"] == pytest.approx(0.5, abs=0.01)
+    assert ratio["kvengine", "knorm"] == pytest.approx(0.5, abs=0.01)
+    # kvpress's AdaKV masks what it evicts and holds the whole cache; kvengine frees it.
+    assert ratio["kvpress", "adakv:knorm"] == 1.0 and ratio["kvengine", "adakv:knorm"] < 0.55
+    assert all(r["prefill_s"] > 0 and r["answer_s"] > 0 for r in rows)
+    assert run_eval(bundled, cfg, tmp_path / "r.jsonl", progress=False) == []  # resumes, both engines done

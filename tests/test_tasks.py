@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kvengine.bench.tasks import RULER_TASKS, expand_task_names, load_jsonl_tasks, make_example, score
+from kvengine.bench.tasks import (
+    RULER_TASKS,
+    expand_task_names,
+    haystack,
+    load_jsonl_tasks,
+    make_example,
+    score,
+)
 from kvengine.errors import InvalidRequestError
 
 NEEDLE_TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt"]
@@ -196,3 +204,111 @@ def test_bundled_tokenizer_lengths_and_depth(bundled: Any, task: str) -> None:
                 len(tok.encode(ex.context[: ex.context.index(target)], add_special_tokens=False)) / measured
             )
             assert abs(where - 0.3) < 0.05
+
+
+def _prose_missing() -> str | None:
+    try:
+        haystack.prose_path()
+    except InvalidRequestError as exc:
+        return str(exc)
+    return None
+
+
+needs_prose = pytest.mark.skipif(
+    _prose_missing() is not None, reason=f"prose haystack package not installed: {_prose_missing()}"
+)
+
+
+def _prose_context(tokenizer: Any, length: int, depth: float, seed: int) -> tuple[str, int, str]:
+    """A needle in a prose haystack fitted to `length` tokens, as the needle tasks build one."""
+    rng = random.Random(seed)
+    needle = f"The secret code for {haystack.made_up_words(rng, 1)[0]} is {rng.randrange(10**6, 10**7)}."
+    build = haystack.haystack_builder("prose", rng)
+    context, num_tokens = haystack.fit(tokenizer, length, lambda n: build(n, [(depth, needle)]), 2)
+    return context, num_tokens, needle
+
+
+@needs_prose
+def test_prose_holds_no_digits_and_no_capital_words() -> None:
+    sentences = haystack.prose_sentences()
+    assert len(sentences) > 10_000
+    text = " ".join(" ".join(s) for s in sentences)
+    assert not re.search(r"\d", text)
+    assert not re.search(r"\b[A-Z]{2,}\b", text)
+    assert "In the beginning God created" in text
+
+
+@needs_prose
+@pytest.mark.parametrize("tok", list(TOKENIZERS))
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.9, 1.0])
+def test_prose_needle_once_at_depth_and_length_on_budget(tok: str, depth: float) -> None:
+    tokenizer = TOKENIZERS[tok]
+    context, num_tokens, needle = _prose_context(tokenizer, 2048, depth, seed=4)
+    assert len(tokenizer.encode(context)) == num_tokens and 0.98 * 2048 <= num_tokens <= 2048
+    value = needle.split()[-1].rstrip(".")
+    assert context.count(value) == 1 and context.count(needle) == 1
+    where = len(tokenizer.encode(context[: context.index(needle)])) / num_tokens
+    assert abs(where - depth) < 0.05
+
+
+@needs_prose
+def test_prose_same_seed_same_text_other_seed_elsewhere() -> None:
+    a, b = (haystack.haystack_builder("prose", random.Random("s1"))(300, []) for _ in range(2))
+    assert a == b and len(a.split()) == 300
+    assert haystack.haystack_builder("prose", random.Random("s2"))(300, []) != a
+
+
+def test_noise_builder_is_the_noise_haystack() -> None:
+    inserts = [(0.5, "The secret code for bako is 1234567.")]
+    built = haystack.haystack_builder("noise", random.Random(0))(400, inserts)
+    assert built == haystack.with_inserts(haystack.noise(400), inserts)
+
+
+def test_inserts_by_words_land_at_the_nearest_boundary() -> None:
+    filler = ["a b c d e f g h", "i", "j", "k l"]  # 12 words; boundaries after 0, 8, 9, 10, 12
+    assert haystack.with_inserts(filler, [(0.7, "X")], by_words=True).split().index("X") == 8
+    assert haystack.with_inserts(filler, [(0.7, "X")]).split().index("X") == 10  # by sentences: after 3
+
+
+def test_unknown_haystack_lists_the_known_ones() -> None:
+    with pytest.raises(InvalidRequestError, match="unknown haystack 'poetry'; known haystacks: noise, prose"):
+        haystack.haystack_builder("poetry", random.Random(0))
+
+
+def test_missing_prose_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(haystack, "PROSE_PACKAGE", "kvengine-no-such-package")
+    with pytest.raises(InvalidRequestError, match=re.escape(haystack.PROSE_INSTALL)):
+        haystack.haystack_builder("prose", random.Random(0))
+
+
+@needs_prose
+@pytest.mark.model
+def test_bundled_tokenizer_prose_length_and_depth(bundled: Any) -> None:
+    for length in (1024, 4096):
+        context, num_tokens, needle = _prose_context(bundled.tokenizer, length, 0.3, seed=0)
+        measured = len(bundled.tokenizer.encode(context, add_special_tokens=False))
+        assert measured == num_tokens and 0.98 * length <= measured <= length
+        prefix = bundled.tokenizer.encode(context[: context.index(needle)], add_special_tokens=False)
+        assert abs(len(prefix) / measured - 0.3) < 0.05
+
+
+@needs_prose
+@pytest.mark.parametrize("tok", list(TOKENIZERS))
+@pytest.mark.parametrize("task", NEEDLE_TASKS)
+def test_prose_examples_on_budget_answer_once_at_depth_deterministic(task: str, tok: str) -> None:
+    tokenizer = TOKENIZERS[tok]
+    ex = make_example(task, tokenizer, 2048, seed=3, depth=0.4, haystack="prose")
+    assert len(tokenizer.encode(ex.context)) == ex.num_tokens and 0.98 * 2048 <= ex.num_tokens <= 2048
+    target = ex.questions[0].answers[0]
+    if task == "vt":
+        target = re.search(r"assigned the value (\d+)", ex.questions[0].text).group(1)  # type: ignore[union-attr]
+    assert ex.context.count(target) == 1
+    where = len(tokenizer.encode(ex.context[: ex.context.index(target)])) / ex.num_tokens
+    assert abs(where - 0.4) < 0.05
+    assert ex == make_example(task, tokenizer, 2048, seed=3, depth=0.4, haystack="prose")
+    assert ex.context != make_example(task, tokenizer, 2048, seed=3, depth=0.4).context  # not the noise one
+
+
+def test_make_example_unknown_haystack() -> None:
+    with pytest.raises(InvalidRequestError, match="unknown haystack 'poetry'; known haystacks: noise, prose"):
+        make_example("niah_single", WordTokenizer(), 1024, seed=0, haystack="poetry")

@@ -6,6 +6,10 @@ the pool, as a fraction of the uncompressed cache and in MiB) and seconds per
 example. The plots: accuracy vs. KV bytes held, one curve per press (the curve
 users compare), and, when the needle task ran at several lengths or depths,
 the needle grid (depth x length) as a heatmap per setting.
+
+Rows of a baseline engine (`engine: "kvpress"`, from `kvengine eval --baseline
+kvpress`) stay out of those; they get a side-by-side table (`compare_table`)
+and dashed curves in the accuracy plot.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvengine.bench.kvpress_baseline import compare_table
 from kvengine.bench.report import markdown_table
 from kvengine.errors import InvalidRequestError
 
@@ -44,6 +49,11 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     if not rows:
         raise InvalidRequestError(f"{path} holds no `kvengine eval` rows")
     return rows
+
+
+def engine_of(row: dict[str, Any]) -> str:
+    """The engine that made a row ("kvengine" for rows written before engines were named)."""
+    return str(row["config"].get("engine", "kvengine"))
 
 
 def _setting(row: dict[str, Any]) -> Setting:
@@ -82,10 +92,12 @@ def _summary(task: str, setting: Setting, rows: list[dict[str, Any]]) -> Summary
     )
 
 
-def summarize(rows: Iterable[dict[str, Any]]) -> list[Summary]:
-    """One summary per (task, setting), then one per setting over all tasks (task "all"), sorted."""
+def summarize(rows: Iterable[dict[str, Any]], engine: str = "kvengine") -> list[Summary]:
+    """One summary per (task, setting) of `engine`'s rows, then one per setting over all tasks ("all"), sorted."""
     groups: dict[tuple[str, Setting], list[dict[str, Any]]] = {}
     for r in rows:
+        if engine_of(r) != engine:
+            continue
         for task in (r["config"]["task"], "all"):
             groups.setdefault((task, _setting(r)), []).append(r)
     order = sorted(groups, key=lambda k: (k[0] == "all", k[0], k[1][0] != "none", k[1][0], k[1][2], k[1][1]))
@@ -121,24 +133,31 @@ def summary_table(summaries: list[Summary]) -> str:
     return markdown_table(header, lines)
 
 
-def plot_accuracy_vs_bytes(summaries: list[Summary], path: Path) -> None:
-    """Accuracy over all rows (every task) vs. KV bytes held (fraction of full), one curve per press (ratios joined)."""
+def plot_accuracy_vs_bytes(
+    summaries: list[Summary], path: Path, baseline: list[Summary] | None = None
+) -> None:
+    """Accuracy over all rows (every task) vs. KV bytes held (fraction of full), one curve per press (ratios joined).
+
+    `baseline` (kvpress's summaries) adds a dashed curve per press, in the color of kvengine's.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    curves: dict[str, list[Summary]] = {}
-    for s in summaries:
-        if s.task == "all":
-            curves.setdefault(label(s.setting), []).append(s)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in sorted(curves.items()):
-        points.sort(key=lambda s: s.kv_fraction)
-        style = "*" if len(points) == 1 else "o-"
-        ax.plot(
-            [p.kv_fraction for p in points], [p.accuracy for p in points], style, label=name, markersize=6
-        )
+    colors: dict[str, Any] = {}
+    for engine, group in (("", summaries), (" (kvpress)", baseline or [])):
+        curves: dict[str, list[Summary]] = {}
+        for s in group:
+            if s.task == "all":
+                curves.setdefault(label(s.setting), []).append(s)
+        for name, points in sorted(curves.items()):
+            points.sort(key=lambda s: s.kv_fraction)
+            style = ("x" if engine else "*") if len(points) == 1 else ("x--" if engine else "o-")
+            xs, ys = [p.kv_fraction for p in points], [p.accuracy for p in points]
+            (line,) = ax.plot(xs, ys, style, label=name + engine, markersize=6, color=colors.get(name))
+            colors.setdefault(name, line.get_color())
     ax.set_xlabel("KV bytes held / uncompressed (measured in the pool)")
     ax.set_ylabel("accuracy (mean over all rows)")
     ax.set_ylim(-0.02, 1.02)
@@ -198,15 +217,29 @@ def plot_needle_grid(grid: dict[Setting, dict[tuple[float, int], float]], path: 
     plt.close(fig)
 
 
+def compare_section(rows: list[dict[str, Any]]) -> str:
+    """The kvengine vs kvpress section of the report (empty without kvpress rows)."""
+    table = compare_table(rows)
+    if not table:
+        return ""
+    return (
+        "## kvengine vs kvpress\n\nThe same examples (same token ids, greedy, same answer length) through "
+        "kvpress's own pipeline, over the examples both engines ran, all tasks together. Seconds per example: "
+        "wall time from the context's token ids to every answer decoded, on each engine, measured in the "
+        "same run one after the other. KV bytes: what each engine's cache holds after compression (kvpress's "
+        "AdaKV masks evicted entries, so it holds them all).\n\n" + table + "\n\n"
+    )
+
+
 def write_report(results: Path, out_dir: Path) -> list[Path]:
     """Write `eval_report.md` and the PNG plots for `results` into `out_dir`; returns the files written."""
     rows = load_rows(results)
-    summaries = summarize(rows)
+    summaries, baseline = summarize(rows), summarize(rows, "kvpress")
     out_dir.mkdir(parents=True, exist_ok=True)
     curve = out_dir / "eval_accuracy_vs_kv_bytes.png"
-    plot_accuracy_vs_bytes(summaries, curve)
+    plot_accuracy_vs_bytes(summaries, curve, baseline)
     written, images = [curve], [f"![accuracy vs KV bytes]({curve.name})"]
-    grid = needle_grid(rows)
+    grid = needle_grid([r for r in rows if engine_of(r) == "kvengine"])
     if grid:
         heatmap = out_dir / "eval_needle_grid.png"
         plot_needle_grid(grid, heatmap)
@@ -218,7 +251,12 @@ def write_report(results: Path, out_dir: Path) -> list[Path]:
         f"# Evaluation: {results.name}\n\nModel {', '.join(models)}; {len(rows)} result rows. "
         "accuracy: mean fraction of each question's answers found in the output. KV bytes: held in the pool "
         "after compression, over the uncompressed fp cache. s / example: prefill + compression + all "
-        "answers.\n\n" + summary_table(summaries) + "\n\n" + "\n\n".join(images) + "\n",
+        "answers.\n\n"
+        + summary_table(summaries)
+        + "\n\n"
+        + compare_section(rows)
+        + "\n\n".join(images)
+        + "\n",
         encoding="utf-8",
     )
     return [report, *written]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from kvengine.bench.tasks.example import Example, Tokenizer
+from kvengine.bench.tasks.haystack import HAYSTACKS
 from kvengine.bench.tasks.ruler import NEEDLE_TASKS, needle_context
 from kvengine.bench.tasks.words import common_words, frequent_words
 from kvengine.errors import InvalidRequestError
@@ -41,16 +42,21 @@ def make_example(
     index: int = 0,
     depth: float = 0.5,
     max_len: int | None = None,
+    haystack: str = "noise",
 ) -> Example:
     """Example `index` of `task` with a context of at most `length` tokens (within one filler unit).
 
     The same (task, length, seed, index, depth) and tokenizer give the same
     example. `depth` places the (first) answer, as a fraction of the context;
     the word tasks ignore it. `max_len` is the model's context length: longer
-    requests fail. Raises InvalidRequestError for an unknown task, a depth
-    outside [0, 1] or a length out of range.
+    requests fail. `haystack` ("noise" or "prose") is the needle tasks'
+    filler; the word tasks have none. Raises InvalidRequestError for an
+    unknown task or haystack, a depth outside [0, 1], a length out of range,
+    or prose whose package is not installed.
     """
     expand_task_names([task])
+    if haystack not in HAYSTACKS:
+        raise InvalidRequestError(f"unknown haystack {haystack!r}; known haystacks: {', '.join(HAYSTACKS)}")
     if not 0.0 <= depth <= 1.0:
         raise InvalidRequestError(f"depth must be in [0, 1], got {depth}")
     if length < MIN_LENGTH:
@@ -65,7 +71,9 @@ def make_example(
         if task in WORD_TASKS:
             context, num_tokens, questions = WORD_TASKS[task](tokenizer, length, rng)
             return Example(task, context, questions, length, num_tokens, None, example_seed)
-        context, num_tokens, questions = needle_context(task, tokenizer, length, depth, rng)
+        context, num_tokens, questions = needle_context(task, tokenizer, length, depth, rng, haystack)
+    except InvalidRequestError:
+        raise  # already names the problem (a missing prose package: its install command)
     except ValueError as exc:
         raise InvalidRequestError(f"task {task!r} at {length} tokens: {exc}") from None
     return Example(task, context, questions, length, num_tokens, depth, example_seed)

@@ -15,10 +15,11 @@ Context Size of Your Long-Context Language Models?"), written for kvengine:
 - `fwe`, frequent-word extraction: a stream of made-up words with a few
   words far more frequent; the question asks for the three most frequent.
 
-The haystack is repeated noise sentences, as in RULER's noise variant. No
-public-domain prose ships in the packages this project installs, so there is
-no prose haystack. Contexts are at most `length` tokens and within one filler
-unit (a word or list item) of it.
+The needle tasks' haystack is "noise" (repeated noise sentences, RULER's
+noise variant) or "prose" (consecutive sentences of a public-domain text from
+an installed package, from a seed-chosen sentence; see haystack.py).
+Contexts are at most `length` tokens and within one filler unit (a word or
+list item) of it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import random
 from collections.abc import Callable
 
 from kvengine.bench.tasks.example import Question, Tokenizer
-from kvengine.bench.tasks.haystack import fit, made_up_words, noise, with_inserts
+from kvengine.bench.tasks.haystack import fit, haystack_builder, made_up_words
 
 Generated = tuple[list[tuple[float, str]], tuple[Question, ...]]  # (inserts at depths, questions)
 _NUM_NEEDLES = 4
@@ -90,7 +91,9 @@ def _var_names(rng: random.Random, count: int) -> list[str]:
     names: set[str] = set()
     while len(names) < count:
         names.add("".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(5)))
-    return sorted(names, key=lambda _: rng.random())
+    ordered = sorted(names)  # a set's order depends on PYTHONHASHSEED: sort, then shuffle by the seed
+    rng.shuffle(ordered)
+    return ordered
 
 
 def _vt(rng: random.Random, depth: float, num_hops: int = 4) -> Generated:
@@ -123,9 +126,10 @@ NEEDLE_TASKS: dict[str, Callable[[random.Random, float], Generated]] = {
 
 
 def needle_context(
-    task: str, tokenizer: Tokenizer, length: int, depth: float, rng: random.Random
+    task: str, tokenizer: Tokenizer, length: int, depth: float, rng: random.Random, haystack: str = "noise"
 ) -> tuple[str, int, tuple[Question, ...]]:
-    """(context, its tokens, questions) of a needle task: noise sentences fitted around the needles."""
+    """(context, its tokens, questions) of a needle task: `haystack` sentences fitted around the needles."""
     inserts, questions = NEEDLE_TASKS[task](rng, depth)
-    context, num_tokens = fit(tokenizer, length, lambda n: with_inserts(noise(n), inserts), 2)
+    build = haystack_builder(haystack, rng)  # after the needles' draws: noise examples stay as they were
+    context, num_tokens = fit(tokenizer, length, lambda n: build(n, inserts), 2)
     return context, num_tokens, questions

@@ -1,0 +1,201 @@
+"""The `kvengine` command line: generate | serve | demo | bench | models | presses | simulate | eval | report.
+
+This module builds the top-level parser, holds the small commands (generate, demo, models,
+presses, simulate) and `main`, which maps `KVEngineError` to one line on stderr and exit code 2.
+Shared option helpers are in `common`, the benchmarks in `bench`, the HTTP server in `serve`;
+eval, report and simulate bring their own parsers from kvengine/bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvengine.argtypes import positive_int
+from kvengine.bench.eval_cli import add_eval_parser, run_eval_command
+from kvengine.bench.plots import add_report_parser, run_report_command
+from kvengine.bench.simulate import add_simulate_parser
+from kvengine.cli.bench import add_bench_parser, cmd_bench
+from kvengine.cli.common import (
+    CONFIG_HELP,
+    EXIT_BAD_INPUT,
+    Parser,
+    add_config_args,
+    add_press_args,
+    config_from_args,
+    press_from_args,
+    read_text_file,
+)
+from kvengine.cli.serve import add_serve_parser, cmd_serve
+from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig
+from kvengine.errors import InvalidRequestError, KVEngineError
+
+__all__ = ["EXIT_BAD_INPUT", "build_parser", "main", "read_text_file"]
+
+_GENERATE_HELP = """Generate completions through kvengine's paged KV cache. Prompts come from
+the command line and from --file; with one prompt, text is streamed as it is produced. The chat
+template is applied for chat models unless --no-chat. Timing and KV bytes go to stderr."""
+_DEMO_HELP = """Load the bundled model, build a long document with one fact hidden in it,
+ask about that fact, and print the answer, the KV-cache bytes held, time to first token and
+decode speed."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `kvengine` parser; `args.command` names the entry of `_COMMANDS` to run."""
+    parser = Parser(
+        prog="kvengine",
+        description="kvengine: a KV-cache engine for LLM inference (paged cache, compression, reuse).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+    _add_generate_parser(sub)
+    demo = sub.add_parser("demo", help="answer a question about a long document", description=_DEMO_HELP)
+    demo.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    demo.add_argument("--doc-tokens", type=positive_int, default=2000, help="length of the document")
+    add_bench_parser(sub)
+    sub.add_parser("presses", help="list compression presses and their hyperparameters")
+    models = sub.add_parser("models", help="list bundled models and whether they are converted")
+    models.add_argument("--cache-dir", default=None, help="where converted weights live")
+    add_serve_parser(sub)
+    add_simulate_parser(sub)
+    add_eval_parser(sub)
+    add_report_parser(sub)
+    return parser
+
+
+def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="generate text for prompts", description=_GENERATE_HELP)
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text (one completion each)")
+    gen.add_argument("--file", action="append", default=[], help="read a prompt from a UTF-8 file")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    gen.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 = off)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--system", default=None, help="system message for the chat template")
+    gen.add_argument("--no-stream", action="store_true", help="print each completion when done")
+    add_press_args(gen)
+    gen.add_argument(
+        "--question",
+        action="append",
+        default=None,
+        help="ask this question about each prompt (repeatable); with --press the prompt is compressed "
+        "once, before the questions are seen",
+    )
+    gen.add_argument(
+        "--query-aware", action="store_true", help="compress each prompt together with its question"
+    )
+    add_config_args(gen, CacheConfig, CONFIG_HELP)
+    add_config_args(gen, SchedulerConfig, CONFIG_HELP)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from kvengine.engine.generate import generate
+    from kvengine.models import load
+
+    prompts = list(args.prompts) + [read_text_file(p) for p in args.file]
+    if not prompts:
+        raise InvalidRequestError("no prompt given: pass PROMPT or --file")
+    cache = config_from_args(CacheConfig, args)
+    scheduler = config_from_args(SchedulerConfig, args)
+    press = press_from_args(args)
+    model = load(args.model)
+    stream = len(prompts) * len(args.question or [None]) == 1 and not args.no_stream
+
+    def on_text(_: int, text: str) -> None:
+        print(text, end="", flush=True)
+
+    completions = generate(
+        model,
+        prompts,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+        chat=False if args.no_chat else None,
+        system=args.system,
+        press=press,
+        questions=args.question,
+        query_aware=args.query_aware,
+        on_text=on_text if stream else None,
+        cache_config=cache,
+        scheduler_config=scheduler,
+    )
+    for c in completions:
+        if stream:
+            print()
+        else:
+            print(f"--- completion {c.index} ---\n{c.text}")
+        print(
+            f"[{c.num_prompt_tokens} prompt tokens, {len(c.token_ids)} generated, finish: {c.finish_reason}, "
+            f"ttft {c.ttft_s:.2f} s, decode {c.decode_tokens_per_s:.1f} tok/s, KV {c.kv_bytes / 2**20:.1f} MiB]",
+            file=sys.stderr,
+        )
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from kvengine.demo import run_demo
+
+    run_demo(args.model, args.doc_tokens)
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from kvengine.models import describe_bundled
+
+    for line in describe_bundled(Path(args.cache_dir) if args.cache_dir else None):
+        print(line)
+
+
+def _cmd_presses(args: argparse.Namespace) -> None:
+    from kvengine.press import PRESSES
+
+    for name, cls in sorted(PRESSES.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        fields = ", ".join(
+            f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if not f.name.startswith("_")
+        )
+        print(f"{name:20s} {doc}\n{'':20s} fields: {fields}")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from kvengine.bench.simulate import run_simulate_command
+
+    run_simulate_command(args)
+
+
+_COMMANDS = {
+    "generate": _cmd_generate,
+    "demo": _cmd_demo,
+    "bench": cmd_bench,
+    "models": _cmd_models,
+    "presses": _cmd_presses,
+    "serve": cmd_serve,
+    "simulate": _cmd_simulate,
+    "eval": run_eval_command,
+    "report": run_report_command,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command `argv` names (default: sys.argv); 0 on success, 2 on bad input, 130 on Ctrl-C."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _COMMANDS[args.command](args)
+    except KVEngineError as exc:
+        print(f"kvengine {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,140 @@
+"""Pieces every `kvengine` subcommand shares: the parser class, config and press options, input files.
+
+Bad arguments end with one line on stderr and exit code `EXIT_BAD_INPUT`. Cache and scheduler
+options are derived from the config dataclasses' fields, so the CLI and the Python API cannot
+drift apart. This module defines no subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from kvengine.argtypes import positive_int_list
+from kvengine.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from kvengine.press.base import Press
+
+EXIT_BAD_INPUT = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, help_text: dict[str, str]) -> None:
+    """One `--field-name` option per field of a config dataclass, defaulting to its default."""
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        default = f.default
+        if isinstance(default, bool):  # type=bool would read "False" as True: --x / --no-x instead
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f"{help_text.get(f.name, '')} (default: {default})",
+            )
+            continue
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(default),
+            default=default,
+            metavar=f.name.upper(),
+            help=f"{help_text.get(f.name, '')} (default: {default})",
+        )
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """An instance of config dataclass `cls` built from the options `add_config_args` added."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+CONFIG_HELP = {
+    "block_size": "tokens per KV block",
+    "max_kv_bytes": "bytes of key/value memory in the block pool",
+    "max_num_seqs": "sequences running at once",
+    "prefix_cache": "keep finished requests' KV blocks for later requests with the same prefix",
+    "eviction_policy": "what the prefix cache evicts first: lru, lfu, gdsf or predictive",
+    "max_step_tokens": "prefill + decode tokens per forward pass",
+    "kv_bits": "0: keys and values in the model's dtype; 2, 4 or 8: packed KIVI blocks",
+    "tiers": "storage below the pool for the prefix cache, comma-separated, fastest first: host,disk,redis",
+    "tier_write": "through: store cached blocks at once (other processes see them); back: when evicted",
+    "host_tier_bytes": "bytes of the host-memory tier",
+    "disk_tier_dir": "directory of the disk tier (default: <cache dir>/kv-blocks); survives restarts",
+    "disk_tier_bytes": "bytes of the disk tier",
+    "redis_url": "the Redis server of the redis tier (shared by every kvengine process using it)",
+}
+
+
+def read_text_file(path: str) -> str:
+    """A UTF-8 text file's contents; clear errors for a missing or non-UTF-8 file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+
+
+def _press_arg(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` as (key, value); VALUE is a Python literal where it parses as one, else the text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return key.strip(), parsed
+
+
+def add_press_args(parser: argparse.ArgumentParser) -> None:
+    """`--press`, `--ratio` and `--press-arg`, read back by `press_from_args`."""
+    group = parser.add_argument_group("compression")
+    group.add_argument(
+        "--press",
+        default=None,
+        help="compression press by name, or WRAPPER:NAME (e.g. snapkv, adakv:expected_attention); "
+        "see `kvengine presses`",
+    )
+    group.add_argument(
+        "--ratio", type=float, default=0.5, help="fraction of the context to evict (default: 0.5)"
+    )
+    group.add_argument(
+        "--press-arg",
+        type=_press_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a hyperparameter of the press (repeatable), e.g. window_size=32",
+    )
+
+
+def press_from_args(args: argparse.Namespace) -> Press | None:
+    """The press the `add_press_args` options name, or None without `--press`."""
+    from kvengine.press import press_from_spec
+
+    if args.press is None:
+        return None
+    return press_from_spec(args.press, args.ratio, **dict(args.press_arg))
+
+
+def kivi_bits(text: str) -> list[int]:
+    """Comma-separated KIVI bit widths (each 2, 4 or 8), or `none` for no KIVI runs."""
+    if text.strip() == "none":
+        return []
+    bits = positive_int_list(text)
+    if any(b not in (2, 4, 8) for b in bits):
+        raise argparse.ArgumentTypeError(f"KIVI bit widths are 2, 4 or 8, got {text!r}")
+    return bits

@@ -1,0 +1,87 @@
+"""`kvengine serve`: its parser and command, which run the OpenAI-compatible HTTP server.
+
+The server itself lives in kvengine/server; this module only turns options into a
+`ServerConfig`, cache and scheduler configs, and starts uvicorn.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from kvengine.argtypes import positive_int
+from kvengine.cli.common import CONFIG_HELP, add_config_args, config_from_args
+from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig, ServerConfig
+
+_SERVE_HELP = """Serve the model at /v1/completions, /v1/chat/completions (streaming with
+"stream": true), /v1/models, /health and /metrics (Prometheus, no key needed). Extra body fields
+"kv_press" and "kv_compression_ratio" compress a request's prompt with a registered press. With
+--api-key, each key is a tenant of the prefix cache; --public-prefix TEXT (with --prefix-cache) lets
+all tenants share the cached blocks of a common system prompt. --tiers host,disk,redis keeps cached
+blocks below the pool. Ctrl-C shuts down gracefully: running requests are aborted, the tiers flushed."""
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """`serve`: the OpenAI-compatible HTTP server (kvengine/server)."""
+    defaults = ServerConfig()
+    sv = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API", description=_SERVE_HELP
+    )
+    sv.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    sv.add_argument("--host", default=defaults.host, help=f"address to listen on (default: {defaults.host})")
+    sv.add_argument("--port", type=int, default=defaults.port, help=f"port (default: {defaults.port})")
+    sv.add_argument(
+        "--api-key", action="append", default=[], help="accepted Bearer key (repeatable; none: no auth)"
+    )
+    sv.add_argument(
+        "--public-prefix",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a system prompt (or prompt start) whose cached blocks all tenants share "
+        "(repeatable; needs --prefix-cache)",
+    )
+    limits = {
+        "max_prompt_tokens": "longest prompt accepted, in tokens",
+        "max_tokens_limit": "largest max_tokens a request may ask for",
+        "max_concurrent_requests": "requests in flight at once; more get 429",
+        "max_body_bytes": "largest request body; larger gets 413",
+    }
+    for name, text in limits.items():
+        sv.add_argument(
+            "--" + name.replace("_", "-"),
+            type=positive_int,
+            default=getattr(defaults, name),
+            help=f"{text} (default: {getattr(defaults, name)})",
+        )
+    add_config_args(sv, CacheConfig, CONFIG_HELP)
+    add_config_args(sv, SchedulerConfig, CONFIG_HELP)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Load the model and serve it until interrupted."""
+    import uvicorn
+
+    from kvengine.engine.async_engine import AsyncEngine
+    from kvengine.engine.engine import Engine
+    from kvengine.models import load
+    from kvengine.server import create_app
+
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(args.api_key),
+        public_prefixes=tuple(args.public_prefix),
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_body_bytes=args.max_body_bytes,
+    )
+    cache = config_from_args(CacheConfig, args)
+    scheduler = config_from_args(SchedulerConfig, args)
+    model = load(args.model)
+    engine = AsyncEngine(Engine(model, cache, scheduler))
+    # Streams still open after the grace period are cancelled (aborting their requests), then the
+    # app's lifespan closes the engine.
+    uvicorn.run(
+        create_app(engine, model, config), host=config.host, port=config.port, timeout_graceful_shutdown=10
+    )

@@ -1,0 +1,236 @@
+"""`kvengine bench serve`: the load generator against a real uvicorn server, summaries, bad input.
+
+The server runs a tiny random Llama whose tokenizer maps every token to one
+letter, so a reply's text, its streamed chunks and the server's usage count
+can be compared one to one. The blocks the pool holds after a run are read
+from the engine itself (the reference for the /metrics leak check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import uvicorn
+from conftest import tiny_model
+
+from kvengine.bench.serve_bench import run_serve_bench, summarize
+from kvengine.bench.serve_launch import LaunchConfig, blocks_in_use, parse_prometheus
+from kvengine.bench.serve_load import LoadResult
+from kvengine.bench.serve_workloads import LoadConfig, make_workload
+from kvengine.cli import main
+from kvengine.config import CacheConfig, ServerConfig
+from kvengine.engine.async_engine import AsyncEngine
+from kvengine.engine.engine import Engine
+from kvengine.errors import InvalidRequestError
+from kvengine.models import LoadedModel
+from kvengine.server import create_app
+
+
+class LetterTokenizer:
+    """Encodes ASCII text as its bytes; decodes each id to one lowercase letter (no chat template)."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("ascii"))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model() -> LoadedModel:
+    return dataclasses.replace(tiny_model("llama"), tokenizer=LetterTokenizer())  # type: ignore[arg-type]
+
+
+@contextmanager
+def live_server(model: LoadedModel, engine: Engine) -> Iterator[str]:
+    """A real uvicorn server on a free loopback port, in a background thread."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app(AsyncEngine(engine), model, ServerConfig(port=port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+SMALL = dict(
+    num_clients=4,
+    duration_s=60.0,  # the request cap ends these runs, long before the duration
+    prompt_len_range=(3, 8),
+    max_tokens_range=(4, 12),
+    shared_prefix_len=30,
+    num_groups=2,
+    turns=3,
+)
+
+
+def _referenced_blocks(engine: Engine) -> int:
+    """Blocks held by requests (not merely kept by the prefix cache): 0 when nothing leaked."""
+    evictable = engine.prefix.num_evictable_blocks if engine.prefix is not None else 0
+    return engine.pool.num_used_blocks - evictable
+
+
+def _run(model: LoadedModel, tmp_path: Path, workload: str, max_requests: int) -> tuple[LoadResult, list]:
+    engine = Engine(model, CacheConfig(block_size=4, max_kv_bytes=2**22, prefix_cache=True))
+    with live_server(model, engine) as url:
+        config = LoadConfig(url=url, workload=workload, max_requests=max_requests, **SMALL)  # type: ignore[arg-type]
+        result, rows = run_serve_bench(config, tmp_path, progress=False)
+        # The server has returned every block a request held; only the prefix cache keeps some.
+        engine.pool.check_invariants()
+        assert _referenced_blocks(engine) == 0
+        leak_check = {r["metric"]: r["value"] for r in rows}.get("pool_blocks_in_use_after")
+        assert leak_check in (None, 0)  # None: a server without /metrics
+    return result, rows
+
+
+def _check_consistent(result: LoadResult) -> None:
+    assert [r.error for r in result.requests if not r.ok] == []
+    for r in result.requests:
+        # one token = one letter = one streamed chunk; the usage chunk counts the same tokens
+        assert r.completion_tokens == len(r.text) == r.num_chunks
+        assert len(r.itl_s) == r.num_chunks - 1
+        assert r.ttft_s is not None and 0 < r.ttft_s <= r.e2e_s
+        assert 0 <= r.cached_tokens <= r.prompt_tokens
+    summary = summarize(result)
+    for name, qs in (("ttft", (50, 90, 99)), ("itl", (50, 90, 99)), ("e2e", (50, 99))):
+        values = [summary[f"{name}_p{q}_s"] for q in qs]
+        assert values == sorted(values) and values[0] > 0
+    total = sum(r.completion_tokens for r in result.requests)
+    assert summary["output_tokens_per_s"] == pytest.approx(total / result.elapsed_s)
+    assert summary["num_failed"] == 0
+
+
+def test_mixed_load_against_live_server(model: LoadedModel, tmp_path: Path) -> None:
+    result, rows = _run(model, tmp_path, "mixed", max_requests=24)
+    assert len(result.requests) == 24  # the cap, exactly: no client starts one past it
+    assert {r.workload for r in result.requests} == {"shared-prefix", "multi-turn", "random"}
+    _check_consistent(result)
+    lines = (tmp_path / "bench_serve.jsonl").read_text().splitlines()
+    parsed = [json.loads(line) for line in lines]
+    assert len(parsed) == len(rows) and {"bench", "metric", "value", "unit", "config"} <= set(parsed[0])
+    values = {row["metric"]: row["value"] for row in parsed}
+    assert values["num_requests"] == 24 and values["num_failed"] == 0
+    markdown = (tmp_path / "bench_serve.md").read_text()
+    assert markdown.startswith("| metric | value |") and "| multi-turn | " in markdown
+
+
+def test_shared_prefix_hits_the_prefix_cache(model: LoadedModel, tmp_path: Path) -> None:
+    result, _ = _run(model, tmp_path, "shared-prefix", max_requests=12)
+    _check_consistent(result)
+    # Two prefixes of 30 words, 12 requests: all but the first of each group can reuse theirs.
+    # The first requests of a group may run side by side and all miss; the later ones hit.
+    assert summarize(result)["prefix_hit_rate"] > 0.3
+
+
+def test_multi_turn_conversations_grow_and_restart() -> None:
+    config = LoadConfig(workload="multi-turn", seed=3, **SMALL)  # type: ignore[arg-type]
+    workload = make_workload(config, client_index=0)
+    sizes = []
+    for turn in range(4):
+        spec = workload.next_request()
+        assert spec.path == "/v1/chat/completions" and spec.body["stream"] is True
+        sizes.append(len(spec.body["messages"]))
+        workload.on_reply(f"reply {turn}")
+    assert sizes == [1, 3, 5, 1]  # user; user, assistant, user; ...; then a new chat after 3 turns
+
+
+def test_workloads_are_fixed_by_the_seed() -> None:
+    def first_bodies(seed: int) -> list[dict]:
+        config = LoadConfig(workload="mixed", seed=seed, **SMALL)  # type: ignore[arg-type]
+        return [make_workload(config, i).next_request().body for i in range(6)]
+
+    assert first_bodies(0) == first_bodies(0)
+    assert first_bodies(0) != first_bodies(1)
+    prefix_bodies = first_bodies(0)[::3]  # clients 0 and 3 run shared-prefix
+    assert all(b["prompt"].count(" ") >= 30 for b in prefix_bodies)
+
+
+def test_prometheus_parsing_and_leak_count() -> None:
+    page = """# HELP kvengine_pool_blocks_used blocks
+# TYPE kvengine_pool_blocks_used gauge
+kvengine_pool_blocks_used 12.0
+kvengine_pool_blocks_cached{model="m"} 9
+kvengine_requests_total{status="ok"} 3
+kvengine_requests_total{status="error"} 1
+"""
+    metrics = parse_prometheus(page)
+    assert metrics["kvengine_requests_total"] == 4
+    assert blocks_in_use(metrics) == 3
+    assert blocks_in_use({"other": 1.0}) is None and blocks_in_use(None) is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(num_clients=0),
+        dict(max_requests=0),
+        dict(duration_s=0.0),
+        dict(prompt_len_range=(8, 3)),
+        dict(workload="bursty"),
+        dict(url="ftp://127.0.0.1"),
+    ],
+)
+def test_bad_config_is_refused(bad: dict) -> None:
+    with pytest.raises(InvalidRequestError):
+        LoadConfig(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--clients", "0"],
+        ["--duration-s", "-1"],
+        ["--prompt-len-range", "64"],
+        ["--max-tokens-range", "128,16"],
+        ["--workload", "bursty"],
+        ["--max-requests", "x"],
+    ],
+)
+def test_bad_cli_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "serve", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0]
+
+
+def test_unreachable_server_and_bad_url_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with socket.socket() as sock:  # a port nothing listens on once this socket is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert main(["bench", "serve", "--url", f"http://127.0.0.1:{port}", "--out", str(tmp_path)]) == 2
+    assert "cannot reach a server" in capsys.readouterr().err
+    assert main(["bench", "serve", "--url", "localhost:8000", "--out", str(tmp_path)]) == 2
+    assert "url must start with http://" in capsys.readouterr().err
+    assert main(["bench", "serve", "--launch", "--url", "http://127.0.0.1:1"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_launch_runs_and_stops_the_bundled_server(bundled: LoadedModel, tmp_path: Path) -> None:
+    config = LoadConfig(workload="mixed", max_requests=6, **{**SMALL, "shared_prefix_len": 64})  # type: ignore[arg-type]
+    launch = LaunchConfig(bundled.name, ("--prefix-cache",), log_path=tmp_path / "server.log")
+    result, rows = run_serve_bench(config, tmp_path, launch, progress=False)
+    assert [r.error for r in result.requests if not r.ok] == [] and len(result.requests) == 6
+    metrics = {row["metric"]: row["value"] for row in rows}
+    assert metrics["server_hwm_mib"] >= metrics["server_rss_idle_mib"] > 0
