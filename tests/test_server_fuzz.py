@@ -19,7 +19,6 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.python.asgi import shutdown_lifespans
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
-    negative_data_rejection,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -98,7 +97,9 @@ def test_invalid_bodies_are_rejected_with_a_4xx(schema: schemathesis.BaseSchema)
     @_SETTINGS
     @given(case=negative)
     def run(case: schemathesis.Case) -> None:
-        case.call_and_validate(checks=[*CHECKS, negative_data_rejection])
+        response = case.call_and_validate(checks=CHECKS)
+        # Any 4xx is a rejection; 413 (body over max_body_bytes) is one schemathesis does not list.
+        assert 400 <= response.status_code < 500, response.text
 
     run()
 

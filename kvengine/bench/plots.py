@@ -145,7 +145,7 @@ def plot_accuracy_vs_bytes(
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5 if baseline else 7, 4.5))
     colors: dict[str, Any] = {}
     for engine, group in (("", summaries), (" (kvpress)", baseline or [])):
         curves: dict[str, list[Summary]] = {}
@@ -162,7 +162,10 @@ def plot_accuracy_vs_bytes(
     ax.set_ylabel("accuracy (mean over all rows)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    if baseline:  # twice the curves: the legend goes beside the axes, not over them
+        ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
