@@ -40,7 +40,9 @@ the command line and from --file; with one prompt, text is streamed as it is pro
 template is applied for chat models unless --no-chat. Timing and KV bytes go to stderr."""
 _DEMO_HELP = """Load the bundled model, build a long document with one fact hidden in it,
 ask about that fact, and print the answer, the KV-cache bytes held, time to first token and
-decode speed."""
+decode speed. Then compare knorm, streaming_llm,
+snapkv, expected_attention (half the cache evicted) and 2-bit KIVI on 4 needle contexts of 2048
+tokens: a Markdown table and a PNG plot under the cache directory (skip with --no-compare)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     _add_generate_parser(sub)
-    demo = sub.add_parser("demo", help="answer a question about a long document", description=_DEMO_HELP)
+    demo = sub.add_parser(
+        "demo", help="answer a question about a long document, then compare presses", description=_DEMO_HELP
+    )
     demo.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
     demo.add_argument("--doc-tokens", type=positive_int, default=2000, help="length of the document")
+    demo.add_argument(
+        "--no-compare",
+        action="store_true",
+        help="skip the press comparison (4 presses and KIVI 2-bit on 4 needle contexts; about 1.5 min on 2 cores)",
+    )
     add_bench_parser(sub)
     sub.add_parser("presses", help="list compression presses and their hyperparameters")
     models = sub.add_parser("models", help="list bundled models and whether they are converted")
@@ -144,7 +153,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from kvengine.demo import run_demo
 
-    run_demo(args.model, args.doc_tokens)
+    run_demo(args.model, args.doc_tokens, compare=not args.no_compare)
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
