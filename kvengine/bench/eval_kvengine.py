@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvengine.bench.presses import prefill_context
 from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams
@@ -44,25 +45,13 @@ class Measured:
     answer_s: float
 
 
-def _run(engine: Engine) -> None:
-    while engine.has_unfinished():
-        engine.step()
-
-
-def _prefill(engine: Engine, ids: list[int], keep_queries: bool) -> tuple[int, float]:
-    start = time.perf_counter()
-    context = engine.add_context(ids, keep_queries=keep_queries)
-    _run(engine)
-    return context, time.perf_counter() - start
-
-
 def _ask(
     engine: Engine, model: LoadedModel, context: int, rests: list[list[int]], params: SamplingParams
 ) -> tuple[list[str], float]:
     """Every question continues `context` (batched together); returns the answers and the seconds taken."""
     start = time.perf_counter()
     seq_ids = [engine.add_request(rest, params, parent=context) for rest in rests]
-    _run(engine)
+    engine.run()
     assert model.tokenizer is not None
     outputs = [
         str(model.tokenizer.decode(engine.release(s).output_ids, skip_special_tokens=True)) for s in seq_ids
@@ -104,7 +93,7 @@ def measure(
     fp = [s for s in settings if not s[2]]
     if fp:
         engine = _engine(model, len(rests), len(ids), extra)
-        base, prefill_s = _prefill(engine, ids, keep_queries=any(s[0] != "none" for s in fp))
+        base, prefill_s = prefill_context(engine, ids, keep_queries=any(s[0] != "none" for s in fp))
         full = engine.cache.bytes_held(engine.sequences[base].kv)  # type: ignore[arg-type]
         for spec, ratio, _ in fp:
             start, context = time.perf_counter(), base
@@ -119,7 +108,7 @@ def measure(
         engine.release(base)
     for bits in sorted({s[2] for s in settings if s[2]}):
         kivi_engine = _engine(model, len(rests), len(ids), extra, bits)
-        context, prefill_s = _prefill(kivi_engine, ids, keep_queries=False)
+        context, prefill_s = prefill_context(kivi_engine, ids, keep_queries=False)
         held = kivi_engine.cache.bytes_held(kivi_engine.sequences[context].kv)  # type: ignore[arg-type]
         outputs, answer_s = _ask(kivi_engine, model, context, rests, params)
         yield Measured("none", 0.0, bits, outputs, held, fp_bytes(model, len(ids)), prefill_s, 0.0, answer_s)

@@ -135,13 +135,6 @@ def _final_hidden_states(model: LoadedModel) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def _run(engine: Engine) -> None:
-    while engine.has_unfinished():
-        engine.step()
-        if engine.last_step_size == 0:
-            raise RuntimeError("the scheduler can run none of the unfinished requests")
-
-
 def _check_fits(model: LoadedModel, ids: list[int], context_len: int) -> None:
     if context_len < 1 or len(ids) - context_len - 1 < 1:
         raise InvalidRequestError(
@@ -165,7 +158,7 @@ def _score(engine: Engine, context: int, ids: list[int], context_len: int) -> fl
     model = engine.model
     seq_id = engine.add_request(ids[context_len:-1], SamplingParams(max_tokens=1), parent=context)
     with _final_hidden_states(model) as captured:
-        _run(engine)
+        engine.run()
     engine.release(seq_id)
     hidden = torch.cat(captured)  # (score_len, hidden)
     if hidden.shape[0] != len(ids) - context_len - 1:
@@ -207,7 +200,7 @@ def measure_perplexity(
     engine = _engine(model, ids, context_len, kivi)
     start = time.perf_counter()
     context = engine.add_context(ids[:context_len], press)
-    _run(engine)
+    engine.run()
     return _measured(engine, context, ids, context_len, time.perf_counter() - start)
 
 
@@ -226,7 +219,7 @@ def measure_settings(
     engine = _engine(model, ids, context_len, 0)
     start = time.perf_counter()
     base = engine.add_context(ids[:context_len], keep_queries=True)
-    _run(engine)
+    engine.run()
     prefill_s = time.perf_counter() - start
     for spec, ratio, bits in settings:
         press = None if spec == "none" else press_from_spec(spec, ratio)

@@ -58,23 +58,19 @@ class Result:
     compress_s: float
 
 
-def _run(engine: Engine) -> None:
-    while engine.has_unfinished():
-        engine.step()
-
-
 def _answer(engine: Engine, model: LoadedModel, context_id: int, rest: list[int]) -> str:
     seq_id = engine.add_request(rest, ANSWER, parent=context_id)
-    _run(engine)
+    engine.run()
     output = engine.release(seq_id).output_ids
     assert model.tokenizer is not None
     return str(model.tokenizer.decode(output, skip_special_tokens=True))
 
 
-def _prefill(engine: Engine, ids: list[int], keep_queries: bool) -> tuple[int, float]:
+def prefill_context(engine: Engine, ids: list[int], keep_queries: bool) -> tuple[int, float]:
+    """Add `ids` as a context and run it to the end; returns its id and the seconds taken."""
     start = time.perf_counter()
     context = engine.add_context(ids, keep_queries=keep_queries)
-    _run(engine)
+    engine.run()
     return context, time.perf_counter() - start
 
 
@@ -85,7 +81,7 @@ def run_example(
     ids, rest = encode_prompt(model, example.context, None, None, example.question)
     scheduler = SchedulerConfig(max_num_seqs=4, max_step_tokens=len(ids))
     engine = Engine(model, CacheConfig(max_kv_bytes=2 * 2**30), scheduler)
-    base, prefill_s = _prefill(engine, ids, keep_queries=True)
+    base, prefill_s = prefill_context(engine, ids, keep_queries=True)
     full = engine.cache.bytes_held(engine.sequences[base].kv)  # type: ignore[arg-type]
     out = _answer(engine, model, base, rest)
     results = [
@@ -114,7 +110,7 @@ def run_example(
     for bits in kivi:
         # 32-token blocks: one key group per block, as in KIVI; 16 would double the key scales.
         kivi_engine = Engine(model, CacheConfig(block_size=32, max_kv_bytes=2**30, kv_bits=bits), scheduler)
-        context, kivi_prefill_s = _prefill(kivi_engine, ids, keep_queries=False)
+        context, kivi_prefill_s = prefill_context(kivi_engine, ids, keep_queries=False)
         held = kivi_engine.cache.bytes_held(kivi_engine.sequences[context].kv)  # type: ignore[arg-type]
         out = _answer(kivi_engine, model, context, rest)
         results.append(

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvengine.cache.pool import BlockPool
+from kvengine.cache.pool import BlockPool, block_slots
 from kvengine.cache.quant_pool import QuantizedBlockPool
 
 KVPool = BlockPool | QuantizedBlockPool
@@ -148,7 +148,7 @@ class PagedKVCache:
             blocks = ids[start : start + n_blk]
             start += n_blk
             seq.block_table[layer, head, :n_blk] = blocks
-            dst = (blocks[:, None] * bs + torch.arange(bs)).flatten()[: src.numel()]
+            dst = block_slots(blocks, bs)[: src.numel()]
             k, v = self.pool.read(src)
             self.pool.write(dst, k, v)
             seq.slots[layer, head, : src.numel()] = dst
@@ -207,7 +207,7 @@ class PagedKVCache:
         seq.block_table[..., :num_blocks] = block_ids
         seq.num_blocks.fill_(num_blocks)
         seq.slots = _grow(seq.slots, num_tokens, 0)
-        seq.slots[..., :num_tokens] = (block_ids[..., None] * bs + torch.arange(bs)).flatten(2)
+        seq.slots[..., :num_tokens] = block_slots(block_ids, bs)
         seq.lens.fill_(num_tokens)
         return seq
 
@@ -223,7 +223,7 @@ class PagedKVCache:
         seq.block_table = _grow(block_table.clone(), 4, -1)
         seq.num_blocks = (block_table >= 0).sum(-1)
         seq.lens = lens.clone()
-        slots = (block_table.clamp_min(0)[..., None] * bs + torch.arange(bs)).flatten(2)  # (L, H, n * bs)
+        slots = block_slots(block_table.clamp_min(0), bs)  # (L, H, n * bs)
         slots[torch.arange(slots.shape[-1]) >= lens[..., None]] = 0
         seq.slots = _grow(slots, 16, 0)
         return seq

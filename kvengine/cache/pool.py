@@ -143,6 +143,17 @@ class BlockPool:
         torch.index_select(self.v, 0, slots, out=v)
         return k, v
 
+    def read_blocks(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values of whole blocks: each `(*block_ids.shape, block_size, head_dim)`."""
+        k, v = self.read(block_slots(block_ids, self.block_size).flatten())
+        shape = (*block_ids.shape, self.block_size, self.head_dim)
+        return k.view(shape), v.view(shape)
+
+    def write_blocks(self, block_ids: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Fill whole blocks: `key`/`value` are `(*block_ids.shape, block_size, head_dim)`."""
+        slots = block_slots(block_ids, self.block_size).flatten()
+        self.write(slots, key.reshape(-1, self.head_dim), value.reshape(-1, self.head_dim))
+
     # ---- checks -----------------------------------------------------------
 
     def check_invariants(self) -> None:
@@ -153,6 +164,11 @@ class BlockPool:
         is_free[free] = True
         assert bool((self.ref_counts[is_free] == 0).all()), "a free block is referenced"
         assert bool((self.ref_counts[~is_free] >= 1).all()), "a used block has no reference"
+
+
+def block_slots(block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat slot indices of whole blocks: `(..., n)` block ids give `(..., n * block_size)` slots."""
+    return (block_ids[..., None] * block_size + torch.arange(block_size)).flatten(-2)
 
 
 def add_refs(ref_counts: torch.Tensor, block_ids: torch.Tensor) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from kvengine.cache.pool import add_refs, drop_refs
+from kvengine.cache.pool import add_refs, block_slots, drop_refs
 from kvengine.cache.quant import KIVILayout, PackedBlocks
 from kvengine.errors import InvalidRequestError, OutOfBlocksError
 
@@ -198,7 +198,7 @@ class QuantizedBlockPool:
                 "seal needs blocks held by exactly one reference (free or shared blocks cannot be sealed)"
             )
         new_ids = self._take(self._free_packed, block_ids.numel(), "packed")
-        rows = (block_ids[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
+        rows = block_slots(block_ids.flatten(), self.block_size)
         shape = (block_ids.numel(), self.block_size, self.head_dim)
         k = self.k.index_select(0, rows).view(shape)  # (N, block_size, D)
         v = self.v.index_select(0, rows).view(shape)

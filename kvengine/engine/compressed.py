@@ -27,6 +27,7 @@ import torch
 
 from kvengine.cache.blob import BlobError, KeyMismatchError
 from kvengine.cache.paged import PagedKVCache, SequenceKV
+from kvengine.cache.pool import BlockPool
 from kvengine.engine.request import Sequence
 from kvengine.engine.tiered import TierBridge
 
@@ -49,6 +50,12 @@ class CompressedPrefixes:
         self.num_hits = 0
         self.num_stores = 0
         self.num_evictions = 0
+
+    @property
+    def _pool(self) -> BlockPool:
+        pool = self.cache.pool
+        assert isinstance(pool, BlockPool)  # CacheConfig refuses the prefix cache with packed KIVI blocks
+        return pool
 
     def key(self, seq: Sequence) -> str:
         layout = (
@@ -114,14 +121,12 @@ class CompressedPrefixes:
 
     def _pack(self, kv: SequenceKV) -> dict[str, torch.Tensor]:
         """An entry as tensors: its blocks' keys and values, and a block table into them."""
-        pool, bs = self.cache.pool, self.cache.block_size
         used = kv.block_table >= 0
         ids = kv.block_table[used]
         table = torch.full_like(kv.block_table, -1)
         table[used] = torch.arange(ids.numel())
-        k, v = pool.read((ids[:, None] * bs + torch.arange(bs)).flatten())
-        shape = (ids.numel(), bs, pool.head_dim)
-        return {"table": table, "lens": kv.lens.clone(), "k": k.view(shape), "v": v.view(shape)}
+        k, v = self._pool.read_blocks(ids)  # (n, block_size, D)
+        return {"table": table, "lens": kv.lens.clone(), "k": k, "v": v}
 
     def _load(self, key: str) -> SequenceKV | None:
         assert self.tiers is not None
@@ -133,12 +138,11 @@ class CompressedPrefixes:
         except BlobError as exc:
             self.tiers.reject(_storage_key(key), exc)
             return None
-        pool = self.cache.pool
+        pool = self._pool
         if not pool.can_allocate(k.shape[0]):
             return None
         ids = pool.allocate(k.shape[0])
-        bs = self.cache.block_size
-        pool.write((ids[:, None] * bs + torch.arange(bs)).flatten(), k.flatten(0, 1), v.flatten(0, 1))
+        pool.write_blocks(ids, k, v)
         kv = self.entries[key] = self.cache.adopt(torch.where(table >= 0, ids[table.clamp_min(0)], -1), lens)
         return kv
 

@@ -226,6 +226,16 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def run(self) -> None:
+        """Step until every request and context added so far has finished.
+
+        Raises RuntimeError if the scheduler can run none of them (they would wait forever).
+        """
+        while self.has_unfinished():
+            self.step()
+            if self.last_step_size == 0:
+                raise RuntimeError("the scheduler can run none of the unfinished requests")
+
     def abort(self, seq_id: int) -> None:
         """Stop a request now and free its blocks; unknown or finished ids are ignored."""
         seq = self.sequences.get(seq_id)

@@ -168,10 +168,8 @@ class TierBridge:
         """
         cells = self.cell_shape[0] * self.cell_shape[1]
         ids = self.pool.allocate(cells * len(chunks)).view(len(chunks), *self.cell_shape)
-        bs, d = self.pool.block_size, self.pool.head_dim
         for block_ids, chunk in zip(ids, chunks, strict=True):
-            slots = (block_ids[..., None] * bs + torch.arange(bs)).flatten()
-            self.pool.write(slots, chunk["k"].reshape(-1, d), chunk["v"].reshape(-1, d))
+            self.pool.write_blocks(block_ids, chunk["k"], chunk["v"])
         return list(ids)
 
     # ---- writing ------------------------------------------------------------
@@ -184,12 +182,7 @@ class TierBridge:
         """
         if not keys:
             return
-        bs, d = self.pool.block_size, self.pool.head_dim
-        ids = torch.stack(values)  # (n, L, H_kv)
-        slots = (ids[..., None] * bs + torch.arange(bs)).flatten()
-        k, v = self.pool.read(slots)
-        shape = (len(keys), *self.cell_shape, bs, d)
-        k, v = k.view(shape), v.view(shape)
+        k, v = self.pool.read_blocks(torch.stack(values))  # (n, L, H_kv, block_size, D)
         self._writer.submit(self._write, keys, k, v)
 
     def _write(self, keys: list[str], k: torch.Tensor, v: torch.Tensor) -> None:
