@@ -13,7 +13,13 @@ from conftest import tiny_model
 from test_tasks import ByteTokenizer
 
 from kvengine.bench.eval import EvalConfig, done_keys, row_key, run_eval
-from kvengine.bench.kvpress_baseline import DEFAULT_KVPRESS_PYTHON, KvpressWorker, compare_table, press_kwargs
+from kvengine.bench.kvpress_baseline import (
+    DEFAULT_KVPRESS_PYTHON,
+    KvpressWorker,
+    compare_table,
+    press_kwargs,
+    time_tables,
+)
 from kvengine.bench.tasks import make_example
 from kvengine.engine.generate import generate
 from kvengine.errors import InvalidRequestError
@@ -331,6 +337,29 @@ def test_compare_table_pairs_the_same_examples(tmp_path: Path) -> None:
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = write_report(results, tmp_path)[0].read_text()
     assert "## kvengine vs kvpress" in report and table[3] in report
+
+
+def test_time_tables_count_one_prefill_per_example_on_kvengine() -> None:
+    def row(engine: str, example: int, press: str, prefill: float, compress: float) -> dict[str, Any]:
+        config = dict(engine=engine, model="m", seed=0, task="niah_single", length=1024, example=example)
+        config.update(press=press, ratio=0.5, kivi=0)
+        return dict(config=config, prefill_s=prefill, compress_s=compress, answer_s=1.0)
+
+    rows = []
+    for example in (0, 1):
+        for press in ("knorm", "snapkv"):
+            # Example 1 was resumed between its two settings: kvengine prefilled its context twice.
+            prefill = 2.0 if example == 0 or press == "knorm" else 2.5
+            rows += [row("kvengine", example, press, prefill, 0.5), row("kvpress", example, press, 3.0, 0.0)]
+    rows.append(row("kvengine", 2, "knorm", 2.0, 0.5))  # no kvpress twin: left out
+    lines = time_tables(rows).splitlines()
+    per_setting = next(line for line in lines if line.startswith("| 1024"))
+    # kvengine 3.5 s per setting (4.0 for the resumed one), kvpress 4.0; medians, and the median ratio.
+    assert per_setting == "| 1024 | 4 | 2.00 | 0.50 | 1.00 | 3.00 | 1.00 | 3.50 | 4.00 | 1.14 |"
+    per_example = [line for line in lines if line.startswith("| 1024")][1]
+    # kvengine: example 0 is 2.0 + 2 x 1.5 = 5.0, example 1 is 2.0 + 2.5 + 2 x 1.5 = 7.5; kvpress 8.0 each.
+    assert per_example == "| 1024 | 2 | 2.0 | 6.2 | 8.0 | 1.28 |"
+    assert time_tables([r for r in rows if r["config"]["engine"] == "kvengine"]) == ""
 
 
 def test_baseline_errors_name_the_recipe(tmp_path: Path) -> None:

@@ -271,3 +271,86 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
         "kvpress / kvengine time",
     ]  # fmt: skip
     return markdown_table(header, lines)
+
+
+def _example_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return _pair_key(row)[:5]  # (model, seed, task, length, example)
+
+
+def time_tables(rows: list[dict[str, Any]]) -> str:
+    """Markdown: both engines' seconds by context length, two ways, over the (example, setting) pairs both ran.
+
+    Per setting: each setting as one request would run it, from the context's
+    ids (kvengine's row carries the whole prefill it shares), medians over the
+    pairs, with the median of the per-pair ratios. Per example: every shared
+    setting of one example, as `kvengine eval` runs them: kvengine prefills a
+    context once (each distinct prefill counted once, so a resumed example that
+    prefilled twice pays twice) and compresses a copy per setting; kvpress
+    prefills under each press. Empty when no row has a kvpress twin.
+    """
+    import statistics
+
+    from kvengine.bench.report import markdown_table
+
+    pairs = [pair for group in paired_rows(rows).values() for pair in group]
+    if not pairs:
+        return ""
+    by_length: dict[int, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for ours, theirs in pairs:
+        by_length.setdefault(int(ours["config"]["length"]), []).append((ours, theirs))
+
+    def med(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f}"
+
+    per_setting, per_example = [], []
+    for length, group in sorted(by_length.items()):
+        per_setting.append(
+            [
+                length,
+                len(group),
+                med([a["prefill_s"] for a, _ in group]),
+                med([a["compress_s"] for a, _ in group]),
+                med([a["answer_s"] for a, _ in group]),
+                med([b["prefill_s"] for _, b in group]),
+                med([b["answer_s"] for _, b in group]),
+                med([_seconds(a) for a, _ in group]),
+                med([_seconds(b) for _, b in group]),
+                med([_seconds(b) / _seconds(a) for a, b in group]),
+            ]
+        )
+        examples: dict[tuple[Any, ...], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+        for a, b in group:
+            examples.setdefault(_example_key(a), []).append((a, b))
+        ours_s = [
+            sum({a["prefill_s"] for a, _ in ex}) + sum(a["compress_s"] + a["answer_s"] for a, _ in ex)
+            for ex in examples.values()
+        ]
+        theirs_s = [sum(_seconds(b) for _, b in ex) for ex in examples.values()]
+        per_example.append(
+            [
+                length,
+                len(examples),
+                f"{len(group) / len(examples):.1f}",
+                f"{sum(ours_s) / len(ours_s):.1f}",
+                f"{sum(theirs_s) / len(theirs_s):.1f}",
+                f"{sum(theirs_s) / sum(ours_s):.2f}",
+            ]
+        )
+    setting_header = [
+        "context tokens", "pairs", "prefill kvengine", "compression kvengine", "answers kvengine",
+        "prefill + compression kvpress", "answers kvpress", "s / setting kvengine", "s / setting kvpress",
+        "kvpress / kvengine time",
+    ]  # fmt: skip
+    example_header = [
+        "context tokens", "examples", "settings per example", "s / example (all settings) kvengine",
+        "s / example (all settings) kvpress",
+        "kvpress / kvengine time",
+    ]  # fmt: skip
+    return (
+        "Per setting (each from its own prefill, as one request runs; medians over the pairs, and the median "
+        "of the per-pair ratios):\n\n"
+        + markdown_table(setting_header, per_setting)
+        + "\n\nPer example (all of an example's shared settings, as `kvengine eval` runs them: kvengine "
+        "prefills the context once and compresses a copy per setting, kvpress prefills under each press; "
+        "means over examples):\n\n" + markdown_table(example_header, per_example)
+    )

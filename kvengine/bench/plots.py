@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvengine.bench.kvpress_baseline import compare_table
+from kvengine.bench.kvpress_baseline import compare_table, time_tables
 from kvengine.bench.report import markdown_table
 from kvengine.errors import InvalidRequestError
 
@@ -230,7 +230,11 @@ def compare_section(rows: list[dict[str, Any]]) -> str:
         "kvpress's own pipeline, over the examples both engines ran, all tasks together. Seconds per example: "
         "wall time from the context's token ids to every answer decoded, on each engine, measured in the "
         "same run one after the other. KV bytes: what each engine's cache holds after compression (kvpress's "
-        "AdaKV masks evicted entries, so it holds them all).\n\n" + table + "\n\n"
+        "AdaKV masks evicted entries, so it holds them all).\n\n"
+        + table
+        + "\n\n### Time by context length\n\n"
+        + time_tables(rows)
+        + "\n\n"
     )
 
 
