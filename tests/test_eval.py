@@ -212,6 +212,21 @@ def _synthetic_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def test_length_table_has_a_column_per_context_length() -> None:
+    from kvengine.bench.plots import length_table
+
+    rows = _synthetic_rows()
+    lines = length_table(rows).splitlines()
+    assert lines[0] == "| press | ratio | accuracy @1024 | accuracy @2048 |"
+    # At 1,024: needle 1.0 and 0.0, cwe 0.5; at 2,048: needle 1.0 twice. Same values under every setting.
+    assert lines[2:] == [
+        "| none | 0.00 | 0.500 | 1.000 |",
+        "| snapkv | 0.50 | 0.500 | 1.000 |",
+        "| kivi-2 | 0.00 | 0.500 | 1.000 |",
+    ]
+    assert length_table([r for r in rows if r["config"]["length"] == 1024]) == ""
+
+
 def test_report_writes_table_and_plots(tmp_path: Path) -> None:
     from kvengine.bench.plots import needle_grid, summarize, write_report
 
@@ -234,7 +249,9 @@ def test_report_writes_table_and_plots(tmp_path: Path) -> None:
     assert "| niah_single | snapkv | 0.50 | - | 4 | 0.750 | 0.500 |" in table
     assert "| cwe | none | 0.00 | 2 | 1 | 0.500 | 0.200 |" in table
     assert "| all | none | 0.00 | - | 5 | 0.700 |" in table
-    assert len([line for line in table.splitlines() if line.startswith("| ") and "---" not in line]) == 1 + 9
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(lines) == (1 + 9) + (1 + 3)  # the summary, then accuracy by length (3 settings, 2 lengths)
+    assert "## Accuracy by context length" in table and "| none | 0.00 | 0.500 | 1.000 |" in table
     grid = needle_grid(rows)
     assert grid[("none", 0.0, 0)] == {
         (0.25, 1024): 1.0,

@@ -133,6 +133,30 @@ def summary_table(summaries: list[Summary]) -> str:
     return markdown_table(header, lines)
 
 
+def length_table(rows: Iterable[dict[str, Any]], engine: str = "kvengine") -> str:
+    """Markdown: mean accuracy of every setting (all tasks together) per context length, one column each.
+
+    Empty when the rows have a single length (the summary table says it all).
+    """
+    cells: dict[Setting, dict[int, list[float]]] = {}
+    for r in rows:
+        if engine_of(r) == engine:
+            cells.setdefault(_setting(r), {}).setdefault(int(r["config"]["length"]), []).append(r["value"])
+    lengths = sorted({n for by_length in cells.values() for n in by_length})
+    if len(lengths) < 2:
+        return ""
+    order = sorted(cells, key=lambda s: (s[0] != "none" or s[2] != 0, s[2], s[0], s[1]))
+    lines = [
+        [
+            label(s),
+            f"{s[1]:.2f}",
+            *(f"{statistics.mean(cells[s][n]):.3f}" if n in cells[s] else "-" for n in lengths),
+        ]
+        for s in order
+    ]
+    return markdown_table(["press", "ratio", *(f"accuracy @{n}" for n in lengths)], lines)
+
+
 def plot_accuracy_vs_bytes(
     summaries: list[Summary], path: Path, baseline: list[Summary] | None = None
 ) -> None:
@@ -220,6 +244,14 @@ def plot_needle_grid(grid: dict[Setting, dict[tuple[float, int], float]], path: 
     plt.close(fig)
 
 
+def by_length_section(rows: list[dict[str, Any]]) -> str:
+    """Accuracy per context length, all tasks together (empty with a single length)."""
+    table = length_table(rows)
+    if not table:
+        return ""
+    return "## Accuracy by context length\n\nkvengine's rows, every task together.\n\n" + table + "\n\n"
+
+
 def compare_section(rows: list[dict[str, Any]]) -> str:
     """The kvengine vs kvpress section of the report (empty without kvpress rows)."""
     table = compare_table(rows)
@@ -261,6 +293,7 @@ def write_report(results: Path, out_dir: Path) -> list[Path]:
         "answers.\n\n"
         + summary_table(summaries)
         + "\n\n"
+        + by_length_section(rows)
         + compare_section(rows)
         + "\n\n".join(images)
         + "\n",
