@@ -20,7 +20,7 @@ from kvengine.bench.kvpress_baseline import (
     press_kwargs,
     time_tables,
 )
-from kvengine.bench.tasks import make_example
+from kvengine.bench.tasks import default_depth, make_example, uses_depth
 from kvengine.engine.generate import generate
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
@@ -51,7 +51,16 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 def _all_keys(cfg: EvalConfig, model: str = "tiny-llama") -> set[tuple[Any, ...]]:
     return {
-        ("kvengine", model, cfg.seed, task, n, i, *s)
+        (
+            "kvengine",
+            model,
+            cfg.seed,
+            task,
+            n,
+            i,
+            default_depth(i, cfg.num_examples) if uses_depth(task) else None,
+            *s,
+        )
         for task in cfg.tasks
         for n in cfg.lengths
         for i in range(cfg.num_examples)
@@ -144,6 +153,20 @@ def test_resume_key_has_model_seed_and_engine(model: LoadedModel, tmp_path: Path
     assert len(run_eval(model, cfg, out, progress=False)) == 1
     out.write_text(json.dumps(legacy) + "\n")
     assert run_eval(model, cfg, out, progress=False) == []
+
+
+def test_resume_key_has_depth(model: LoadedModel, tmp_path: Path) -> None:
+    """Example 0 of a one-example run sits at depth 0.5, of a two-example run at 0.25: not the same example."""
+    one = EvalConfig(("niah_single", "cwe"), (512,), ("none",), (0.5,), (), 1, max_new_tokens=2)
+    out = tmp_path / "r.jsonl"
+    assert [r["config"]["depth"] for r in run_eval(model, one, out, progress=False)] == [0.5, None]
+    two = run_eval(model, dataclasses.replace(one, num_examples=2), out, progress=False)
+    # cwe has no depth: its example 0 is the same example and is not run again.
+    assert [(r["config"]["task"], r["config"]["example"], r["config"]["depth"]) for r in two] == [
+        ("niah_single", 0, 0.25),
+        ("niah_single", 1, 0.75),
+        ("cwe", 1, None),
+    ]
 
 
 def test_jsonl_task_with_missing_field(model: LoadedModel, tmp_path: Path) -> None:

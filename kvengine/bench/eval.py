@@ -12,10 +12,10 @@ Seconds per example are measured the same way on both sides: wall time from
 token ids to all answers decoded (prefill, compression, answers).
 
 Every result is one JSON row appended (and flushed) as soon as it is known,
-keyed by (engine, model, seed, task, length, example, press, ratio, kivi); a
-run started again on the same file skips the keys already there, so an
-interrupted run resumes where it stopped, and never counts a row of another
-model, seed or engine as done.
+keyed by (engine, model, seed, task, length, example, depth, press, ratio,
+kivi); a run started again on the same file skips the keys already there, so
+an interrupted run resumes where it stopped, and never counts a row of another
+model, seed, engine or depth as done.
 """
 
 from __future__ import annotations
@@ -41,15 +41,17 @@ from kvengine.bench.tasks import (
     load_jsonl_tasks,
     make_example,
     score,
+    uses_depth,
 )
 from kvengine.engine.generate import encode_prompt
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
 from kvengine.press import press_from_spec
 
-# (engine, model, seed, task, length, example, press, ratio, kivi)
-Key = tuple[str, str, int, str, int, int, str, float, int]
-_KEY_FIELDS = ("engine", "model", "seed", "task", "length", "example", "press", "ratio", "kivi")
+# (engine, model, seed, task, length, example, depth, press, ratio, kivi). The depth is part of it because
+# example i of a run with another number of examples sits at another depth: it is another example.
+Key = tuple[str, str, int, str, int, int, float | None, str, float, int]
+_KEY_FIELDS = ("engine", "model", "seed", "task", "length", "example", "depth", "press", "ratio", "kivi")
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class EvalConfig:
 def row_key(row: Mapping[str, Any]) -> Key:
     """The key of a result row (its `config` fields; rows written before engines were named are kvengine's)."""
     c = row["config"]
+    depth = c.get("depth")
     return (
         str(c.get("engine", "kvengine")),
         str(c["model"]),
@@ -119,6 +122,7 @@ def row_key(row: Mapping[str, Any]) -> Key:
         str(c["task"]),
         int(c["length"]),
         int(c["example"]),
+        None if depth is None else float(depth),
         str(c["press"]),
         float(c["ratio"]),
         int(c["kivi"]),
@@ -152,7 +156,7 @@ class _Planned:
     task: str
     length: int
     index: int
-    depth: float | None
+    depth: float | None  # where the answer sits; None for a user's example and the word tasks
     jsonl: Example | None  # a user's example; synthetic ones are generated when needed
 
 
@@ -166,15 +170,17 @@ def _plan(cfg: EvalConfig, model: LoadedModel) -> list[_Planned]:
         for task in expand_task_names([name]):
             for length in cfg.lengths:
                 for i in range(cfg.num_examples):
-                    planned.append(_Planned(task, length, i, default_depth(i, cfg.num_examples), None))
+                    depth = default_depth(i, cfg.num_examples) if uses_depth(task) else None
+                    planned.append(_Planned(task, length, i, depth, None))
     return planned
 
 
 def _example(model: LoadedModel, cfg: EvalConfig, p: _Planned) -> Example:
     if p.jsonl is not None:
         return p.jsonl
-    assert model.tokenizer is not None and p.depth is not None
-    return make_example(p.task, model.tokenizer, p.length, cfg.seed, p.index, p.depth, model.max_context_len)
+    assert model.tokenizer is not None
+    depth = 0.5 if p.depth is None else p.depth  # unused by the tasks without a depth
+    return make_example(p.task, model.tokenizer, p.length, cfg.seed, p.index, depth, model.max_context_len)
 
 
 def _check_lengths(model: LoadedModel, cfg: EvalConfig) -> None:
@@ -199,7 +205,9 @@ def run_eval(model: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = Tr
 
     def missing(engine: str, p: _Planned, settings: list[Setting]) -> list[Setting]:
         return [
-            s for s in settings if (engine, model.name, cfg.seed, p.task, p.length, p.index, *s) not in done
+            s
+            for s in settings
+            if (engine, model.name, cfg.seed, p.task, p.length, p.index, p.depth, *s) not in done
         ]
 
     ours, theirs = cfg.settings(), cfg.baseline_settings()
@@ -298,12 +306,13 @@ class _RowMaker:
             ex.task,
             ex.length,
             self.index,
+            ex.depth,
             m.press,
             m.ratio,
             m.kivi,
         )
         config = dict(zip(_KEY_FIELDS, key, strict=True))
-        row = make_row("eval", "score", sum(scores) / len(scores), "fraction", **config, depth=ex.depth)
+        row = make_row("eval", "score", sum(scores) / len(scores), "fraction", **config)
         row["versions"].update(extra_versions or {})
         row.update(
             num_tokens=ex.num_tokens,

@@ -170,7 +170,10 @@ def plot_accuracy_vs_bytes(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9.5 if baseline else 7, 4.5))
-    colors: dict[str, Any] = {}
+    names = sorted({label(s.setting) for s in [*summaries, *(baseline or [])] if s.task == "all"})
+    # tab20 holds 10 hues in a dark and a light shade: the dark ones first, so curves differ by hue.
+    palette = plt.get_cmap("tab20")
+    colors = {name: palette((2 * i) % 20 + (2 * i) // 20 % 2) for i, name in enumerate(names)}
     for engine, group in (("", summaries), (" (kvpress)", baseline or [])):
         curves: dict[str, list[Summary]] = {}
         for s in group:
@@ -180,8 +183,7 @@ def plot_accuracy_vs_bytes(
             points.sort(key=lambda s: s.kv_fraction)
             style = ("x" if engine else "*") if len(points) == 1 else ("x--" if engine else "o-")
             xs, ys = [p.kv_fraction for p in points], [p.accuracy for p in points]
-            (line,) = ax.plot(xs, ys, style, label=name + engine, markersize=6, color=colors.get(name))
-            colors.setdefault(name, line.get_color())
+            ax.plot(xs, ys, style, label=name + engine, markersize=6, color=colors[name])
     ax.set_xlabel("KV bytes held / uncompressed (measured in the pool)")
     ax.set_ylabel("accuracy (mean over all rows)")
     ax.set_ylim(-0.02, 1.02)

@@ -7,7 +7,13 @@ answers, and metadata (task, length, depth). Generators are deterministic in
 
 from kvengine.bench.tasks.example import Example, Question, Tokenizer, count_tokens, score
 from kvengine.bench.tasks.jsonl import load_jsonl_tasks
-from kvengine.bench.tasks.registry import RULER_TASKS, default_depth, expand_task_names, make_example
+from kvengine.bench.tasks.registry import (
+    RULER_TASKS,
+    default_depth,
+    expand_task_names,
+    make_example,
+    uses_depth,
+)
 
 __all__ = [
     "RULER_TASKS",
@@ -20,4 +26,5 @@ __all__ = [
     "load_jsonl_tasks",
     "make_example",
     "score",
+    "uses_depth",
 ]

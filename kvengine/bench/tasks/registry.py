@@ -34,6 +34,11 @@ def default_depth(index: int, num_examples: int) -> float:
     return (index + 0.5) / num_examples
 
 
+def uses_depth(task: str) -> bool:
+    """Whether `task` places its answer at a depth (the word-counting tasks have none)."""
+    return task not in WORD_TASKS
+
+
 def make_example(
     task: str,
     tokenizer: Tokenizer,
