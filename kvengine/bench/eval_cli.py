@@ -23,7 +23,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         help="task accuracy, KV bytes and time per press (RULER-style tasks or your JSONL)",
         description="Prefill each example's context once, compress a copy with every press at every ratio, ask "
         "all its questions of that copy, and append one JSON row per (engine, model, seed, task, length, "
-        "example, press, ratio, kivi) to --out. With --baseline kvpress the presses kvpress also has answer "
+        "example, depth, press, ratio, kivi) to --out. Example i of N puts its needle at depth (i + 0.5) / N, "
+        "so --examples 5 makes a needle grid over 5 depths. With --baseline kvpress the presses kvpress also has answer "
         "the same token ids through kvpress's pipeline too. Rows already in --out are skipped, so a stopped "
         "run resumes. `kvengine report OUT` renders the table and plots.",
     )
