@@ -111,6 +111,20 @@ class EvalConfig:
         return [s for s in self.settings() if not s[2] and is_shared(s[0])]
 
 
+def _key(
+    engine: str,
+    model: LoadedModel,
+    cfg: EvalConfig,
+    task: str,
+    length: int,
+    index: int,
+    depth: float | None,
+    setting: Setting,
+) -> Key:
+    """The key of the row `engine` writes for one example under one setting (what `row_key` reads back)."""
+    return (engine, model.name, cfg.seed, task, length, index, depth, *setting)
+
+
 def row_key(row: Mapping[str, Any]) -> Key:
     """The key of a result row (its `config` fields; rows written before engines were named are kvengine's)."""
     c = row["config"]
@@ -205,9 +219,7 @@ def run_eval(model: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = Tr
 
     def missing(engine: str, p: _Planned, settings: list[Setting]) -> list[Setting]:
         return [
-            s
-            for s in settings
-            if (engine, model.name, cfg.seed, p.task, p.length, p.index, p.depth, *s) not in done
+            s for s in settings if _key(engine, model, cfg, p.task, p.length, p.index, p.depth, s) not in done
         ]
 
     ours, theirs = cfg.settings(), cfg.baseline_settings()
@@ -299,17 +311,8 @@ class _RowMaker:
     ) -> dict[str, Any]:
         ex = self.example
         scores = [score(q.answers, out) for q, out in zip(ex.questions, m.outputs, strict=True)]
-        key = (
-            engine,
-            self.model.name,
-            self.cfg.seed,
-            ex.task,
-            ex.length,
-            self.index,
-            ex.depth,
-            m.press,
-            m.ratio,
-            m.kivi,
+        key = _key(
+            engine, self.model, self.cfg, ex.task, ex.length, self.index, ex.depth, (m.press, m.ratio, m.kivi)
         )
         config = dict(zip(_KEY_FIELDS, key, strict=True))
         row = make_row("eval", "score", sum(scores) / len(scores), "fraction", **config)

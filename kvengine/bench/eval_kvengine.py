@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,6 +44,11 @@ class Measured:
     prefill_s: float
     compress_s: float
     answer_s: float
+
+
+def row_seconds(row: dict[str, Any]) -> float:
+    """Seconds per example of a result row (`Measured`'s fields as `kvengine eval` writes them)."""
+    return float(row["prefill_s"] + row["compress_s"] + row["answer_s"])
 
 
 def _ask(

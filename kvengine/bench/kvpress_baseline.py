@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from kvengine.bench.eval_kvengine import row_seconds
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
 from kvengine.press import press_from_spec
@@ -208,10 +209,6 @@ def _pair_key(row: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def _seconds(row: dict[str, Any]) -> float:
-    return float(row["prefill_s"] + row["compress_s"] + row["answer_s"])
-
-
 def paired_rows(
     rows: list[dict[str, Any]],
 ) -> dict[tuple[str, float], list[tuple[dict[str, Any], dict[str, Any]]]]:
@@ -236,7 +233,7 @@ def _compared(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[str]:
         return sum(values) / len(values)
 
     same = [a == b for ours, theirs in pairs for a, b in zip(ours["outputs"], theirs["outputs"], strict=True)]
-    t_ours, t_theirs = mean([_seconds(a) for a, _ in pairs]), mean([_seconds(b) for _, b in pairs])
+    t_ours, t_theirs = mean([row_seconds(a) for a, _ in pairs]), mean([row_seconds(b) for _, b in pairs])
     return [
         f"{mean([a['value'] for a, _ in pairs]):.3f}",
         f"{mean([b['value'] for _, b in pairs]):.3f}",
@@ -313,9 +310,9 @@ def time_tables(rows: list[dict[str, Any]]) -> str:
                 med([a["answer_s"] for a, _ in group]),
                 med([b["prefill_s"] for _, b in group]),
                 med([b["answer_s"] for _, b in group]),
-                med([_seconds(a) for a, _ in group]),
-                med([_seconds(b) for _, b in group]),
-                med([_seconds(b) / _seconds(a) for a, b in group]),
+                med([row_seconds(a) for a, _ in group]),
+                med([row_seconds(b) for _, b in group]),
+                med([row_seconds(b) / row_seconds(a) for a, b in group]),
             ]
         )
         examples: dict[tuple[Any, ...], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
@@ -325,7 +322,7 @@ def time_tables(rows: list[dict[str, Any]]) -> str:
             sum({a["prefill_s"] for a, _ in ex}) + sum(a["compress_s"] + a["answer_s"] for a, _ in ex)
             for ex in examples.values()
         ]
-        theirs_s = [sum(_seconds(b) for _, b in ex) for ex in examples.values()]
+        theirs_s = [sum(row_seconds(b) for _, b in ex) for ex in examples.values()]
         per_example.append(
             [
                 length,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvengine.bench.eval_kvengine import row_seconds
 from kvengine.bench.kvpress_baseline import compare_table, time_tables
 from kvengine.bench.report import markdown_table
 from kvengine.errors import InvalidRequestError
@@ -88,7 +89,7 @@ def _summary(task: str, setting: Setting, rows: list[dict[str, Any]]) -> Summary
         statistics.mean(r["value"] for r in rows),
         statistics.mean(r["kv_bytes"] / r["kv_bytes_full"] for r in rows),
         statistics.mean(r["kv_bytes"] for r in rows) / 2**20,
-        statistics.mean(r["prefill_s"] + r["compress_s"] + r["answer_s"] for r in rows),
+        statistics.mean(row_seconds(r) for r in rows),
     )
 
 
