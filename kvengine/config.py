@@ -151,6 +151,9 @@ class ServerConfig:
     max_concurrent_requests: int = 256  # requests in flight at once; more are answered 429
     max_body_bytes: int = 1 << 20
     public_prefixes: tuple[str, ...] = ()
+    # Stop strings are searched at every token: their number and length bound that work.
+    max_stop_strings: int = 64
+    max_stop_string_chars: int = 1024
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -159,6 +162,14 @@ class ServerConfig:
             raise InvalidRequestError("api_keys must be non-empty strings")
         if any(not isinstance(p, str) or not p for p in self.public_prefixes):
             raise InvalidRequestError("public_prefixes must be non-empty strings")
-        for name in ("max_prompt_tokens", "max_tokens_limit", "max_concurrent_requests", "max_body_bytes"):
+        limits = (
+            "max_prompt_tokens",
+            "max_tokens_limit",
+            "max_concurrent_requests",
+            "max_body_bytes",
+            "max_stop_strings",
+            "max_stop_string_chars",
+        )
+        for name in limits:
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -13,7 +13,15 @@ class KVEngineError(Exception):
 
 
 class InvalidRequestError(KVEngineError, ValueError):
-    """A prompt or sampling parameter that cannot be served (empty, too long, out of range)."""
+    """A prompt or sampling parameter that cannot be served (empty, too long, out of range).
+
+    `param` names the argument at fault where one is (e.g. "prompt"); the
+    server reports it in its error body.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ModelNotFoundError(KVEngineError, LookupError):
@@ -30,3 +38,12 @@ class OutOfBlocksError(KVEngineError, MemoryError):
 
 class MissingDependencyError(KVEngineError, ImportError):
     """An optional package a feature needs (e.g. redis for the redis tier) is not installed."""
+
+
+class StepError(KVEngineError, RuntimeError):
+    """A request ended by a failure while the engine ran it; the engine goes on with the others.
+
+    Its step's forward pass raised, or the model's output for it was not
+    finite (NaN or inf). The server answers it with a 500 (or an error event
+    in a stream that has started).
+    """

@@ -21,10 +21,10 @@ import pytest
 import uvicorn
 from conftest import tiny_model
 
-from kvengine.bench.serve_bench import run_serve_bench, summarize
-from kvengine.bench.serve_launch import LaunchConfig, blocks_in_use, parse_prometheus
-from kvengine.bench.serve_load import LoadResult
-from kvengine.bench.serve_workloads import LoadConfig, make_workload
+from kvengine.bench.serving.bench import run_serve_bench, summarize
+from kvengine.bench.serving.launch import LaunchConfig, blocks_in_use, parse_prometheus
+from kvengine.bench.serving.load import LoadResult
+from kvengine.bench.serving.workloads import LoadConfig, make_workload
 from kvengine.cli import main
 from kvengine.config import CacheConfig, ServerConfig
 from kvengine.engine.async_engine import AsyncEngine

@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import use_sdpa
 
-from kvengine.bench.needle import make_needle_example
 from kvengine.cache.paged import PagedKVCache
 from kvengine.cache.pool import BlockPool
 from kvengine.cli import main
@@ -18,6 +17,7 @@ from kvengine.engine.engine import Engine
 from kvengine.engine.generate import generate
 from kvengine.engine.request import SamplingParams
 from kvengine.engine.runner import ModelRunner, StepInput
+from kvengine.eval.needle import make_needle_example
 from kvengine.models import LoadedModel
 
 pytestmark = pytest.mark.model

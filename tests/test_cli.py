@@ -1,34 +1,75 @@
-"""The command line: --help everywhere, one-line errors with exit code 2."""
+"""The command line: options derived from the config dataclasses, one-line errors with exit code 2."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from kvengine.cli import build_parser, main
+from kvengine.cli.common import config_from_args
+from kvengine.config import CacheConfig, SchedulerConfig
 
-COMMANDS = [
-    [],
-    ["generate"],
-    ["demo"],
-    ["bench"],
-    ["bench", "decode"],
-    ["bench", "presses"],
-    ["simulate"],
-    ["presses"],
-    ["models"],
-]
+# The commands whose cache and scheduler options are derived from the config dataclasses.
+CONFIG_COMMANDS = [["generate"], ["serve"], ["bench", "serve"]]
+# Configs that set every field off its default (KIVI and storage tiers exclude each other: two caches).
+CONFIGS = [
+    CacheConfig(block_size=32, max_kv_bytes=2**20, kv_bits=4),
+    CacheConfig(
+        prefix_cache=True, eviction_policy="lfu", tiers="host,disk", tier_write="back",
+        host_tier_bytes=2**21, disk_tier_dir="/tmp/kv-blocks", disk_tier_bytes=2**22,
+        redis_url="redis://cache:6380/1",
+    ),
+    SchedulerConfig(max_num_seqs=3, max_step_tokens=64),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "kvengine")
-def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def options_of(config: object) -> list[str]:
+    """The command-line options that set `config`'s fields that differ from their defaults."""
+    argv = []
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        value, flag = getattr(config, f.name), "--" + f.name.replace("_", "-")
+        if value == f.default:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def test_the_config_cases_set_every_field() -> None:
+    """So that a field added to a config is parsed below at once (or this fails until it is)."""
+    for cls in (CacheConfig, SchedulerConfig):
+        changed = {
+            f.name
+            for c in CONFIGS
+            if type(c) is cls
+            for f in dataclasses.fields(c)
+            if getattr(c, f.name) != f.default
+        }
+        assert changed == {f.name for f in dataclasses.fields(cls)}, cls.__name__
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS, ids=" ".join)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: type(c).__name__)
+def test_config_options_parse_to_the_config(command: list[str], config: object) -> None:
+    args = build_parser().parse_args([*command, *options_of(config)])
+    assert config_from_args(type(config), args) == config
+    defaults = build_parser().parse_args(command)
+    assert config_from_args(type(config), defaults) == type(config)()
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS, ids=" ".join)
+def test_help_lists_every_config_option(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main([*command, "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: kvengine")
-    assert len(out.splitlines()) > 3
+    for cls in (CacheConfig, SchedulerConfig):
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in out, f.name
 
 
 def test_generate_help_lists_config_options(capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,8 +147,8 @@ def test_demo_comparison_table_and_plot(tmp_path: Path) -> None:
     from conftest import tiny_model
     from test_tasks import ByteTokenizer
 
-    from kvengine.bench.plots import load_rows, summarize
-    from kvengine.demo import COMPARE_PRESSES, compare_presses
+    from kvengine.cli.demo import COMPARE_PRESSES, compare_presses
+    from kvengine.eval.summary import load_rows, summarize
 
     model = tiny_model("llama")
     model.tokenizer = ByteTokenizer()  # type: ignore[assignment]

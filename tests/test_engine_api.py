@@ -8,12 +8,16 @@ runs its own event loop with `asyncio.run`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
+from pathlib import Path
 
 import pytest
 from conftest import hf_greedy
 from test_engine import random_prompt
 
-from kvengine.bench.serving import measure_prefix_ttft, measure_throughput
+from kvengine.bench.throughput import measure_prefix_ttft, measure_throughput
+from kvengine.cache.quant import KIVILayout
 from kvengine.cli import main
 from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.engine.async_engine import AsyncEngine
@@ -175,12 +179,47 @@ def test_serving_benchmarks_run_and_check_their_tokens(tiny_llama: LoadedModel) 
     assert ttft["outputs_agree"] == [True]
 
 
-@pytest.mark.parametrize("command", [["bench", "throughput"], ["bench", "prefix"]])
-def test_serving_bench_commands_have_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main([*command, "--help"])
-    assert exc.value.code == 0
-    assert capsys.readouterr().out.startswith(f"usage: kvengine {' '.join(command)}")
+@pytest.mark.parametrize(
+    ("options", "runner", "expected"),
+    [
+        (
+            "throughput",
+            "run_throughput_bench",
+            dict(concurrency=[1, 4, 16, 32], prompt_len=256, new_tokens=64, baseline_requests=4),
+        ),
+        (
+            "throughput --concurrency 2,3 --prompt-len 16 --new-tokens 5 --baseline-requests 1",
+            "run_throughput_bench",
+            dict(concurrency=[2, 3], prompt_len=16, new_tokens=5, baseline_requests=1),
+        ),
+        ("prefix", "run_prefix_bench", dict(prefix_len=2048, suffix_len=32, new_tokens=8, repeats=3)),
+        (
+            "prefix --prefix-len 64 --suffix-len 4 --new-tokens 2 --repeats 1",
+            "run_prefix_bench",
+            dict(prefix_len=64, suffix_len=4, new_tokens=2, repeats=1),
+        ),
+    ],
+)
+def test_serving_bench_options_reach_the_runner(
+    options: str, runner: str, expected: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kvengine bench throughput|prefix` hands each option (or its documented default) to its runner."""
+    from kvengine.bench import throughput
+
+    real = getattr(throughput, runner)
+    calls: list[dict] = []
+
+    def record(*args: object, **kwargs: object) -> list[dict]:
+        calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)  # the real call must bind
+        return []
+
+    monkeypatch.setattr(throughput, runner, record)
+    files = ["--model", "some-model", "--out", str(tmp_path / "r.jsonl"), "--report", str(tmp_path / "r.md")]
+    assert main(["bench", *options.split(), *files]) == 0
+    (got,) = calls
+    assert {name: got[name] for name in expected} == expected
+    assert "some-model" in got.values()
+    assert [v for v in got.values() if isinstance(v, Path)] == [tmp_path / "r.jsonl", tmp_path / "r.md"]
 
 
 @pytest.mark.parametrize(
@@ -204,9 +243,50 @@ def test_bad_serving_arguments_exit_2_with_one_line(
     assert len(err.strip().splitlines()) == 1 and message in err
 
 
-def test_scheduler_config_keeps_reservations_for_packed_pools(tiny_llama: LoadedModel) -> None:
-    """A packed (KIVI) pool never preempts: every sequence keeps its worst-case reservation."""
-    engine = Engine(tiny_llama, CacheConfig(block_size=8, max_kv_bytes=2**20, kv_bits=4), SchedulerConfig())
-    seq_id = engine.add_request(random_prompt(10, 7), SamplingParams(max_tokens=100))
-    seq = engine.sequences[seq_id]
-    assert engine.scheduler.reserve_blocks(seq) == engine.scheduler.worst_case_blocks(seq)
+def _run_to_the_end(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Step `engine` over `prompts` (added together), checking its invariants after every step."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+        engine.check_invariants()
+    assert all(engine.sequences[i].finish_reason == "length" for i in ids)
+    return [engine.release(i).output_ids for i in ids]
+
+
+def test_a_packed_pool_holds_what_a_plain_one_preempts_and_answers_as_alone(
+    tiny_llama: LoadedModel, no_leaks: list
+) -> None:
+    """The six requests of `test_preemption_recomputes_to_the_same_tokens`, in the bytes of its pool.
+
+    There the float pool must preempt; packed 4-bit blocks take 144 of a float block's 512 bytes,
+    so the KIVI pool holds all six at once, never preempts, and batching changes no answer
+    (reference: each request alone).
+    """
+    prompts = [random_prompt(20, 300 + i) for i in range(6)]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    packed_config = dataclasses.replace(pool_of(tiny_llama, 30), kv_bits=4)
+    packed = Engine(tiny_llama, packed_config)
+    no_leaks.append(packed)
+    outputs = _run_to_the_end(packed, prompts, params)
+    assert packed.num_preemptions == 0
+    alone = Engine(tiny_llama, packed_config)
+    assert outputs == [_run_to_the_end(alone, [p], params)[0] for p in prompts]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug, left for its own issue: a KIVI pool reserves blocks against open + packed blocks "
+    "together, so requests are admitted that the packed blocks cannot hold, and they end in an error",
+)
+def test_a_packed_pool_short_of_packed_blocks_makes_requests_wait(tiny_llama: LoadedModel) -> None:
+    """Packed blocks for one request of 20 + 40 tokens at a time: the others must wait, not fail."""
+    cells = tiny_llama.num_layers * tiny_llama.num_kv_heads
+    packed_block = KIVILayout(4, tiny_llama.head_dim, 4).packed_bytes
+    config = CacheConfig(block_size=4, max_kv_bytes=15 * cells * packed_block, kv_bits=4)
+    engine = Engine(tiny_llama, config, SchedulerConfig(max_num_seqs=4))
+    prompts = [random_prompt(20, 300 + i) for i in range(3)]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    alone = Engine(tiny_llama, dataclasses.replace(config, max_kv_bytes=2**20))
+    assert _run_to_the_end(engine, prompts, params) == [
+        _run_to_the_end(alone, [p], params)[0] for p in prompts
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import hf_greedy
 
-from kvengine.engine.generate import _TextStream, generate
+from kvengine.engine.generate import TextStream, generate
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
 
@@ -18,7 +18,7 @@ class CharTokenizer:
 
 
 def stream_all(ids: list[int], stop: tuple[str, ...]) -> tuple[str, str, bool]:
-    stream = _TextStream(CharTokenizer(), stop)
+    stream = TextStream(CharTokenizer(), stop)
     shown = ""
     for n in range(1, len(ids) + 1):
         shown += stream.update(ids[:n], final=n == len(ids))
@@ -40,7 +40,7 @@ def test_stream_cuts_at_a_stop_string_and_never_shows_it() -> None:
 
 def test_stream_holds_back_half_characters() -> None:
     ids = list("caf\u00e9!".encode())  # é is two bytes
-    stream = _TextStream(CharTokenizer(), ())
+    stream = TextStream(CharTokenizer(), ())
     shown = [stream.update(ids[:n], final=False) for n in range(1, len(ids) + 1)]
     assert "\ufffd" not in "".join(shown)
     assert "".join(shown) == "caf\u00e9!"

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kvengine.cache.paged import PagedKVCache
-from kvengine.cache.pool import BlockPool
+from kvengine.cache.pool import BlockPool, KVPool
+from kvengine.cache.quant_pool import QuantizedBlockPool
 
 LAYERS, HEADS, HEAD_DIM, BLOCK = 3, 2, 4, 4
 
@@ -128,3 +129,28 @@ def test_fork_shares_full_blocks_and_copies_partial_ones() -> None:
     assert cache.pool.num_used_blocks == cache.bytes_held(child) // cache.pool.bytes_per_block
     cache.free(child)
     assert cache.pool.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_sealing_full_blocks_keeps_every_token_readable(packed: bool) -> None:
+    """Full blocks of a packed pool are sealed in place of the open ones; a plain pool seals nothing."""
+    pool: KVPool = QuantizedBlockPool(64, 64, BLOCK, 8, bits=8) if packed else BlockPool(64, BLOCK, 8)
+    cache = PagedKVCache(pool, LAYERS, HEADS)
+    seq = cache.new_sequence()
+    slots = cache.append(seq, 2 * BLOCK + 1)  # (L, H, 9): two full blocks and one token per cell
+    k = torch.randn(LAYERS, HEADS, 2 * BLOCK + 1, 8)
+    pool.write(slots.reshape(-1), k.reshape(-1, 8), -k.reshape(-1, 8))
+    cells = LAYERS * HEADS
+    assert cache.seal_full_blocks(seq) == (2 * cells if packed else 0)
+    assert pool.num_used_blocks == 3 * cells and cache.bytes_held(seq) == pool.bytes_in_use
+    assert bool(pool.is_sealed(seq.block_table[..., :2]).all()) == packed
+    assert not bool(pool.is_sealed(seq.block_table[..., 2]).any())  # the residual stays open
+    for layer in range(LAYERS):
+        ctx_slots, lens = seq.context(layer)
+        k_read, v_read = pool.read(ctx_slots.reshape(-1))
+        assert lens is None and torch.allclose(k_read.view(HEADS, -1, 8), k[layer], atol=0.05)
+        assert torch.allclose(v_read.view(HEADS, -1, 8), -k[layer], atol=0.05)
+        assert torch.equal(k_read[-1], k[layer, -1, -1])  # the open residual is exact
+    cache.free(seq)
+    assert pool.bytes_in_use == 0
+    pool.check_invariants()

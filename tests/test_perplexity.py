@@ -1,29 +1,34 @@
-"""Perplexity under compression: press "none" equals transformers' full forward; presses and KIVI change it."""
+"""Perplexity under compression against transformers' forward: over every token, or over what the cache keeps."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from conftest import FAMILIES, hf_logits, tiny_model
+from transformers import AttentionInterface
 
-from kvengine.bench import perplexity as ppl
-from kvengine.bench.perplexity import (
+from kvengine.cache.quant import KIVILayout
+from kvengine.config import CacheConfig
+from kvengine.errors import InvalidRequestError
+from kvengine.eval import perplexity as ppl
+from kvengine.eval.perplexity import (
+    KIVI_BLOCK_SIZE,
     PerplexityConfig,
     measure_perplexity,
     measure_settings,
     run_perplexity,
     text_ids,
 )
-from kvengine.bench.tasks import haystack
-from kvengine.errors import InvalidRequestError
+from kvengine.eval.tasks import haystack
 from kvengine.models import LoadedModel
-from kvengine.press import press_from_spec
+from kvengine.press import Press, PressInput, press_from_spec
 
 
 class ByteTokenizer:
@@ -45,6 +50,106 @@ def random_ids(n: int, seed: int = 0) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+@dataclass
+class Recording(Press):
+    """Test press: keeps what `press` keeps and records it, `kept[layer]` = per kv-head indices."""
+
+    press: Press
+    kept: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:  # type: ignore[override]
+        return self.press.ratio
+
+    def keep(self, inp: PressInput) -> list[torch.Tensor]:
+        self.kept[inp.layer] = self.press.keep(inp)
+        return self.kept[inp.layer]
+
+
+def fake_kivi(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """x `(..., D)` through KIVI's min-max rule: one float16 scale and zero per slice along `dim`."""
+    qmax = 2**bits - 1
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    scale, zero = ((hi - lo) / qmax).half().float(), lo.half().float()
+    codes = ((x - zero) / torch.where(scale == 0, 1.0, scale)).round().clamp(0, qmax)
+    return codes * scale + zero
+
+
+class CompressedContext:
+    """transformers attention (registered for these tests) over the cache `measure_perplexity` builds.
+
+    One forward over `ids[:-1]`: the context's own tokens attend causally to the whole context
+    (compression comes after its prefill); each later token attends to the context tokens each
+    (layer, kv-head) kept (`kept[layer][head]`; all if `kept` is None), stored KIVI-quantized in
+    whole blocks of `KIVI_BLOCK_SIZE` kept tokens when `bits` (keys per channel, values per token
+    in groups of min(32, head_dim) channels), and causally to the later tokens, in full precision.
+    """
+
+    NAME = "kvengine_test_compressed_context"
+
+    def __init__(self, context_len: int, kept: dict[int, list[torch.Tensor]] | None, bits: int) -> None:
+        self.context_len, self.kept, self.bits = context_len, kept, bits
+
+    def stored(self, x: torch.Tensor, keys: bool) -> torch.Tensor:
+        """The kept context tokens `(T_kept, D)` of one kv-head as the cache holds them."""
+        if not self.bits:
+            return x
+        full = x.shape[0] // KIVI_BLOCK_SIZE * KIVI_BLOCK_SIZE
+        blocks = x[:full].unflatten(0, (-1, KIVI_BLOCK_SIZE))  # (N, block, D)
+        if keys:
+            blocks = fake_kivi(blocks, self.bits, dim=1)
+        else:
+            group = min(32, x.shape[-1])
+            blocks = fake_kivi(blocks.unflatten(-1, (-1, group)), self.bits, dim=-1).flatten(-2)
+        return torch.cat([blocks.flatten(0, 1), x[full:]])
+
+    def __call__(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: object,
+        scaling: float,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, None]:
+        """query `(1, H_q, n, D)`, key and value `(1, H_kv, n, D)` -> `(1, n, H_q, D)`; no weights."""
+        c, (_, num_heads, n, _) = self.context_len, query.shape
+        group = num_heads // key.shape[1]
+        out = torch.empty_like(query[0])  # (H_q, n, D)
+        for h in range(num_heads):
+            q, k, v = query[0, h], key[0, h // group], value[0, h // group]  # (n, D)
+            causal = torch.ones(c, c, dtype=torch.bool).tril()
+            out[h, :c] = (
+                torch.softmax((q[:c] @ k[:c].T * scaling).masked_fill(~causal, -torch.inf), -1) @ v[:c]
+            )
+            idx = torch.arange(c) if self.kept is None else self.kept[module.layer_idx][h // group]
+            k_ctx, v_ctx = self.stored(k[idx], keys=True), self.stored(v[idx], keys=False)
+            later = torch.ones(n - c, n - c, dtype=torch.bool).tril()
+            mask = torch.cat([torch.ones(n - c, len(idx), dtype=torch.bool), later], 1)
+            scores = q[c:] @ torch.cat([k_ctx, k[c:]]).T * scaling
+            out[h, c:] = torch.softmax(scores.masked_fill(~mask, -torch.inf), -1) @ torch.cat([v_ctx, v[c:]])
+        return out.transpose(0, 1)[None], None
+
+
+def compressed_reference_perplexity(
+    model: LoadedModel, ids: list[int], context_len: int, press: Recording | None = None, bits: int = 0
+) -> float:
+    """`reference_perplexity`, but the scored tokens see the context as `press` (after it ran) and
+    KIVI at `bits` left it: transformers' own layers, with `CompressedContext` as the attention."""
+    attention = CompressedContext(context_len, None if press is None else press.kept, bits)
+    AttentionInterface.register(CompressedContext.NAME, attention)
+    hf = model.hf_model
+    saved = hf.config._attn_implementation
+    hf.set_attn_implementation(CompressedContext.NAME)
+    try:
+        with torch.inference_mode():
+            logits = hf(torch.tensor([ids[:-1]]), use_cache=False).logits[0, context_len:].float()
+    finally:
+        hf.set_attn_implementation(saved)
+    return math.exp(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[context_len + 1 :]))))
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_no_press_equals_full_forward(family: str) -> None:
     model, ids = tiny_model(family), random_ids(300)
@@ -60,24 +165,40 @@ def test_press_at_ratio_zero_equals_full_forward(tiny_llama: LoadedModel, spec: 
     assert got.perplexity == pytest.approx(reference_perplexity(tiny_llama, ids, 160), rel=1e-4)
 
 
-@pytest.mark.parametrize("spec", ["knorm", "snapkv", "streaming_llm"])
-def test_compression_holds_fewer_bytes_and_changes_perplexity(tiny_llama: LoadedModel, spec: str) -> None:
+@pytest.mark.parametrize("spec", ["knorm", "snapkv", "streaming_llm", "adakv:snapkv"])
+def test_compression_equals_the_forward_over_the_kept_tokens(tiny_llama: LoadedModel, spec: str) -> None:
+    """The scored tokens see exactly the tokens the press kept, per layer and kv-head (reference:
+    transformers' forward with attention to just those), in the bytes of half the cache."""
     ids = random_ids(260, seed=2)
     full = measure_perplexity(tiny_llama, ids, 192)
-    half = measure_perplexity(tiny_llama, ids, 192, press_from_spec(spec, 0.5))
-    assert half.kv_bytes == pytest.approx(full.kv_bytes / 2, rel=0.1)
-    assert abs(half.perplexity / full.perplexity - 1) > 1e-4  # the scored tokens saw the compressed cache
+    press = Recording(press_from_spec(spec, 0.5))
+    half = measure_perplexity(tiny_llama, ids, 192, press)
+    # The bytes of the blocks the kept tokens fill (AdaKV's heads keep different numbers).
+    block_size, cells = CacheConfig().block_size, tiny_llama.num_layers * tiny_llama.num_kv_heads
+    blocks = sum(-(-len(idx) // block_size) for heads in press.kept.values() for idx in heads)
+    full_blocks = cells * -(-192 // block_size)
+    assert half.kv_bytes * full_blocks == full.kv_bytes * blocks and blocks < 0.6 * full_blocks
+    reference = compressed_reference_perplexity(tiny_llama, ids, 192, press)
+    assert half.perplexity == pytest.approx(reference, rel=1e-5)
+    assert half.perplexity != pytest.approx(full.perplexity, rel=1e-3)  # the press did change the answer
 
 
-def test_kivi_composes_with_a_press(tiny_llama: LoadedModel) -> None:
-    # 256 tokens, and 128 kept: whole 32-token KIVI blocks (a part-filled block stays in full precision).
-    ids = random_ids(330, seed=3)
-    full = measure_perplexity(tiny_llama, ids, 256)
-    packed = measure_perplexity(tiny_llama, ids, 256, kivi=2)
-    both = measure_perplexity(tiny_llama, ids, 256, press_from_spec("knorm", 0.5), kivi=2)
-    assert packed.kv_bytes < full.kv_bytes / 2
-    assert both.kv_bytes < packed.kv_bytes
-    assert packed.perplexity != full.perplexity and math.isfinite(both.perplexity)
+@pytest.mark.parametrize("spec", [None, "knorm"])
+def test_kivi_composes_with_a_press(tiny_llama: LoadedModel, spec: str | None) -> None:
+    """KIVI 2-bit, alone and after knorm: the scored tokens see the kept tokens quantized in whole
+    32-token blocks (reference: transformers' forward over them, quantized by KIVI's formula)."""
+    ids = random_ids(330, seed=3)  # 256 context tokens, 128 kept: whole blocks, none left open
+    press = None if spec is None else Recording(press_from_spec(spec, 0.5))
+    packed = measure_perplexity(tiny_llama, ids, 256, press, kivi=2)
+    reference = compressed_reference_perplexity(tiny_llama, ids, 256, press, bits=2)
+    assert packed.perplexity == pytest.approx(reference, rel=1e-5)
+    unquantized = compressed_reference_perplexity(tiny_llama, ids, 256, press)
+    assert packed.perplexity != pytest.approx(unquantized, rel=1e-3)  # 2 bits do change the answer
+    cells = tiny_llama.num_layers * tiny_llama.num_kv_heads
+    blocks = (256 if press is None else 128) // KIVI_BLOCK_SIZE
+    assert (
+        packed.kv_bytes == cells * blocks * KIVILayout(KIVI_BLOCK_SIZE, tiny_llama.head_dim, 2).packed_bytes
+    )
 
 
 def test_bad_inputs(tiny_llama: LoadedModel) -> None:

@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvengine.bench.simulate import replay
-from kvengine.bench.trace import BLOCK_TOKENS, TraceRequest
 from kvengine.cache.policy import POLICIES, Belady, make_policy, online_policy_names
 from kvengine.cache.radix import RadixCache
 from kvengine.errors import InvalidRequestError
+from kvengine.sim.replay import replay
+from kvengine.sim.trace import BLOCK_TOKENS, TraceRequest
 
 
 def test_unknown_policy_lists_the_known_ones() -> None:

@@ -1,4 +1,4 @@
-"""Block pool: allocation, ref counts, byte accounting; property-based invariants."""
+"""Block pools: allocation, ref counts, byte accounting; property-based invariants; the shared contract."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvengine.cache.pool import BlockPool
+from kvengine.cache.pool import BlockPool, KVPool, block_slots
+from kvengine.cache.quant_pool import QuantizedBlockPool
 from kvengine.errors import OutOfBlocksError
 
 
@@ -77,3 +78,45 @@ def test_random_operations_keep_invariants(ops: list[tuple[str, int]]) -> None:
         assert pool.num_used_blocks == len(set(held))
         for block in set(held):
             assert int(pool.ref_counts[block]) == held.count(block)
+
+
+# ---- the contract, for every pool ---------------------------------------------------------------
+
+POOLS = {
+    "plain": lambda: BlockPool(num_blocks=6, block_size=4, head_dim=8),
+    "packed": lambda: QuantizedBlockPool(6, 6, block_size=4, head_dim=8, bits=8),
+}
+
+
+@pytest.mark.parametrize("kind", list(POOLS))
+def test_every_pool_keeps_the_contract(kind: str) -> None:
+    """Open blocks behave alike in every pool; sealing moves blocks only where `seals_blocks`."""
+    pool: KVPool = POOLS[kind]()
+    ids = pool.allocate(3)
+    assert sorted(ids.tolist()) == [0, 1, 2] and pool.can_allocate(3) and not pool.can_allocate(4)
+    with pytest.raises(OutOfBlocksError, match=r"3 free (open )?blocks, 4 were asked"):
+        pool.allocate(4)
+    k, v = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    pool.write_blocks(ids, k, v)
+    k2, v2 = pool.read_blocks(ids.flip(0))
+    assert torch.equal(k2, k.flip(0)) and torch.equal(v2, v.flip(0))
+    out = (torch.empty(20, 8), torch.empty(20, 8))
+    k3, v3 = pool.read(block_slots(ids, 4), out=out)
+    assert k3.data_ptr() == out[0].data_ptr() and torch.equal(k3, k.reshape(12, 8))
+    assert v3.data_ptr() == out[1].data_ptr() and torch.equal(v3, v.reshape(12, 8))
+    assert pool.bytes_of(ids) == pool.bytes_in_use == 3 * pool.bytes_per_block == 3 * 2 * 4 * 8 * 4
+    assert not bool(pool.is_sealed(ids).any())
+
+    sealed = pool.seal(ids[:2])
+    assert torch.equal(sealed, ids[:2]) != pool.seals_blocks  # a pool that does not seal keeps the ids
+    assert bool(pool.is_sealed(sealed).all()) == pool.seals_blocks
+    held = torch.cat([sealed, ids[2:]])
+    k4, _ = pool.read_blocks(held)
+    assert torch.allclose(k4, k, atol=0.05)  # exact, or within 8-bit quantization error
+    assert pool.bytes_of(held) == pool.bytes_in_use and pool.num_used_blocks == 3
+    pool.incref(held[:1])
+    pool.release(held)
+    assert pool.num_used_blocks == 1 and pool.bytes_in_use == pool.bytes_of(held[:1])
+    pool.release(held[:1])
+    assert pool.num_free_blocks == pool.num_blocks and pool.bytes_in_use == 0
+    pool.check_invariants()

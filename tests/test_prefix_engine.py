@@ -320,7 +320,7 @@ def test_random_mixes_match_brute_force_and_hf(requests: list, blocks_per_cell: 
         computed = (prompt + seq.output_ids)[:-1]
         if len(computed) >= BLOCK:  # what it leaves behind is exactly what it computed
             whole = tuple(computed[: len(computed) // BLOCK * BLOCK])
-            namespace, _ = prefix.tree_key(seq, len(whole))
+            namespace, _ = prefix.keys.tree_key(list(whole), seq.cache_salt)
             assert (namespace, whole) in spy.inserted
     assert spy.num_matches >= len(requests)
     engine.check_invariants()

@@ -171,7 +171,7 @@ def test_appending_never_changes_sealed_blocks() -> None:
 def test_works_under_paged_kv_cache() -> None:
     """PagedKVCache allocates open blocks and reads them back through the pool unchanged."""
     pool = QuantizedBlockPool(8, 8, block_size=4, head_dim=8, bits=4)
-    cache = PagedKVCache(pool, num_layers=2, num_kv_heads=2)  # type: ignore[arg-type]
+    cache = PagedKVCache(pool, num_layers=2, num_kv_heads=2)
     seq = cache.new_sequence()
     slots = cache.append(seq, 6)  # (L, H, 6)
     k, v = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)

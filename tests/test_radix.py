@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvengine.cache.policy import online_policy_names
+from kvengine.cache.policy import POLICIES, make_policy, online_policy_names
 from kvengine.cache.radix import RadixCache, RadixNode
 
 
@@ -184,3 +184,53 @@ def test_random_operations_match_brute_force(policy: str, ops: list[tuple]) -> N
     assert tree.num_locked_blocks == 0
     assert len(tree.evict(1000)) == len(model.cached)
     tree.check_invariants()
+
+
+# ---- eviction order against choosing every block afresh ----------------------------------------
+
+
+def _policy_tree(policy: str, ops: list[tuple]) -> RadixCache:
+    """A tree built by `ops` (inserts and locks only) under `policy`; Belady sees the inserts as its future."""
+    future = [tokens for kind, _, tokens in ops if kind == "insert"]
+    kwargs = {"future": future} if POLICIES.lookup(policy).clairvoyant else {}
+    tree = RadixCache(block_size=BS, policy=make_policy(policy, **kwargs))
+    for step, (kind, ns, tokens) in enumerate(ops):
+        if kind == "insert":
+            tree.insert(tokens, [f"v{step}.{j}" for j in range(len(tokens) // BS)], namespace=ns)
+        elif kind == "lock":
+            tree.lock(tree.match_prefix(tokens, namespace=ns).last_node)
+    return tree
+
+
+def _evict_one_by_one(tree: RadixCache, n: int) -> list[str]:
+    """The order of sorting every candidate again before each block: the smallest priority goes."""
+    out: list[str] = []
+    while len(out) < n:
+        candidates = [x for x in tree.nodes() if not x.children and x.lock_ref == 0]
+        if not candidates:
+            break
+        victim = min(candidates, key=lambda x: tree.policy.priority(x, x.num_blocks - 1))
+        out.append(victim.values[-1])
+        assert tree.evict(1) == out[-1:]
+    return out
+
+
+# Few distinct tokens and long prompts: paths share prefixes, so evicting leaves empties parents.
+insert_st = st.tuples(st.just("insert"), st.integers(0, 1), st.lists(st.integers(0, 1), max_size=12))
+build_st = st.lists(
+    st.one_of(insert_st, insert_st, st.tuples(st.just("lock"), st.integers(0, 1), tokens_st)), max_size=30
+)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@settings(max_examples=80, deadline=None)
+@given(ops=build_st, sizes=st.lists(st.integers(1, 12), min_size=1, max_size=4))
+def test_one_evict_call_matches_choosing_every_block_afresh(
+    policy: str, ops: list[tuple], sizes: list[int]
+) -> None:
+    """One call's heap, built once, evicts what re-sorting all candidates for every block would."""
+    fast, slow = _policy_tree(policy, ops), _policy_tree(policy, ops)
+    for n in sizes:
+        assert fast.evict(n) == _evict_one_by_one(slow, n)
+        fast.check_invariants()
+    assert fast.num_cached_blocks == slow.num_cached_blocks

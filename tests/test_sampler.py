@@ -1,4 +1,4 @@
-"""Sampling filters against brute force; seeded sampling is reproducible per request."""
+"""Sampling filters against brute force; a seeded row draws what torch.multinomial draws from them."""
 
 from __future__ import annotations
 
@@ -42,14 +42,24 @@ def test_temperature_scales_logits() -> None:
     torch.testing.assert_close(out, logits * 2)
 
 
-def test_greedy_rows_take_the_argmax_and_seeded_rows_repeat() -> None:
-    logits = torch.randn(3, 100)
+def test_greedy_rows_take_the_argmax_and_a_seeded_row_draws_as_torch_does() -> None:
+    """A sampled row draws what `torch.multinomial` draws, with its own generator, from the softmax
+    of its logits filtered by brute force, whatever else is in the batch (a greedy row, another
+    sampled row with its own generator)."""
+    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(1)) * 3
     greedy = SamplingParams()
-    hot = SamplingParams(temperature=1.5, seed=7)
-    gens = [None, torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)]
-    tokens = sample(logits[[0, 1, 1]], [greedy, hot, hot], gens)
-    assert tokens[0] == int(logits[0].argmax())
-    assert tokens[1] == tokens[2]  # same seed, same distribution, same draw
+    hot = SamplingParams(temperature=1.5, top_k=20, top_p=0.9, seed=7)
+    other = SamplingParams(temperature=0.8)
+    gens = [None, torch.Generator().manual_seed(7), torch.Generator().manual_seed(3)]
+    # Reference: the kept tokens by brute force, their softmax at temperature 1.5, seed 7's draws.
+    kept = sorted(brute_force_kept(logits[1] / 1.5, 20, 0.9))
+    probs = torch.zeros(100)
+    probs[kept] = torch.softmax(logits[1, kept] / 1.5, 0)
+    reference = torch.Generator().manual_seed(7)
+    draws = [sample(logits, [greedy, hot, other], gens) for _ in range(50)]
+    assert [d[0] for d in draws] == [int(logits[0].argmax())] * 50
+    assert [d[1] for d in draws] == [int(torch.multinomial(probs, 1, generator=reference)) for _ in range(50)]
+    assert len({d[1] for d in draws}) > 1  # it did sample: more than one token in 50 draws
 
 
 def test_sampled_tokens_follow_the_distribution() -> None:

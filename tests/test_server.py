@@ -27,7 +27,7 @@ from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
-from kvengine.press import PRESSES
+from kvengine.press import PRESSES, press_from_spec
 from kvengine.server import create_app
 
 
@@ -147,10 +147,20 @@ def test_models_health_and_press(model: LoadedModel) -> None:
     with _client(model) as client:
         assert client.get("/health").json() == {"status": "ok"}
         assert client.get("/v1/models").json()["data"][0]["id"] == model.name
-        req = {"prompt": "x" * 40, "max_tokens": 3, "kv_press": "knorm", "kv_compression_ratio": 0.5}
-        r = client.post("/v1/completions", json=req)
+        prompt = "The quick brown fox jumps over the lazy dog; " * 2
+        req = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+        r = client.post("/v1/completions", json={**req, "kv_press": "knorm", "kv_compression_ratio": 0.5})
         assert r.status_code == 200, r.text
-        assert r.json()["usage"]["completion_tokens"] == 3
+        assert r.json()["usage"]["completion_tokens"] == 8
+    # Reference: the engine run directly with the same press; knorm changes the answer, so a
+    # server that ignored `kv_press` would answer the plain reference instead.
+    engine = _engine(model)
+    press = press_from_spec("knorm", 0.5)
+    seq_id = engine.add_request(list(prompt.encode()), SamplingParams(max_tokens=8), press=press)
+    while engine.has_unfinished():
+        engine.step()
+    pressed = bytes(engine.release(seq_id).output_ids).decode("utf-8", errors="replace")
+    assert r.json()["choices"][0]["text"] == pressed != _reference(model, prompt, 8)
 
 
 def _bad_cases() -> list[tuple[str, dict, bytes, int, str | None]]:
@@ -175,6 +185,7 @@ def _bad_cases() -> list[tuple[str, dict, bytes, int, str | None]]:
         ("negative temperature", {}, j({**ok, "temperature": -1}).encode(), 400, "temperature"),
         ("prompt too long", {}, j({**ok, "prompt": "x" * 300}).encode(), 400, "prompt"),
         ("token id out of range", {}, j({**ok, "prompt": [1, 999]}).encode(), 400, "prompt"),
+        ("streamed, out of range", {}, j({**ok, "prompt": [999], "stream": True}).encode(), 400, "prompt"),
         ("empty prompt", {}, j({**ok, "prompt": ""}).encode(), 400, "prompt"),
         ("wrong model", {}, j({**ok, "model": "gpt-9"}).encode(), 404, "model"),
         ("huge body", {}, j({**ok, "pad": "x" * 5000}).encode(), 413, None),
@@ -317,8 +328,10 @@ def test_openai_client_on_bundled_model(bundled: LoadedModel) -> None:
 def test_a_press_that_cannot_fit_is_a_400_and_the_server_keeps_serving(model: LoadedModel) -> None:
     with _client(model) as client:
         req = {"prompt": "hi", "kv_press": "streaming_llm", "kv_compression_ratio": 0.5}
-        r = client.post("/v1/completions", json=req)
-        assert r.status_code == 400 and "sink tokens do not fit" in r.json()["error"]["message"]
+        for stream in (False, True):  # the engine refuses it before any response starts
+            r = client.post("/v1/completions", json={**req, "stream": stream})
+            assert r.status_code == 400 and "sink tokens do not fit" in r.json()["error"]["message"]
+        assert client.app.state.server.num_in_flight == 0  # type: ignore[attr-defined]
         r = client.post("/v1/completions", json={"prompt": "hi there", "max_tokens": 2})
         assert r.status_code == 200, r.text
 

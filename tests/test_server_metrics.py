@@ -123,6 +123,26 @@ def test_new_engine_stats_are_exported_and_names_never_clash(model: LoadedModel)
     assert _value(samples, "kvengine_completion_tokens_total") == 2  # the server's count wins
 
 
+class _EngineCountingStats(Engine):
+    num_stats_calls = 0
+
+    def stats(self) -> dict[str, float]:
+        self.num_stats_calls += 1
+        return super().stats()
+
+
+def test_a_scrape_reads_the_snapshot_not_the_engine(model: LoadedModel) -> None:
+    engine = _EngineCountingStats(model, CacheConfig(block_size=4, max_kv_bytes=2**22))
+    with TestClient(create_app(AsyncEngine(engine), model, ServerConfig())) as client:
+        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3}).status_code == 200
+        calls = engine.num_stats_calls
+        scrapes = [_scrape(client) for _ in range(3)]
+        assert engine.num_stats_calls == calls  # /metrics never touches the engine, which may be stepping
+        stats = engine.stats()
+    for key, value in stats.items():  # the snapshot taken after the last step: the engine as it is now
+        assert all(_value(s, "kvengine_" + key) == value for s in scrapes), key
+
+
 def test_a_dropped_stream_shows_idle_again_in_metrics(model: LoadedModel) -> None:
     engine = _engine(model)  # no prefix cache: idle means no block in use
     with _live_server(model, engine) as url, httpx.Client(base_url=url, timeout=30) as http:

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kvengine.bench.simulate import canonical_paths, replay, serving_order, unbounded_hits
-from kvengine.bench.trace import (
+from kvengine.cli import main
+from kvengine.errors import InvalidRequestError
+from kvengine.sim.replay import canonical_paths, replay, serving_order, unbounded_hits
+from kvengine.sim.trace import (
     BLOCK_TOKENS,
     SyntheticTraceConfig,
     TraceRequest,
@@ -16,10 +18,8 @@ from kvengine.bench.trace import (
     load_trace,
     save_trace,
 )
-from kvengine.cli import main
-from kvengine.errors import InvalidRequestError
 
-MOONCAKE = Path("/work/shared/traces/mooncake_synthetic_trace.jsonl")
+MOONCAKE_HEAD = Path(__file__).parent / "data" / "mooncake" / "trace_head.jsonl"  # see its README
 GOOD = '{"timestamp": 0, "input_length": 600, "output_length": 5, "hash_ids": [0, 1]}'
 
 
@@ -52,13 +52,6 @@ def test_trace_round_trip_and_empty_or_missing_files(tmp_path: Path) -> None:
         load_trace(tmp_path / "empty.jsonl")
     with pytest.raises(InvalidRequestError, match="cannot read trace"):
         load_trace(tmp_path / "missing.jsonl")
-
-
-@pytest.mark.skipif(not MOONCAKE.exists(), reason="the Mooncake trace is not on this machine")
-def test_mooncake_trace_loads() -> None:
-    requests = load_trace(MOONCAKE)
-    assert len(requests) == 3993
-    assert requests[0].input_length == 40160 and len(requests[0].hash_ids) == 79
 
 
 def test_generator_is_deterministic_and_prefix_consistent() -> None:
@@ -126,6 +119,23 @@ def test_replay_matches_brute_force_lru(capacity: int) -> None:
         requests, capacity
     )
     assert result.input_blocks == sum(len(r.hash_ids) for r in requests)
+
+
+def test_mooncake_trace_replays_as_brute_force_lru() -> None:
+    """The first 100 requests of Mooncake's published trace: its format loads, and replay on its
+    real prefix sharing equals the naive LRU (and the unbounded ceiling once everything fits)."""
+    requests = serving_order(load_trace(MOONCAKE_HEAD))
+    assert len(requests) == 100
+    assert requests[0].input_length == 40160 and len(requests[0].hash_ids) == 79
+    for capacity in (64, 300):
+        result = replay(requests, capacity, "lru")
+        assert (result.hit_blocks, result.hit_tokens, result.evicted_blocks) == brute_force_lru(
+            requests, capacity
+        )
+    ceiling = unbounded_hits(requests)
+    assert ceiling.hit_tokens > 0  # requests do share prefixes
+    full = replay(requests, ceiling.capacity_blocks, "lru")
+    assert (full.hit_tokens, full.evicted_blocks) == (ceiling.hit_tokens, 0)
 
 
 def test_replay_with_room_for_everything_is_unbounded() -> None:

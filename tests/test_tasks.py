@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from kvengine.bench.tasks import (
+from kvengine.errors import InvalidRequestError
+from kvengine.eval.tasks import (
     RULER_TASKS,
     expand_task_names,
     haystack,
@@ -18,7 +19,6 @@ from kvengine.bench.tasks import (
     make_example,
     score,
 )
-from kvengine.errors import InvalidRequestError
 
 NEEDLE_TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt"]
 

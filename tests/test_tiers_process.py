@@ -1,7 +1,7 @@
 """Real processes sharing a real Redis: a prefix one computes is hit by the next; Redis dying mid-run.
 
-Process A and process B are separate Python processes (`kvengine.bench.tiers`
-children) over a tiny random model saved to a directory; only the Redis
+Process A and process B are separate Python processes (`kvengine bench tiers --child`,
+started by `kvengine.bench.tiers.spawn_child`) over a tiny random model saved to a directory; only the Redis
 server is shared between them. The reference for B's output is A's.
 """
 
@@ -15,7 +15,7 @@ from conftest import tiny_model
 from redis_server import RedisServer, redis_server  # noqa: F401  (fixture)
 from test_engine import random_prompt
 
-from kvengine.bench.tiers import _spawn
+from kvengine.bench.tiers import spawn_child
 from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams
@@ -34,8 +34,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_process_b_hits_what_process_a_stored_in_redis(model_dir: Path, redis_server: RedisServer) -> None:  # noqa: F811
     options = json.dumps({"tiers": "redis", "redis_url": redis_server.url, "block_size": 16})
     args = [str(model_dir), options, str(PREFIX_LEN), "0", "8"]
-    a = _spawn(args)
-    b = _spawn(args)
+    a = spawn_child(args)
+    b = spawn_child(args)
     assert a["cached_tokens"] == 0 and a["stats"]["tier_stored_chunks_total"] >= PREFIX_LEN // 16
     assert b["cached_tokens"] >= PREFIX_LEN  # the prefix and whole blocks of the question
     assert b["stats"]["prefix_tier_hit_tokens_total"] >= b["cached_tokens"]  # and the warm-up prompt's

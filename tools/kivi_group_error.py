@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from kvengine.bench.perplexity import text_ids
+from kvengine.eval.perplexity import text_ids
 from kvengine.cache.quant import dequantize, quantize
 from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.engine.engine import Engine

@@ -13,7 +13,6 @@ over the time after the first.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -21,12 +20,12 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from kvengine.bench.needle import make_needle_example
-from kvengine.bench.report import append_report, append_rows, make_row, markdown_table
 from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams
+from kvengine.eval.needle import make_needle_example
 from kvengine.models import LoadedModel, load
+from kvengine.results import append_report, append_rows, make_row, markdown_table
 
 
 class _StepClock(LogitsProcessor):
@@ -82,9 +81,16 @@ def time_kvengine(model: LoadedModel, prompt: list[int], new_tokens: int) -> tup
 
 
 def run_decode_bench(
-    model_name: str, lengths: list[int], new_tokens: int, repeats: int, out: Path, report: Path
+    model_name: str,
+    lengths: list[int],
+    new_tokens: int,
+    repeats: int,
+    out: Path,
+    report: Path,
+    *,
+    command: str = "kvengine bench decode",
 ) -> list[dict]:
-    """Measure, append JSON rows to `out` and a table to `report`; returns the rows."""
+    """Measure, append JSON rows to `out` and a table to `report` (headed by `command`); returns the rows."""
     model = load(model_name)
     doc = make_needle_example(model, max(lengths) + 64, depth=0.5, seed=0).context
     doc_ids = model.tokenizer.encode(doc) if model.tokenizer else []
@@ -118,7 +124,7 @@ def run_decode_bench(
     append_report(
         report,
         "Prefill and decode speed vs transformers' generate",
-        "kvengine bench decode " + " ".join(sys.argv[3:]),
+        command,
         body,
         f"Model {model.name}, fp32, batch 1, greedy, {new_tokens} new tokens, median of {repeats} "
         "alternating runs; ratio > 1 means kvengine is faster.",

@@ -15,13 +15,13 @@ warms up on an unrelated short prompt first), their ratio, the tokens B
 reused from the tier, and whether B's output equals A's token for token.
 Each repeat uses another document, so A is always cold.
 
-A process is `python -m kvengine.bench.tiers --child ...`, printing one JSON
-line; nothing is shared between them but the tier.
+A process is `python -m kvengine.cli bench tiers --child ...` (`spawn_child`),
+which runs `run_child` and prints its result as one JSON line; nothing is
+shared between the processes but the tier.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -29,11 +29,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvengine.bench.report import append_report, append_rows, make_row, markdown_table
-from kvengine.bench.serving import document_ids, time_to_first_token
+from kvengine.bench.throughput import document_ids, time_to_first_token
 from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.engine.engine import Engine
 from kvengine.models import load
+from kvengine.results import append_report, append_rows, make_row, markdown_table
 
 CHILD_TIMEOUT_S = 600
 
@@ -53,8 +53,9 @@ def run_child(
     return {"ttft_s": ttft, "cached_tokens": cached, "output": output, "stats": engine.stats()}
 
 
-def _spawn(args: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "kvengine.bench.tiers", "--child", *args]
+def spawn_child(args: list[str]) -> dict:
+    """Run `run_child` in a new process; `args` are its arguments as text (tier options as JSON)."""
+    cmd = [sys.executable, "-m", "kvengine.cli", "bench", "tiers", "--child", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark process failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -69,7 +70,7 @@ def measure_tier_ttft(
     options = json.dumps(tier_options)
     for seed in range(repeats):
         args = [model_name, options, str(prefix_len), str(seed), str(new_tokens)]
-        pairs.append((_spawn(args), _spawn(args)))
+        pairs.append((spawn_child(args), spawn_child(args)))
     return pairs
 
 
@@ -81,8 +82,10 @@ def run_tier_bench(
     repeats: int,
     out: Path,
     report: Path,
+    *,
+    command: str = "kvengine bench tiers",
 ) -> list[dict]:
-    """Measure, append JSON rows to `out` and a table to `report`; returns the rows."""
+    """Measure, append JSON rows to `out` and a table to `report` (headed by `command`); returns the rows."""
     pairs = measure_tier_ttft(model_name, tier_options, prefix_len, new_tokens, repeats)
     cold = statistics.median(a["ttft_s"] for a, _ in pairs)
     warm = statistics.median(b["ttft_s"] for _, b in pairs)
@@ -105,47 +108,9 @@ def run_tier_bench(
     append_report(
         report,
         f"Prefix hit across processes through the {tier} tier",
-        "kvengine bench tiers " + " ".join(sys.argv[3:]),
+        command,
         body,
         f"Median of {repeats} pairs of fresh processes (A, then B after A exited), each pair on another "
         f"document; TTFT excludes model loading, after a warm-up request in each process.",
     )
     return rows
-
-
-def add_tiers_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser(
-        "tiers",
-        help="TTFT of a prefix computed by one process and loaded from a tier by the next",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
-    )
-    p.add_argument("--model", default="smollm2-135m", help="bundled model name or local HF directory")
-    p.add_argument("--tier", choices=["redis", "disk"], default="redis", help="the shared tier")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for --tier redis")
-    p.add_argument("--disk-dir", default="", help="directory for --tier disk (default: a new temp dir)")
-    p.add_argument("--prefix-len", type=int, default=2048, help="tokens of the shared document")
-    p.add_argument("--new-tokens", type=int, default=8, help="output tokens per request")
-    p.add_argument("--repeats", type=int, default=3, help="pairs of processes (each on a new document)")
-    p.add_argument("--out", default="docs/results/bench_tiers.jsonl", help="JSON rows are appended here")
-    p.add_argument("--report", default="docs/benchmarks.md", help="Markdown report to append to")
-
-
-def tier_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    if args.tier == "redis":
-        return {"tiers": "redis", "redis_url": args.redis_url}
-    directory = args.disk_dir
-    if not directory:
-        import tempfile
-
-        directory = tempfile.mkdtemp(prefix="kvengine-bench-tiers-")
-    return {"tiers": "disk", "disk_tier_dir": directory}
-
-
-def _child_main(argv: list[str]) -> None:
-    model_name, options, prefix_len, seed, new_tokens = argv
-    result = run_child(model_name, json.loads(options), int(prefix_len), int(seed), int(new_tokens))
-    print(json.dumps(result))
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
-    _child_main(sys.argv[2:])

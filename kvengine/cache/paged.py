@@ -17,10 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvengine.cache.pool import BlockPool, block_slots
-from kvengine.cache.quant_pool import QuantizedBlockPool
-
-KVPool = BlockPool | QuantizedBlockPool
+from kvengine.cache.pool import KVPool, block_slots
 
 
 def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -71,7 +68,7 @@ class SequenceKV:
 
 
 class PagedKVCache:
-    """Allocates, fills and frees the blocks of sequences in one `BlockPool`."""
+    """Allocates, fills and frees the blocks of sequences in one `KVPool`."""
 
     def __init__(self, pool: KVPool, num_layers: int, num_kv_heads: int) -> None:
         self.pool = pool
@@ -249,13 +246,13 @@ class PagedKVCache:
         return self.pool.bytes_of(seq.block_table[seq.block_table >= 0])
 
     def seal_full_blocks(self, seq: SequenceKV) -> int:
-        """Quantize every full, still open block of `seq` (a packed pool only); returns how many.
+        """Seal every full, still open block of `seq` (a pool that seals only); returns how many.
 
         A cell's last block stays open until it is full: that is KIVI's
         full-precision residual. Blocks shared with another sequence stay
         open (sealing moves a block, and a shared block cannot move).
         """
-        if not isinstance(self.pool, QuantizedBlockPool):
+        if not self.pool.seals_blocks:
             return 0
         j = torch.arange(seq.block_table.shape[-1])
         full = j < (seq.lens // self.block_size)[..., None]

@@ -18,19 +18,32 @@ Python API, the CLI and the simulator share:
 from __future__ import annotations
 
 import bisect
-import heapq
 import math
 import statistics
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from kvengine.errors import InvalidRequestError
 from kvengine.registry import Registry
 
-if TYPE_CHECKING:
-    from kvengine.cache.radix import RadixNode
+
+class TreeNode(Protocol):
+    """What a policy sees of a node of the radix tree (`radix.RadixNode`; see its doc).
+
+    A protocol rather than an import, so the tree depends on its policies and
+    not the other way round.
+    """
+
+    key: tuple[int, ...]  # the edge's tokens, whole blocks
+    namespace: Hashable
+    start: int  # tokens above the edge
+    node_id: int  # grows with creation: the tie-breaker
+    policy_state: Any  # the policy's own, see EvictionPolicy
+
+    @property
+    def num_blocks(self) -> int: ...
 
 
 class EvictionPolicy(ABC):
@@ -46,14 +59,13 @@ class EvictionPolicy(ABC):
     - `on_evict(node, num_blocks)`: the last `num_blocks` blocks of `node` are
       about to be evicted (all of them: the node leaves the tree).
 
-    `choose_victims(candidates, n)` sees the unlocked leaves (never empty) and
-    returns the order in which to evict up to `n` blocks: one entry per block,
-    each naming the leaf whose last remaining block goes, so a node appears at
-    most `num_blocks` times. It must return at least one entry, only
-    candidates, and must not change the tree. The tree may stop early and ask
-    again (when an emptied leaf turns its parent into a candidate), so the
-    order must come from priorities that evicting blocks of other nodes does
-    not change.
+    `priority(node, block)` is the sort key of block `block` (0: the first)
+    of candidate `node`: of the candidates' last blocks, the one with the
+    smallest key is evicted next. A key ends with `node.node_id`, so
+    candidates never tie, and computing it must not change the tree. One
+    `evict` call computes each key once and keeps it, so a key must not
+    change when other nodes' blocks go (it may change between calls, with the
+    clock). A key that ignores `block` makes a node go whole before the next.
 
     Per-node data lives in `node.policy_state`; keep it immutable (tuples) so
     the default `on_split` can share it. Data about the whole cache (GDSF's
@@ -62,42 +74,21 @@ class EvictionPolicy(ABC):
 
     clairvoyant: ClassVar[bool] = False  # True: needs the future (offline bound only)
 
-    def on_insert(self, node: RadixNode, now: int) -> None:
+    def on_insert(self, node: TreeNode, now: int) -> None:
         self.on_access(node, now)
 
-    def on_access(self, node: RadixNode, now: int) -> None:  # noqa: B027 (optional hook)
+    def on_access(self, node: TreeNode, now: int) -> None:  # noqa: B027 (optional hook)
         pass
 
-    def on_split(self, upper: RadixNode, lower: RadixNode) -> None:
+    def on_split(self, upper: TreeNode, lower: TreeNode) -> None:
         upper.policy_state = lower.policy_state
 
-    def on_evict(self, node: RadixNode, num_blocks: int) -> None:  # noqa: B027 (optional hook)
+    def on_evict(self, node: TreeNode, num_blocks: int) -> None:  # noqa: B027 (optional hook)
         pass
 
     @abstractmethod
-    def choose_victims(self, candidates: Sequence[RadixNode], n: int) -> list[RadixNode]:
-        """Up to `n` entries, one per block to evict, first to go first (see the class doc)."""
-
-
-def blocks_in_order(nodes: Iterable[RadixNode], n: int) -> list[RadixNode]:
-    """Entries for up to `n` blocks, taking each node's blocks (last first) before the next node's."""
-    out: list[RadixNode] = []
-    for node in nodes:
-        out += [node] * min(node.num_blocks, n - len(out))
-        if len(out) >= n:
-            break
-    return out
-
-
-class PriorityPolicy(EvictionPolicy):
-    """A policy that evicts whole nodes in ascending `priority(node)` order."""
-
-    @abstractmethod
-    def priority(self, node: RadixNode) -> tuple[Any, ...]:
-        """Sort key of a candidate: the smallest goes first. End with `node.node_id` to break ties."""
-
-    def choose_victims(self, candidates: Sequence[RadixNode], n: int) -> list[RadixNode]:
-        return blocks_in_order(sorted(candidates, key=self.priority), n)
+    def priority(self, node: TreeNode, block: int) -> tuple[Any, ...]:
+        """Sort key of block `block` of candidate `node`: the smallest goes first (see the class doc)."""
 
 
 POLICIES: Registry[EvictionPolicy] = Registry("eviction policy", "policies")
@@ -125,34 +116,34 @@ def online_policy_names() -> list[str]:
 
 @register_policy("lru")
 @dataclass
-class LRU(PriorityPolicy):
+class LRU(EvictionPolicy):
     """Least recently used first. State: the clock of the last access."""
 
-    def on_access(self, node: RadixNode, now: int) -> None:
+    def on_access(self, node: TreeNode, now: int) -> None:
         node.policy_state = now
 
-    def priority(self, node: RadixNode) -> tuple[Any, ...]:
+    def priority(self, node: TreeNode, block: int) -> tuple[Any, ...]:
         return (node.policy_state, node.node_id)
 
 
 @register_policy("lfu")
 @dataclass
-class LFU(PriorityPolicy):
+class LFU(EvictionPolicy):
     """Fewest accesses first, least recently used among equals. State: (accesses, last access)."""
 
-    def on_insert(self, node: RadixNode, now: int) -> None:
+    def on_insert(self, node: TreeNode, now: int) -> None:
         node.policy_state = (1, now)
 
-    def on_access(self, node: RadixNode, now: int) -> None:
+    def on_access(self, node: TreeNode, now: int) -> None:
         node.policy_state = (node.policy_state[0] + 1, now)
 
-    def priority(self, node: RadixNode) -> tuple[Any, ...]:
+    def priority(self, node: TreeNode, block: int) -> tuple[Any, ...]:
         return (*node.policy_state, node.node_id)
 
 
 @register_policy("gdsf")
 @dataclass
-class GDSF(PriorityPolicy):
+class GDSF(EvictionPolicy):
     """Greedy-Dual-Size-Frequency (Cherkasova 1998): lowest `H = L + frequency * cost / size` first.
 
     `L`, the inflation value, rises to the `H` of each evicted node, so entries
@@ -163,26 +154,26 @@ class GDSF(PriorityPolicy):
 
     inflation: float = field(default=0.0, init=False)
 
-    def cost_per_block(self, node: RadixNode) -> float:
+    def cost_per_block(self, node: TreeNode) -> float:
         return 1.0
 
-    def on_insert(self, node: RadixNode, now: int) -> None:
+    def on_insert(self, node: TreeNode, now: int) -> None:
         node.policy_state = (self.inflation + self.cost_per_block(node), 1)
 
-    def on_access(self, node: RadixNode, now: int) -> None:
+    def on_access(self, node: TreeNode, now: int) -> None:
         frequency = node.policy_state[1] + 1
         node.policy_state = (self.inflation + frequency * self.cost_per_block(node), frequency)
 
-    def on_evict(self, node: RadixNode, num_blocks: int) -> None:
+    def on_evict(self, node: TreeNode, num_blocks: int) -> None:
         self.inflation = max(self.inflation, node.policy_state[0])
 
-    def priority(self, node: RadixNode) -> tuple[Any, ...]:
+    def priority(self, node: TreeNode, block: int) -> tuple[Any, ...]:
         return (node.policy_state[0], node.node_id)
 
 
 @register_policy("predictive")
 @dataclass
-class Predictive(PriorityPolicy):
+class Predictive(EvictionPolicy):
     """Evict blocks predicted not to be reused soon first, LRU among equals.
 
     After "Paging with Succinct Predictions" (Antoniadis et al. 2023,
@@ -215,7 +206,7 @@ class Predictive(PriorityPolicy):
         if self.max_ghosts < 0:
             raise InvalidRequestError(f"predictive: max_ghosts must be >= 0, got {self.max_ghosts}")
 
-    def on_insert(self, node: RadixNode, now: int) -> None:
+    def on_insert(self, node: TreeNode, now: int) -> None:
         # The most recent ghost among the new blocks stands for the node's past.
         ghosts = [self._ghosts.pop(self._ghost_key(node, j), None) for j in range(node.num_blocks)]
         past = max((g for g in ghosts if g is not None), default=None)
@@ -225,12 +216,12 @@ class Predictive(PriorityPolicy):
             self.on_access(node, now)
         self._now = now
 
-    def on_access(self, node: RadixNode, now: int) -> None:
+    def on_access(self, node: TreeNode, now: int) -> None:
         self._now = now
         last, gaps = node.policy_state
         node.policy_state = (now, (*gaps, now - last)[-self.history :])
 
-    def on_evict(self, node: RadixNode, num_blocks: int) -> None:
+    def on_evict(self, node: TreeNode, num_blocks: int) -> None:
         if self.max_ghosts == 0:
             return
         for j in range(node.num_blocks - num_blocks, node.num_blocks):
@@ -239,16 +230,16 @@ class Predictive(PriorityPolicy):
             del self._ghosts[next(iter(self._ghosts))]
 
     @staticmethod
-    def _ghost_key(node: RadixNode, block: int) -> Hashable:
+    def _ghost_key(node: TreeNode, block: int) -> Hashable:
         block_size = len(node.key) // node.num_blocks
         end = (block + 1) * block_size
         return (node.namespace, node.start + end, node.key[end - block_size : end])
 
-    def predicts_reuse(self, node: RadixNode) -> bool:
+    def predicts_reuse(self, node: TreeNode) -> bool:
         last, gaps = node.policy_state
         return bool(gaps) and self._now - last <= self.slack * statistics.median(gaps)
 
-    def priority(self, node: RadixNode) -> tuple[Any, ...]:
+    def priority(self, node: TreeNode, block: int) -> tuple[Any, ...]:
         return (self.predicts_reuse(node), node.policy_state[0], node.node_id)
 
 
@@ -287,20 +278,8 @@ class Belady(EvictionPolicy):
         i = bisect.bisect_right(uses, self._now)
         return uses[i] if i < len(uses) else math.inf
 
-    def choose_victims(self, candidates: Sequence[RadixNode], n: int) -> list[RadixNode]:
-        # A merge over the leaves, each walked from its last block up: next uses do not
-        # grow going up a path, so every leaf yields its blocks in the right order.
-        def entry(node: RadixNode, depth: int) -> tuple[float, int, int, RadixNode]:
-            block_size = len(node.key) // node.num_blocks
-            token = node.key[len(node.key) - 1 - depth * block_size]
-            return (-self.next_use(token), node.node_id, depth, node)
-
-        heap = [entry(node, 0) for node in candidates]
-        heapq.heapify(heap)
-        out: list[RadixNode] = []
-        while heap and len(out) < n:
-            _, _, depth, node = heapq.heappop(heap)
-            out.append(node)
-            if depth + 1 < node.num_blocks:
-                heapq.heappush(heap, entry(node, depth + 1))
-        return out
+    def priority(self, node: TreeNode, block: int) -> tuple[Any, ...]:
+        # A block is named by its last token. Next uses do not grow going up a path,
+        # so a leaf's blocks come out last first and the farthest is always a leaf's last.
+        block_size = len(node.key) // node.num_blocks
+        return (-self.next_use(node.key[(block + 1) * block_size - 1]), node.node_id)

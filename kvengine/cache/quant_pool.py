@@ -1,7 +1,7 @@
 """A block pool whose full blocks are stored packed to 2, 4 or 8 bits (KIVI).
 
-A drop-in for `BlockPool` where `PagedKVCache` and the attention function use
-it: same slot numbering (slot = block id * block_size + offset), same
+A `KVPool` (see `pool.py` for the contract) next to the plain `BlockPool`:
+same slot numbering (slot = block id * block_size + offset), same
 allocation, ref counts, `write` and `read`. What differs is that a block is
 in one of two states:
 
@@ -22,20 +22,25 @@ and a slot tells which storage it lives in.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from kvengine.cache.pool import add_refs, block_slots, drop_refs
+from kvengine.cache.pool import KVPool
 from kvengine.cache.quant import KIVILayout, PackedBlocks
-from kvengine.errors import InvalidRequestError, OutOfBlocksError
+from kvengine.errors import InvalidRequestError
 
 
-class QuantizedBlockPool:
+class QuantizedBlockPool(KVPool):
     """Open (full-precision) and sealed (packed) blocks with ref counts and free lists.
 
     Invariants (checked by `check_invariants`): every block, open or packed,
     is either free (ref count 0, on its kind's free list exactly once) or in
     use (ref count >= 1, on no free list).
     """
+
+    seals_blocks: ClassVar[bool] = True
+    label: ClassVar[str] = "quantized KV pool"
 
     def __init__(
         self,
@@ -55,43 +60,30 @@ class QuantizedBlockPool:
         if not dtype.is_floating_point:
             raise InvalidRequestError(f"the pool's dtype must be a floating point type, got {dtype}")
         self.layout = KIVILayout(block_size, head_dim, bits, value_group_size)
-        self.num_open_blocks = num_open_blocks
+        num_blocks = num_open_blocks + num_packed_blocks
+        super().__init__(num_blocks, num_open_blocks, block_size, head_dim, dtype, device)
         self.num_packed_blocks = num_packed_blocks
-        self.num_blocks = num_open_blocks + num_packed_blocks
-        self.block_size = block_size
-        self.head_dim = head_dim
         self.bits = bits
-        self.dtype = dtype
-        self._open_slots = num_open_blocks * block_size  # first slot of the packed range
-        # torch.empty: pages are only touched when a block is written.
-        self.k = torch.empty(self._open_slots, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty(self._open_slots, head_dim, dtype=dtype, device=device)
         self.packed: PackedBlocks = self.layout.empty(num_packed_blocks, device)
-        self.ref_counts = torch.zeros(self.num_blocks, dtype=torch.int32)
-        # Stacks of free ids; popping from the end hands out low ids first.
+        # Popping from the end hands out low ids first.
         self._free_open: list[int] = list(range(num_open_blocks - 1, -1, -1))
-        self._free_packed: list[int] = list(range(self.num_blocks - 1, num_open_blocks - 1, -1))
+        self._free_packed: list[int] = list(range(num_blocks - 1, num_open_blocks - 1, -1))
 
     # ---- accounting -------------------------------------------------------
 
     @property
+    def extent(self) -> str:
+        return f"{self.num_open_blocks} open and {self.num_packed_blocks} packed blocks of {self.block_size} tokens"
+
+    @property
     def open_bytes_per_block(self) -> int:
         """Bytes of keys plus values one open (full-precision) block holds."""
-        return 2 * self.block_size * self.head_dim * self.k.element_size()
+        return self.bytes_per_block
 
     @property
     def packed_bytes_per_block(self) -> int:
         """Bytes one sealed block holds: packed codes plus float16 scales and zero points."""
         return self.layout.packed_bytes
-
-    @property
-    def bytes_per_block(self) -> int:
-        """Bytes of a block as `allocate` hands it out (open); see `bytes_of` for any ids."""
-        return self.open_bytes_per_block
-
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self._free_open) + len(self._free_packed)
 
     @property
     def num_free_open_blocks(self) -> int:
@@ -100,10 +92,6 @@ class QuantizedBlockPool:
     @property
     def num_free_packed_blocks(self) -> int:
         return len(self._free_packed)
-
-    @property
-    def num_used_blocks(self) -> int:
-        return self.num_blocks - self.num_free_blocks
 
     @property
     def num_used_open_blocks(self) -> int:
@@ -134,44 +122,21 @@ class QuantizedBlockPool:
         num_packed = block_ids.numel() - num_open
         return num_open * self.open_bytes_per_block + num_packed * self.packed_bytes_per_block
 
-    def is_sealed(self, block_ids: torch.Tensor) -> torch.Tensor:
-        """Boolean mask: which of `block_ids` are packed blocks."""
-        return block_ids >= self.num_open_blocks
-
     # ---- allocation -------------------------------------------------------
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self._free_open)
 
     def allocate(self, num_blocks: int) -> torch.Tensor:
-        """Take `num_blocks` free open blocks, each with ref count 1; returns their ids (int64)."""
-        return self._take(self._free_open, num_blocks, "open")
+        return self._take(self._free_open, num_blocks, "open ")
 
     def can_seal(self, num_blocks: int) -> bool:
         return num_blocks <= len(self._free_packed)
 
-    def _take(self, free: list[int], num_blocks: int, kind: str) -> torch.Tensor:
-        if num_blocks > len(free):
-            raise OutOfBlocksError(
-                f"the quantized KV pool has {len(free)} free {kind} blocks, {num_blocks} were asked for "
-                f"(pool: {self.num_open_blocks} open and {self.num_packed_blocks} packed blocks "
-                f"of {self.block_size} tokens)"
-            )
-        if num_blocks == 0:
-            return torch.empty(0, dtype=torch.int64)
-        taken = free[-num_blocks:]
-        del free[-num_blocks:]
-        ids = torch.tensor(taken, dtype=torch.int64)
-        self.ref_counts[ids] = 1
-        return ids
+    def _free_lists(self) -> tuple[list[int], ...]:
+        return (self._free_open, self._free_packed)
 
-    def incref(self, block_ids: torch.Tensor) -> None:
-        """Add one reference to each block in use, open or sealed."""
-        add_refs(self.ref_counts, block_ids)
-
-    def release(self, block_ids: torch.Tensor) -> None:
-        """Drop one reference to each block; blocks whose count reaches 0 are freed."""
-        freed = drop_refs(self.ref_counts, block_ids)
+    def _put_back(self, freed: torch.Tensor) -> None:
         sealed = self.is_sealed(freed)
         self._free_open.extend(freed[~sealed].tolist())
         self._free_packed.extend(freed[sealed].tolist())
@@ -197,11 +162,8 @@ class QuantizedBlockPool:
             raise ValueError(
                 "seal needs blocks held by exactly one reference (free or shared blocks cannot be sealed)"
             )
-        new_ids = self._take(self._free_packed, block_ids.numel(), "packed")
-        rows = block_slots(block_ids.flatten(), self.block_size)
-        shape = (block_ids.numel(), self.block_size, self.head_dim)
-        k = self.k.index_select(0, rows).view(shape)  # (N, block_size, D)
-        v = self.v.index_select(0, rows).view(shape)
+        new_ids = self._take(self._free_packed, block_ids.numel(), "packed ")
+        k, v = self.read_blocks(block_ids.flatten())  # (N, block_size, D)
         packed = self.layout.quantize_blocks(k, v)
         dst = new_ids - self.num_open_blocks
         for store, fresh in zip(self.packed, packed, strict=True):
@@ -212,34 +174,23 @@ class QuantizedBlockPool:
     # ---- data -------------------------------------------------------------
 
     def write(self, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store `key`/`value` rows `(N, head_dim)` at flat slot indices `slots` `(N,)` of open blocks."""
+        """Store rows at slots of open blocks, as `KVPool.write`; sealed blocks are read-only."""
         if slots.numel() and int(slots.max()) >= self._open_slots:
             block = int(slots.max()) // self.block_size
             raise ValueError(f"write into sealed block {block}: packed blocks are read-only")
-        self.k.index_copy_(0, slots, key.to(self.dtype))
-        self.v.index_copy_(0, slots, value.to(self.dtype))
+        super().write(slots, key, value)
 
     def read(
         self, slots: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `(N, head_dim)` in the pool's dtype at flat slots `slots` `(N,)`.
+        """Keys and values at `slots`, as `KVPool.read`; slots may mix open and sealed blocks.
 
-        Slots may mix open and sealed blocks; each sealed block touched is
-        dequantized once. With `out` (two buffers of at least N rows) the
-        result is written into their first N rows, valid until the next read
-        into the same buffers.
+        Each sealed block touched is dequantized once.
         """
-        n = slots.numel()
-        if out is None or out[0].shape[0] < n:
-            k = torch.empty(n, self.head_dim, dtype=self.dtype, device=self.k.device)
-            v = torch.empty_like(k)
-        else:
-            k, v = out[0][:n], out[1][:n]
         sealed = slots >= self._open_slots
         if not bool(sealed.any()):
-            torch.index_select(self.k, 0, slots, out=k)
-            torch.index_select(self.v, 0, slots, out=v)
-            return k, v
+            return super().read(slots, out)
+        k, v = self._read_buffers(slots.numel(), out)
         at_open = (~sealed).nonzero().squeeze(1)
         k.index_copy_(0, at_open, self.k.index_select(0, slots[at_open]))
         v.index_copy_(0, at_open, self.v.index_select(0, slots[at_open]))
@@ -257,14 +208,9 @@ class QuantizedBlockPool:
     # ---- checks -----------------------------------------------------------
 
     def check_invariants(self) -> None:
-        """Raise AssertionError if the free lists and ref counts disagree."""
-        free = torch.tensor(self._free_open + self._free_packed, dtype=torch.int64)
-        assert free.numel() == free.unique().numel(), "a block is on a free list twice"
+        """Raise AssertionError if the free lists and ref counts disagree, or a block is on the wrong list."""
+        super().check_invariants()
         open_free = torch.tensor(self._free_open, dtype=torch.int64)
         assert not bool(self.is_sealed(open_free).any()), "a packed block is on the open free list"
         packed_free = torch.tensor(self._free_packed, dtype=torch.int64)
         assert bool(self.is_sealed(packed_free).all()), "an open block is on the packed free list"
-        is_free = torch.zeros(self.num_blocks, dtype=torch.bool)
-        is_free[free] = True
-        assert bool((self.ref_counts[is_free] == 0).all()), "a free block is referenced"
-        assert bool((self.ref_counts[~is_free] >= 1).all()), "a used block has no reference"

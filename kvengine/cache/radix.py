@@ -27,6 +27,7 @@ The tree knows nothing about the pool: it hands values back to the caller
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -248,25 +249,41 @@ class RadixCache:
     def evict(self, num_blocks: int) -> list[Any]:
         """Evict up to `num_blocks` unlocked blocks, leaves first; returns their values.
 
-        Fewer come back only when fewer are evictable. The policy orders the
-        candidates; the tree asks it again whenever evicting a leaf turns its
-        parent into a new candidate.
+        Fewer come back only when fewer are evictable. The next block to go is
+        always the one with the smallest policy priority among the candidates'
+        last blocks; a parent emptied of its children becomes a candidate at once.
         """
+        # Keys hold for the whole call (see EvictionPolicy), so one heap serves it:
+        # an emptied leaf's parent is pushed, not every candidate sorted again.
+        heap = [self._heap_entry(node) for node in self._leaves] if num_blocks > 0 else []
+        heapq.heapify(heap)
         evicted: list[Any] = []
-        while len(evicted) < num_blocks and self._leaves:
-            victims = self.policy.choose_victims(list(self._leaves), num_blocks - len(evicted))
-            if not victims:
-                raise RuntimeError(f"{type(self.policy).__name__} chose no victim among candidates")
-            for node, group in itertools.groupby(victims):
-                if node not in self._leaves:
-                    raise RuntimeError(f"{type(self.policy).__name__} chose a node that is not a candidate")
-                first_block = node.key[: self.block_size]
-                take = min(len(list(group)), node.num_blocks, num_blocks - len(evicted))
-                evicted += self._evict_tail(node, take)
-                new_candidate = node.num_blocks == 0 and self._remove_leaf(node, first_block)
-                if new_candidate or len(evicted) == num_blocks:
-                    break  # done, or the rest of the order is stale
+        while len(evicted) < num_blocks and heap:
+            _, _, node = heapq.heappop(heap)
+            first_block = node.key[: self.block_size]
+            take = self._run_length(node, heap[0][0] if heap else None, num_blocks - len(evicted))
+            evicted += self._evict_tail(node, take)
+            if node.num_blocks:
+                heapq.heappush(heap, self._heap_entry(node))
+            elif (parent := self._remove_leaf(node, first_block)) is not None:
+                heapq.heappush(heap, self._heap_entry(parent))
         return evicted
+
+    def _heap_entry(self, node: RadixNode) -> tuple[tuple[Any, ...], int, RadixNode]:
+        """A candidate keyed by its last block; the node id keeps nodes themselves from being compared."""
+        return (self.policy.priority(node, node.num_blocks - 1), node.node_id, node)
+
+    def _run_length(self, node: RadixNode, next_key: tuple[Any, ...] | None, limit: int) -> int:
+        """How many of `node`'s last blocks go before the candidate keyed `next_key` (at most `limit`).
+
+        Counted before any goes, so the policy hears of the whole run in one `on_evict`.
+        """
+        take, end = 1, min(limit, node.num_blocks)
+        while take < end and (
+            next_key is None or self.policy.priority(node, node.num_blocks - 1 - take) < next_key
+        ):
+            take += 1
+        return take
 
     def _evict_tail(self, node: RadixNode, num_blocks: int) -> list[Any]:
         self.policy.on_evict(node, num_blocks)
@@ -276,16 +293,16 @@ class RadixCache:
         self.num_cached_blocks -= num_blocks
         return taken[::-1]  # the deepest block went first
 
-    def _remove_leaf(self, node: RadixNode, first_block: tuple[int, ...]) -> bool:
-        """Detach an emptied leaf; True if its parent became a candidate."""
+    def _remove_leaf(self, node: RadixNode, first_block: tuple[int, ...]) -> RadixNode | None:
+        """Detach an emptied leaf; returns its parent if that became a candidate."""
         parent = node.parent
         assert parent is not None
         del parent.children[first_block]
         del self._leaves[node]
         if parent.parent is not None and not parent.children and parent.lock_ref == 0:
             self._leaves[parent] = None
-            return True
-        return False
+            return parent
+        return None
 
     # ---- checks ---------------------------------------------------------------
 

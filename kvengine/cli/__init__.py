@@ -1,9 +1,10 @@
 """The `kvengine` command line: generate | serve | demo | bench | models | presses | simulate | eval | report.
 
-This module builds the top-level parser, holds the small commands (generate, demo, models,
-presses, simulate) and `main`, which maps `KVEngineError` to one line on stderr and exit code 2.
-Shared option helpers are in `common`, the benchmarks in `bench`, the HTTP server in `serve`;
-eval, report and simulate bring their own parsers from kvengine/bench.
+This module builds the top-level parser, holds the small commands (generate, demo, models and
+presses) and `main`, which maps `KVEngineError` to one line on stderr and exit code 2.
+Shared option helpers are in `common`, the benchmarks in `bench` (the load test in `bench_serve`),
+the HTTP server in `serve`, eval and report in `eval`, the trace replay in `simulate`. Only this
+package reads the command line; library code is given what it needs as arguments.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvengine.argtypes import positive_int
-from kvengine.bench.eval_cli import add_eval_parser, run_eval_command
-from kvengine.bench.plots import add_report_parser, run_report_command
-from kvengine.bench.simulate import add_simulate_parser
+from kvengine.cli.argtypes import positive_int
 from kvengine.cli.bench import add_bench_parser, cmd_bench
 from kvengine.cli.common import (
     CONFIG_HELP,
@@ -29,7 +27,9 @@ from kvengine.cli.common import (
     press_from_args,
     read_text_file,
 )
+from kvengine.cli.eval import add_eval_parser, add_report_parser, run_eval_command, run_report_command
 from kvengine.cli.serve import add_serve_parser, cmd_serve
+from kvengine.cli.simulate import add_simulate_parser, run_simulate_command
 from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig
 from kvengine.errors import InvalidRequestError, KVEngineError
 
@@ -151,7 +151,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from kvengine.demo import run_demo
+    from kvengine.cli.demo import run_demo
 
     run_demo(args.model, args.doc_tokens, compare=not args.no_compare)
 
@@ -176,12 +176,6 @@ def _cmd_presses(args: argparse.Namespace) -> None:
         print(f"{name:20s} {doc}\n{'':20s} fields: {fields}")
 
 
-def _cmd_simulate(args: argparse.Namespace) -> None:
-    from kvengine.bench.simulate import run_simulate_command
-
-    run_simulate_command(args)
-
-
 _COMMANDS = {
     "generate": _cmd_generate,
     "demo": _cmd_demo,
@@ -189,16 +183,21 @@ _COMMANDS = {
     "models": _cmd_models,
     "presses": _cmd_presses,
     "serve": cmd_serve,
-    "simulate": _cmd_simulate,
+    "simulate": run_simulate_command,
     "eval": run_eval_command,
     "report": run_report_command,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command `argv` names (default: sys.argv); 0 on success, 2 on bad input, 130 on Ctrl-C."""
+    """Run the command `argv` names (default: sys.argv); 0 on success, 2 on bad input, 130 on Ctrl-C.
+
+    Commands find the command line itself in `args.command_line` (benchmarks record it in reports).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = " ".join(["kvengine", *argv])
     try:
         _COMMANDS[args.command](args)
     except KVEngineError as exc:

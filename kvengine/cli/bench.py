@@ -1,20 +1,21 @@
 """`kvengine bench ...`: the parsers, help texts and commands of every benchmark subcommand.
 
-Each command only turns options into arguments for a runner in kvengine/bench, which measures
-and writes the JSON rows and Markdown; nothing here measures anything itself.
+Each command only turns options into arguments for a runner in kvengine/bench or kvengine/eval,
+which measures and writes the JSON rows and Markdown; nothing here measures anything itself.
+Rows and reports go to `results_dir()` unless --out / --report say otherwise, and the command
+line recorded in a report is the one this process was given. `bench serve` is in `bench_serve`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 from pathlib import Path
 
-from kvengine.argtypes import name_list, positive_int, positive_int_list, ratio_list
-from kvengine.bench.tiers import add_tiers_bench_parser
-from kvengine.cli.common import CONFIG_HELP, Parser, add_config_args, config_from_args, kivi_bits
-from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig
-from kvengine.errors import InvalidRequestError
+from kvengine.cli.argtypes import name_list, positive_int, positive_int_list, ratio_list
+from kvengine.cli.bench_serve import add_serve_bench_parser, cmd_bench_serve
+from kvengine.cli.common import Parser, kivi_bits, results_dir
+from kvengine.config import DEFAULT_MODEL
 
 _BENCH_HELP = """Measure prefill and decode tokens/s of kvengine and of transformers' generate
 (its own dynamic cache, SDPA attention) in the same run, on the same prompts. Rows are appended
@@ -29,12 +30,26 @@ same run. Rows are appended as JSON lines to --out, and a table to --report."""
 _PREFIX_HELP = """Time to first token of a request whose --prefix-len-token prefix is in the prefix
 cache, against the same request on a cold cache (fresh engine per repeat). Rows are appended as JSON
 lines to --out, and a table to --report."""
-_SERVE_BENCH_HELP = """Closed-loop load test: --clients clients each send a streaming request to
-/v1/completions (shared-prefix, random) or /v1/chat/completions (multi-turn) as soon as their
-previous one finished, until --duration-s or --max-requests ends the run. Reports request
-throughput, output tokens/s, TTFT, inter-token latency and end-to-end percentiles, the prefix hit
-rate and failures, as JSON rows and Markdown in --out; with /metrics on the server, also the pool's
-referenced blocks before and after (a leak check). --launch starts the server itself."""
+_TIERS_HELP = """Each repeat runs two fresh processes, one after the other, over the same storage
+tier (Redis or a disk directory) and the same prompt (a --prefix-len-token document and a short
+question), each in a new engine: process A finds nothing cached, prefills the whole prompt and writes
+the prefix's blocks through to the tier (the cold baseline); process B, started after A has exited,
+loads those blocks from the tier instead of computing them. Reports both times to first token (model
+loading excluded), their ratio, the tokens B reused and whether B's output equals A's."""
+
+
+def _add_output_args(parser: argparse.ArgumentParser, rows_file: str) -> None:
+    """`--out` (JSON rows) and `--report` (Markdown), both appended to, under `results_dir()` by default."""
+    parser.add_argument(
+        "--out",
+        default=str(results_dir() / rows_file),
+        help="JSON rows are appended here (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--report",
+        default=str(results_dir() / "benchmarks.md"),
+        help="Markdown report to append to (default: %(default)s)",
+    )
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,17 +64,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--lengths", type=positive_int_list, default=[512, 2048, 4096], help="prompt lengths")
     dec.add_argument("--new-tokens", type=positive_int, default=64, help="tokens decoded per run")
     dec.add_argument("--repeats", type=positive_int, default=3, help="runs per length and system")
-    dec.add_argument("--out", default="docs/results/bench_decode.jsonl", help="JSON rows are appended here")
-    dec.add_argument("--report", default="docs/benchmarks.md", help="Markdown report to append to")
+    _add_output_args(dec, "bench_decode.jsonl")
     _add_presses_bench_parser(bench_sub)
     _add_serving_bench_parsers(bench_sub)
     _add_perplexity_parser(bench_sub)
-    add_tiers_bench_parser(bench_sub)
-    _add_serve_bench_parser(bench_sub)
+    _add_tiers_bench_parser(bench_sub)
+    add_serve_bench_parser(bench_sub)
 
 
 def _add_presses_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
-    """`bench presses` (kvengine/bench/presses.py)."""
+    """`bench presses` (kvengine/eval/presses.py)."""
     pr = bench_sub.add_parser(
         "presses",
         help="needle accuracy, bytes held and compression cost per press",
@@ -75,12 +89,11 @@ def _add_presses_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--ratios", type=ratio_list, default=[0.5, 0.75], help="compression ratios")
     pr.add_argument("--kivi", type=kivi_bits, default=[2, 4], help="KIVI bit widths to compare, or 'none'")
     pr.add_argument("--examples", type=positive_int, default=4, help="needle examples per length")
-    pr.add_argument("--out", default="docs/results/bench_presses.jsonl", help="JSON rows are appended here")
-    pr.add_argument("--report", default="docs/benchmarks.md", help="Markdown report to append to")
+    _add_output_args(pr, "bench_presses.jsonl")
 
 
 def _add_serving_bench_parsers(bench_sub: argparse._SubParsersAction) -> None:
-    """`bench throughput` and `bench prefix` (kvengine/bench/serving.py)."""
+    """`bench throughput` and `bench prefix` (kvengine/bench/throughput.py)."""
     tp = bench_sub.add_parser(
         "throughput",
         help="output tokens/s with many requests in flight vs transformers' generate",
@@ -95,10 +108,7 @@ def _add_serving_bench_parsers(bench_sub: argparse._SubParsersAction) -> None:
     tp.add_argument(
         "--baseline-requests", type=positive_int, default=4, help="requests transformers serves one at a time"
     )
-    tp.add_argument(
-        "--out", default="docs/results/bench_throughput.jsonl", help="JSON rows are appended here"
-    )
-    tp.add_argument("--report", default="docs/benchmarks.md", help="Markdown report to append to")
+    _add_output_args(tp, "bench_throughput.jsonl")
     px = bench_sub.add_parser(
         "prefix", help="time to first token with a cached prefix vs cold", description=_PREFIX_HELP
     )
@@ -107,13 +117,12 @@ def _add_serving_bench_parsers(bench_sub: argparse._SubParsersAction) -> None:
     px.add_argument("--suffix-len", type=positive_int, default=32, help="tokens after the prefix")
     px.add_argument("--new-tokens", type=positive_int, default=8, help="output tokens per request")
     px.add_argument("--repeats", type=positive_int, default=3, help="cold/warm pairs, each on a fresh engine")
-    px.add_argument("--out", default="docs/results/bench_prefix.jsonl", help="JSON rows are appended here")
-    px.add_argument("--report", default="docs/benchmarks.md", help="Markdown report to append to")
+    _add_output_args(px, "bench_prefix.jsonl")
 
 
 def _add_perplexity_parser(bench_sub: argparse._SubParsersAction) -> None:
-    """`bench perplexity` (kvengine/bench/perplexity.py): options from `PerplexityConfig`'s fields."""
-    from kvengine.bench.perplexity import PerplexityConfig
+    """`bench perplexity` (kvengine/eval/perplexity.py): options from `PerplexityConfig`'s fields."""
+    from kvengine.eval.perplexity import PerplexityConfig
 
     d = PerplexityConfig()
     pp = bench_sub.add_parser(
@@ -131,118 +140,106 @@ def _add_perplexity_parser(bench_sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--score-len", type=positive_int, default=d.score_len, help="tokens scored after it")
     pp.add_argument("--text", choices=["prose", "noise"], default=d.text, help="haystack the text comes from")
     pp.add_argument("--seed", type=int, default=d.seed, help="chooses where in the text to start")
-    pp.add_argument("--out", default="docs/results/perplexity", help="folder for perplexity.jsonl and .md")
-
-
-def _add_serve_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
-    """`bench serve`: streaming clients against a server (kvengine/bench/serve_bench.py)."""
-    from kvengine.bench.serve_bench import add_load_args
-
-    bs = bench_sub.add_parser(
-        "serve", help="load test of a running server: N streaming clients", description=_SERVE_BENCH_HELP
+    pp.add_argument(
+        "--out",
+        default=str(results_dir() / "perplexity"),
+        help="folder for perplexity.jsonl and .md (default: %(default)s)",
     )
-    add_load_args(bs)
-    launch = bs.add_argument_group("--launch: the server to start (the options below apply only with it)")
-    launch.add_argument(
-        "--launch", action="store_true", help="start `kvengine serve` on a free loopback port"
+
+
+def _add_tiers_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
+    """`bench tiers` (kvengine/bench/tiers.py), and the hidden `--child` each of its processes runs."""
+    p = bench_sub.add_parser(
+        "tiers",
+        help="TTFT of a prefix computed by one process and loaded from a tier by the next",
+        description=_TIERS_HELP,
     )
-    launch.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
-    launch.add_argument(
-        "--serve-arg",
-        action="append",
-        default=[],
-        metavar="FLAG",
-        help="another `kvengine serve` flag (repeatable), e.g. --serve-arg=--max-concurrent-requests=64",
+    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    p.add_argument("--tier", choices=["redis", "disk"], default="redis", help="the shared tier")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for --tier redis")
+    p.add_argument("--disk-dir", default="", help="directory for --tier disk (default: a new temp dir)")
+    p.add_argument("--prefix-len", type=positive_int, default=2048, help="tokens of the shared document")
+    p.add_argument("--new-tokens", type=positive_int, default=8, help="output tokens per request")
+    p.add_argument(
+        "--repeats", type=positive_int, default=3, help="pairs of processes (each on a new document)"
     )
-    add_config_args(bs, CacheConfig, CONFIG_HELP)
-    add_config_args(bs, SchedulerConfig, CONFIG_HELP)
+    _add_output_args(p, "bench_tiers.jsonl")
+    # One process of the benchmark (kvengine.bench.tiers.spawn_child starts it): prints one JSON line.
+    p.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    """Run the benchmark `args.bench` names."""
-    if args.bench == "perplexity":
-        _cmd_bench_perplexity(args)
-        return
-    if args.bench == "serve":
-        _cmd_bench_serve(args)
-        return
-    if args.bench in ("throughput", "prefix"):
-        _cmd_bench_serving(args)
-        return
-    if args.bench == "tiers":
-        from kvengine.bench.tiers import run_tier_bench, tier_options_from_args
+def _tier_options(args: argparse.Namespace) -> dict[str, str]:
+    """The `CacheConfig` fields of the tier `--tier` names (a new temp dir for disk without --disk-dir)."""
+    if args.tier == "redis":
+        return {"tiers": "redis", "redis_url": args.redis_url}
+    directory = args.disk_dir
+    if not directory:
+        import tempfile
 
-        options = tier_options_from_args(args)
-        out, report = Path(args.out), Path(args.report)
-        run_tier_bench(args.model, options, args.prefix_len, args.new_tokens, args.repeats, out, report)
-        return
-    if args.bench == "presses":
-        from kvengine.bench.presses import DEFAULT_PRESSES, run_presses_bench
+        directory = tempfile.mkdtemp(prefix="kvengine-bench-tiers-")
+    return {"tiers": "disk", "disk_tier_dir": directory}
 
-        run_presses_bench(
-            args.model,
-            args.lengths,
-            args.presses or DEFAULT_PRESSES,
-            args.ratios,
-            args.kivi,
-            args.examples,
-            Path(args.out),
-            Path(args.report),
-        )
+
+def _cmd_bench_tiers(args: argparse.Namespace) -> None:
+    from kvengine.bench.tiers import run_child, run_tier_bench
+
+    if args.child is not None:
+        model_name, options, prefix_len, seed, new_tokens = args.child
+        result = run_child(model_name, json.loads(options), int(prefix_len), int(seed), int(new_tokens))
+        print(json.dumps(result))
         return
+    out, report = Path(args.out), Path(args.report)
+    run_tier_bench(
+        args.model, _tier_options(args), args.prefix_len, args.new_tokens, args.repeats, out, report,
+        command=args.command_line,
+    )  # fmt: skip
+
+
+def _cmd_bench_decode(args: argparse.Namespace) -> None:
     from kvengine.bench.decode import run_decode_bench
 
+    out, report = Path(args.out), Path(args.report)
     run_decode_bench(
-        args.model, args.lengths, args.new_tokens, args.repeats, Path(args.out), Path(args.report)
+        args.model, args.lengths, args.new_tokens, args.repeats, out, report, command=args.command_line
     )
 
 
-def _cmd_bench_serving(args: argparse.Namespace) -> None:
-    from kvengine.bench.serving import run_prefix_bench, run_throughput_bench
+def _cmd_bench_presses(args: argparse.Namespace) -> None:
+    from kvengine.eval.presses import DEFAULT_PRESSES, run_presses_bench
 
-    out, report = Path(args.out), Path(args.report)
-    if args.bench == "throughput":
-        run_throughput_bench(
-            args.model,
-            args.concurrency,
-            args.prompt_len,
-            args.new_tokens,
-            args.baseline_requests,
-            out,
-            report,
-        )
-    else:
-        run_prefix_bench(
-            args.model, args.prefix_len, args.suffix_len, args.new_tokens, args.repeats, out, report
-        )
+    run_presses_bench(
+        args.model,
+        args.lengths,
+        args.presses or DEFAULT_PRESSES,
+        args.ratios,
+        args.kivi,
+        args.examples,
+        Path(args.out),
+        Path(args.report),
+        command=args.command_line,
+    )
 
 
-def _cmd_bench_serve(args: argparse.Namespace) -> None:
-    from kvengine.bench.serve_bench import load_config_from_args, run_serve_bench
-    from kvengine.bench.serve_launch import LaunchConfig
+def _cmd_bench_throughput(args: argparse.Namespace) -> None:
+    from kvengine.bench.throughput import run_throughput_bench
 
-    if args.launch and args.url is not None:
-        raise InvalidRequestError("give --url or --launch, not both")
-    out = Path(args.out)
-    launch = None
-    if args.launch:
-        flags: list[str] = []
-        for config in (config_from_args(CacheConfig, args), config_from_args(SchedulerConfig, args)):
-            for f in dataclasses.fields(config):  # only what differs: `serve` has the same defaults
-                value, flag = getattr(config, f.name), "--" + f.name.replace("_", "-")
-                if value == f.default:
-                    continue
-                if isinstance(value, bool):
-                    flags.append(flag if value else "--no-" + flag[2:])
-                else:
-                    flags += [flag, str(value)]
-        launch = LaunchConfig(args.model, (*flags, *args.serve_arg), log_path=out / "server.log")
-    report = Path(args.report) if args.report else None
-    run_serve_bench(load_config_from_args(args), out, launch, report)
+    run_throughput_bench(
+        args.model, args.concurrency, args.prompt_len, args.new_tokens, args.baseline_requests,
+        Path(args.out), Path(args.report), command=args.command_line,
+    )  # fmt: skip
+
+
+def _cmd_bench_prefix(args: argparse.Namespace) -> None:
+    from kvengine.bench.throughput import run_prefix_bench
+
+    run_prefix_bench(
+        args.model, args.prefix_len, args.suffix_len, args.new_tokens, args.repeats,
+        Path(args.out), Path(args.report), command=args.command_line,
+    )  # fmt: skip
 
 
 def _cmd_bench_perplexity(args: argparse.Namespace) -> None:
-    from kvengine.bench.perplexity import PerplexityConfig, markdown, run_perplexity
+    from kvengine.eval.perplexity import PerplexityConfig, markdown, run_perplexity
     from kvengine.models import load
 
     cfg = PerplexityConfig(
@@ -255,3 +252,19 @@ def _cmd_bench_perplexity(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "perplexity.md").write_text(table + "\n", encoding="utf-8")
     print(table)
+
+
+_BENCHES = {
+    "decode": _cmd_bench_decode,
+    "presses": _cmd_bench_presses,
+    "throughput": _cmd_bench_throughput,
+    "prefix": _cmd_bench_prefix,
+    "perplexity": _cmd_bench_perplexity,
+    "tiers": _cmd_bench_tiers,
+    "serve": cmd_bench_serve,
+}
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Run the benchmark `args.bench` names (`args.command_line` is recorded in its report)."""
+    _BENCHES[args.bench](args)

@@ -2,7 +2,7 @@
 
 Bad arguments end with one line on stderr and exit code `EXIT_BAD_INPUT`. Cache and scheduler
 options are derived from the config dataclasses' fields, so the CLI and the Python API cannot
-drift apart. This module defines no subcommand.
+drift apart. Outputs default to `results_dir()`. This module defines no subcommand.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from kvengine.argtypes import positive_int_list
+from kvengine.cli.argtypes import positive_int_list
+from kvengine.config import default_cache_dir
 from kvengine.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -71,6 +72,15 @@ CONFIG_HELP = {
     "disk_tier_bytes": "bytes of the disk tier",
     "redis_url": "the Redis server of the redis tier (shared by every kvengine process using it)",
 }
+
+
+def results_dir() -> Path:
+    """Where `bench` and `eval` write rows and reports when not told: `<cache dir>/results`.
+
+    Never a path inside a source checkout: a repository that keeps its results
+    passes `--out` (the Makefile does for `make bench`).
+    """
+    return default_cache_dir() / "results"
 
 
 def read_text_file(path: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvengine.argtypes import positive_int
+from kvengine.cli.argtypes import positive_int
 from kvengine.cli.common import CONFIG_HELP, add_config_args, config_from_args
 from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig, ServerConfig
 

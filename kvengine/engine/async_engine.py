@@ -6,6 +6,10 @@ driver between steps; each step runs in a worker thread (`asyncio.to_thread`),
 so the event loop stays free for I/O while the model computes, and the
 step's tokens go to one asyncio queue per request.
 
+Whatever else a caller wants to know is also taken between steps and kept
+here, so it can be read at any time without touching the engine: `stats()`
+is the engine's last stats snapshot, `info(seq_id)` a request's numbers.
+
     async with AsyncEngine(engine) as llm:
         seq_id = await llm.add_request(prompt_ids, SamplingParams(max_tokens=32))
         async for event in llm.stream(seq_id):
@@ -17,15 +21,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
-from kvengine.engine.engine import Engine, TokenEvent
-from kvengine.engine.request import SamplingParams
+from kvengine.engine.engine import Engine
+from kvengine.engine.request import SamplingParams, Sequence, TokenEvent
 from kvengine.errors import InvalidRequestError, KVEngineError
 
 # What a request's queue holds: its tokens, then None once it ended without a
 # last token (aborted), or the exception that stopped the engine.
 _Item = TokenEvent | BaseException | None
+
+
+@dataclass
+class RequestInfo:
+    """What the engine reports about one request, as of the last step boundary.
+
+    The driver updates it between steps, so read it on the event loop. It
+    outlives the request: once its stream has ended, it keeps the last numbers
+    (a stream closed before its last token ends the request as "abort").
+    """
+
+    seq_id: int
+    num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at its last admission
+    num_output_tokens: int = 0
+    finish_reason: str | None = None  # once it ended: "stop", "length", "abort" or "error"
+
+
+def _update_info(info: RequestInfo, seq: Sequence) -> None:
+    info.num_cached_tokens = seq.num_cached_tokens
+    info.num_output_tokens = len(seq.output_ids)
+    info.finish_reason = seq.finish_reason
 
 
 class AsyncEngine:
@@ -40,6 +66,8 @@ class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._queues: dict[int, asyncio.Queue[_Item]] = {}
+        self._infos: dict[int, RequestInfo] = {}
+        self._stats = engine.stats()
         self._pending: list[tuple[list[int], SamplingParams | None, dict[str, Any], asyncio.Future[int]]] = []
         self._aborts: list[int] = []
         self._wake = asyncio.Event()
@@ -58,13 +86,51 @@ class AsyncEngine:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._drive())
 
-    async def close(self) -> None:
-        """Abort what is unfinished and stop the driver (after the step in flight, if any)."""
+    async def close(self, *, close_engine: bool = False) -> None:
+        """Abort what is unfinished and stop the driver (after the step in flight, if any).
+
+        With `close_engine`, the engine is closed too once the driver has
+        stopped (`Engine.close`: its storage tiers are flushed); for shutdown.
+        """
         self._closing = True
         self._wake.set()
         if self._task is not None:
             await self._task
             self._task = None
+        if close_engine:
+            self.engine.close()
+
+    def add_public_prefix(self, token_ids: list[int]) -> None:
+        """`Engine.add_public_prefix`; only before `start()`, while nothing steps the engine.
+
+        Raises InvalidRequestError as the engine does, RuntimeError once started.
+        """
+        if self._task is not None:
+            raise RuntimeError("public prefixes are added before the async engine starts")
+        self.engine.add_public_prefix(token_ids)
+
+    @property
+    def state(self) -> str:
+        """ "idle" before `start()`, "running", "closing" once `close()` began, "failed" if the driver died."""
+        if self._error is not None:
+            return "failed"
+        if self._closing:
+            return "closing"
+        return "running" if self._task is not None else "idle"
+
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the driver, if something did."""
+        return self._error
+
+    def stats(self) -> dict[str, float]:
+        """`Engine.stats()` as of the last step boundary; never reads the engine itself.
+
+        The driver takes a snapshot after each step and after applying queued
+        requests and aborts, so the numbers are those of a whole step, never
+        of one half applied.
+        """
+        return dict(self._stats)
 
     async def add_request(
         self, prompt_ids: list[int], params: SamplingParams | None = None, **kwargs: Any
@@ -79,7 +145,24 @@ class AsyncEngine:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append((list(prompt_ids), params, kwargs, future))
         self._wake.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller went away. Queued still: the driver skips a cancelled future. Queued
+            # already (the result came with the cancellation): nobody will stream it, abort it.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.abort(future.result())
+            raise
+
+    def info(self, seq_id: int) -> RequestInfo:
+        """The request's `RequestInfo`, kept up to date until its stream ends; take it before then.
+
+        Raises InvalidRequestError if there is no such request, or its stream has ended.
+        """
+        info = self._infos.get(seq_id)
+        if info is None:
+            raise InvalidRequestError(f"no request {seq_id} (unknown, or streamed already)")
+        return info
 
     def abort(self, seq_id: int) -> None:
         """Stop a request at the next step boundary; its stream then ends."""
@@ -101,7 +184,9 @@ class AsyncEngine:
                 item = await queue.get()
                 if item is None:
                     return
-                if isinstance(item, KVEngineError):  # this request's own bad input
+                if isinstance(
+                    item, KVEngineError
+                ):  # this request's own: bad input, or its own failure (StepError)
                     raise item
                 if isinstance(item, BaseException):
                     raise RuntimeError("the engine stopped with an error") from item
@@ -109,7 +194,10 @@ class AsyncEngine:
                 yield item
         finally:
             self._queues.pop(seq_id, None)
+            info = self._infos.pop(seq_id, None)
             if not done:
+                if info is not None and info.finish_reason is None:
+                    info.finish_reason = "abort"  # what the caller saw; the engine aborts it next
                 self.abort(seq_id)
 
     async def generate(
@@ -127,25 +215,22 @@ class AsyncEngine:
     async def _drive(self) -> None:
         try:
             while True:
-                self._apply_queued()
+                if self._apply_queued():
+                    self._stats = self.engine.stats()
                 if self._closing:
                     break
                 if not self.engine.has_unfinished():
-                    self._wake.clear()
-                    await self._wake.wait()
+                    await self._idle()
                     continue
-                events = await asyncio.to_thread(self.engine.step)
-                for event in events:
-                    self._deliver(event)
-                for seq_id, error in self.engine.step_errors.items():  # only those requests fail
-                    queue = self._queues.get(seq_id)
-                    if queue is not None:
-                        queue.put_nowait(error)
-                    self.engine.release(seq_id)
+                try:
+                    events, self._stats = await asyncio.to_thread(self._step)
+                except Exception as exc:  # a bug below the engine's own error handling
+                    self._fail_unfinished(exc)
+                    continue
+                self._after_step(events)
                 if self.engine.last_step_size == 0:  # nothing can run: wait for news, do not spin
-                    self._wake.clear()
-                    await self._wake.wait()
-        except Exception as exc:  # a bug or an exhausted resource: every stream must hear of it
+                    await self._idle()
+        except Exception as exc:  # a broken engine: every stream must hear of it
             self._error = exc
             for queue in self._queues.values():
                 queue.put_nowait(exc)
@@ -153,36 +238,82 @@ class AsyncEngine:
         finally:
             for seq_id in [s for s, seq in self.engine.sequences.items() if not seq.is_finished]:
                 self._end(seq_id)
+            if self._error is None:  # a broken engine may not report: keep the last snapshot
+                self._stats = self.engine.stats()
 
-    def _apply_queued(self) -> None:
-        """Add queued requests and apply aborts; runs between steps, on the event loop."""
+    def _fail_unfinished(self, exc: Exception) -> None:
+        """A step raised: every unfinished request fails with `exc`; the driver goes on.
+
+        The engine ends the requests of a step that fails inside the forward
+        pass itself (`Engine.step_errors`); this is the net below that. If the
+        engine cannot even end its requests, or its blocks no longer add up,
+        it is broken: the driver stops and `state` says "failed".
+        """
+        for seq_id, queue in self._queues.items():
+            queue.put_nowait(exc)
+            info = self._infos.get(seq_id)
+            if info is not None:
+                info.finish_reason = "error"
+        for seq_id in [s for s, seq in self.engine.sequences.items() if not seq.is_finished]:
+            self._end(seq_id)
+        self.engine.check_invariants()  # AssertionError: broken, the driver stops
+        self._stats = self.engine.stats()
+
+    def _step(self) -> tuple[list[TokenEvent], dict[str, float]]:
+        """One step and the stats right after it; runs in a worker thread."""
+        events = self.engine.step()
+        return events, self.engine.stats()
+
+    async def _idle(self) -> None:
+        self._wake.clear()
+        await self._wake.wait()
+
+    def _after_step(self, events: list[TokenEvent]) -> None:
+        """Update request infos, hand out the step's tokens and errors, release what ended."""
+        for seq_id, info in self._infos.items():
+            seq = self.engine.sequences.get(seq_id)
+            if seq is not None:
+                _update_info(info, seq)
+        for event in events:
+            queue = self._queues.get(event.seq_id)
+            if queue is not None:
+                queue.put_nowait(event)
+            if event.finished:
+                self.engine.release(event.seq_id)
+        for seq_id, error in self.engine.step_errors.items():  # only those requests fail
+            queue = self._queues.get(seq_id)
+            if queue is not None:
+                queue.put_nowait(error)
+            self.engine.release(seq_id)
+
+    def _apply_queued(self) -> bool:
+        """Add queued requests and apply aborts, on the event loop between steps; True if any."""
         pending, self._pending = self._pending, []
         for prompt_ids, params, kwargs, future in pending:
+            if future.cancelled():  # its caller went away while it was queued
+                continue
             try:
                 seq_id = self.engine.add_request(prompt_ids, params, **kwargs)
             except Exception as exc:
                 future.set_exception(exc)
                 continue
             self._queues[seq_id] = asyncio.Queue()
+            self._infos[seq_id] = RequestInfo(seq_id)
             future.set_result(seq_id)
         aborts, self._aborts = self._aborts, []
         for seq_id in aborts:
             self._end(seq_id)
-
-    def _deliver(self, event: TokenEvent) -> None:
-        queue = self._queues.get(event.seq_id)
-        if queue is not None:
-            queue.put_nowait(event)
-        if event.finished:
-            self.engine.release(event.seq_id)
+        return bool(pending or aborts)
 
     def _end(self, seq_id: int) -> None:
         """Abort and release `seq_id` if the engine still has it; its stream ends."""
-        seq = self.engine.sequences.get(seq_id)
-        if seq is None:
+        if seq_id not in self.engine.sequences:
             return
         self.engine.abort(seq_id)
-        self.engine.release(seq_id)
+        seq = self.engine.release(seq_id)
+        info = self._infos.get(seq_id)
+        if info is not None:
+            _update_info(info, seq)
         queue = self._queues.get(seq_id)
         if queue is not None:
             queue.put_nowait(None)

@@ -16,11 +16,15 @@ refuses to run outside it.
 Many sequences share one forward pass as a packed batch: the model sees one
 row of `T` tokens (batch size 1) with per-token positions, and each `SeqSpan`
 names the columns that belong to one sequence.
+
+Presses do not run here. A span that asks for it records its queries per
+layer (a press's input besides the keys and values, which are in the pool
+anyway); the runner runs the presses after the forward pass from them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -31,7 +35,6 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from kvengine.cache.paged import KVPool, SequenceKV
-from kvengine.press.base import Press, PressInput
 
 ATTENTION_NAME = "kvengine"
 
@@ -44,9 +47,8 @@ class SeqSpan:
     end: int  # one past its last column
     kv: SequenceKV  # its cache, already extended by the new tokens
     num_cached: int  # tokens it had cached before this step (0: fresh prefill)
-    press: Press | None = None  # compress this sequence's cache after this step
-    end_pos: int = 0  # RoPE position after its last new token
-    keep_queries: bool = False  # copy this span's queries into the context, per layer
+    record_queries: bool = False  # fill `queries` (for a press after the forward)
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H_q, T_q, D)
 
 
 @dataclass
@@ -59,12 +61,6 @@ class ForwardContext:
     # Reused buffers for keys and values read back from the pool: fresh multi-MB
     # tensors in every layer would cost page faults on each decode step.
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None
-    num_layers: int = 0
-    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-    # Filled by the attention function: (span index, layer) -> tokens each kv-head keeps.
-    kept: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict)
-    # Filled by the attention function: (span index, layer) -> queries (H_q, T_q, D).
-    queries: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("kvengine_forward", default=None)
@@ -123,32 +119,45 @@ def paged_attention(
         out[rows] = _decode_batch(ctx, layer, query[0, :, rows], batched, scaling, window)
     else:
         batched = []
-    for i, span in enumerate(ctx.spans):
+    for span in ctx.spans:
         if batched and _is_plain_decode(span):
             continue
         q = query[0, :, span.start : span.end]  # (H_q, T_q, D)
-        if span.num_cached == 0:
-            # Fresh prefill: this step's keys are the whole context (every head holds the same
-            # tokens), no need to read them back.
-            k, v = new_k[:, span.start : span.end], new_v[:, span.start : span.end]
-            head_lens = None
-        else:
-            ctx_slots, head_lens = span.kv.context(layer)  # (H_kv, T_k)
-            k, v = ctx.pool.read(ctx_slots.reshape(-1), out=ctx.scratch)
-            k = k.view(*ctx_slots.shape, head_dim)
-            v = v.view(*ctx_slots.shape, head_dim)
-        o = attend(q, k, v, scaling, head_lens, window)  # (H_q, T_q, D)
-        out[span.start : span.end] = o.transpose(0, 1)
-        if span.keep_queries:
-            ctx.queries[i, layer] = q.clone()
-        if span.press is not None:
-            ctx.kept[i, layer] = _press_keep(ctx, span, layer, q, k, v, scaling or head_dim**-0.5)
+        out[span.start : span.end] = _attend_span(ctx, layer, span, q, new_k, new_v, scaling, window)
+        if span.record_queries:
+            span.queries[layer] = q.clone()
     return out.unsqueeze(0), None
 
 
+def _attend_span(
+    ctx: ForwardContext,
+    layer: int,
+    span: SeqSpan,
+    q: torch.Tensor,
+    new_k: torch.Tensor,
+    new_v: torch.Tensor,
+    scaling: float | None,
+    window: int | None,
+) -> torch.Tensor:
+    """One sequence's queries `(H_q, T_q, D)` over its cache; returns `(T_q, H_q, D)`."""
+    if span.num_cached == 0:
+        # Fresh prefill: this step's keys are the whole context (every head holds the same
+        # tokens), no need to read them back.
+        k, v = new_k[:, span.start : span.end], new_v[:, span.start : span.end]
+        head_lens = None
+    else:
+        ctx_slots, head_lens = span.kv.context(layer)  # (H_kv, T_k)
+        k, v = ctx.pool.read(ctx_slots.reshape(-1), out=ctx.scratch)
+        k = k.view(*ctx_slots.shape, q.shape[-1])
+        v = v.view(*ctx_slots.shape, q.shape[-1])
+        if head_lens is not None:
+            _zero_padding(k, v, torch.arange(k.shape[1]) < head_lens[:, None])
+    return attend(q, k, v, scaling, head_lens, window).transpose(0, 1)
+
+
 def _is_plain_decode(span: SeqSpan) -> bool:
-    """One new token after a cached context, with nothing else to do for it."""
-    return span.end - span.start == 1 and span.num_cached > 0 and span.press is None and not span.keep_queries
+    """One new token after a cached context, with nothing to record for it."""
+    return span.end - span.start == 1 and span.num_cached > 0 and not span.record_queries
 
 
 def _decode_batch(
@@ -177,6 +186,7 @@ def _decode_batch(
     v = v.view(n, num_kv_heads, max_len, head_dim)
     pos = torch.arange(max_len)
     mask = pos < lens[..., None]  # (N, H_kv, T)
+    _zero_padding(k, v, mask)
     if window is not None:  # the query is the last cached token of each head
         mask &= pos > lens[..., None] - 1 - window
     group = num_heads // num_kv_heads
@@ -185,31 +195,17 @@ def _decode_batch(
     return out.reshape(n, num_heads, head_dim)
 
 
-def _press_keep(
-    ctx: ForwardContext,
-    span: SeqSpan,
-    layer: int,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scaling: float,
-) -> list[torch.Tensor]:
-    """Ask the span's press which of this layer's cached tokens each kv-head keeps."""
-    if not span.kv.is_uniform:
-        raise NotImplementedError("compressing a cache that a press already compressed")
-    num_tokens = k.shape[1]
-    inp = PressInput(
-        layer=layer,
-        num_layers=ctx.num_layers,
-        keys=k,
-        values=v,
-        queries=q,
-        scaling=scaling,
-        positions=torch.arange(span.end_pos - num_tokens, span.end_pos),
-        rope=ctx.rope,
-    )
-    assert span.press is not None
-    return span.press.keep(inp)
+def _zero_padding(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
+    """Zero the padding entries of keys and values read back from the pool (`valid` False).
+
+    Padding slots point at blocks of other sequences or at stale data. Masked
+    scores do not hide them: a NaN or inf there (a poisoned sequence's cache)
+    would still turn this sequence's softmax into NaN. Only pad rows are written.
+    """
+    pad = (~valid).nonzero(as_tuple=True)
+    if pad[0].numel():
+        k[pad] = 0
+        v[pad] = 0
 
 
 def attend(

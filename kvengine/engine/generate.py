@@ -1,15 +1,19 @@
 """`kvengine.generate`: text in, text out, through the engine.
 
 This is the text side the engine leaves out: chat templates, tokenization,
-incremental detokenization for streaming, and stop strings. A prompt may be a
-string (the chat template is applied when the model has one, unless
-`chat=False`) or a list of token ids (used as given).
+incremental detokenization for streaming and stop strings (`TextStream`, which
+the HTTP server uses too). A prompt may be a string (the chat template is
+applied when the model has one, unless `chat=False`) or a list of token ids
+(used as given).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
+
+from transformers import PreTrainedTokenizerBase
 
 from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.engine.engine import Engine
@@ -36,24 +40,29 @@ class Completion:
     kv_bytes: int  # bytes its KV blocks held when it finished
 
 
-class _TextStream:
-    """Decoded text of one request, released as it becomes final.
+class TextStream:
+    """One request's text for streaming: incremental detokenization with stop strings.
 
-    Text that could still be the start of a stop string, or that ends in a
-    partial UTF-8 character, is held back until the next token settles it.
+    Feed `update` every output token id so far, after each new token; it
+    returns the text that became final since the last call. What it returns
+    never ends in half a UTF-8 character and never holds a stop string or the
+    start of one (such text is held back until the next token settles it).
+    Once a stop string appears, `stopped` is set, `text` ends just before it,
+    and the caller should end the request: nothing after it is ever shown.
+    `final=True` (the request's last token) releases whatever is held back.
     """
 
-    def __init__(self, tokenizer: object, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
-        self.text = ""
-        self.emitted = 0
+        self.text = ""  # everything decoded so far, cut before a stop string
+        self.emitted = 0  # characters of `text` returned so far
         self.stopped = False
 
     def update(self, token_ids: list[int], final: bool) -> str:
         """Feed all output ids so far; returns the new text that is safe to show."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+        text = cast(str, self.tokenizer.decode(token_ids, skip_special_tokens=True))  # one list, one string
         for s in self.stop:
             cut = text.find(s, max(0, self.emitted - len(s)))
             if cut != -1:
@@ -147,9 +156,9 @@ def generate(
     if questions is not None and not questions:
         raise InvalidRequestError("questions is empty")
     engine = Engine(model, cache_config, scheduler_config)
-    ids = _add_requests(engine, model, batch, params, chat, system, press, questions, query_aware)
+    ids, contexts = _add_requests(engine, model, batch, params, chat, system, press, questions, query_aware)
     index = {seq_id: i for i, seq_id in enumerate(ids)}
-    streams = {i: _TextStream(model.tokenizer, params.stop) for i in ids} if model.tokenizer else {}
+    streams = {i: TextStream(model.tokenizer, params.stop) for i in ids} if model.tokenizer else {}
     while engine.has_unfinished():
         events = engine.step()
         if engine.step_errors:
@@ -163,7 +172,7 @@ def generate(
                 engine.abort(event.seq_id)
             if on_text and delta:
                 on_text(index[event.seq_id], delta)
-    for context_id in list(engine.scheduler.contexts):
+    for context_id in contexts:
         engine.release(context_id)
     return [_completion(engine, i, seq_id, streams.get(seq_id)) for i, seq_id in enumerate(ids)]
 
@@ -178,20 +187,21 @@ def _add_requests(
     press: Press | None,
     questions: Sequence[str] | None,
     query_aware: bool,
-) -> list[int]:
-    """Queue every completion's request; returns their ids in completion order."""
-    ids = []
+) -> tuple[list[int], list[int]]:
+    """Queue every completion's request; returns their ids in completion order, and the contexts' ids."""
+    ids, contexts = [], []
     for prompt in batch:
         asked: Sequence[str | None] = questions if questions is not None else [None]
         parts = [encode_prompt(model, prompt, chat, system, q) for q in asked]
         if press is not None and questions is not None and not query_aware:
             context = engine.add_context(parts[0][0], press)
+            contexts.append(context)
             ids += [engine.add_request(rest, params, parent=context) for _, rest in parts]
             continue
         for context_ids, rest in parts:
             context_len = len(context_ids) + (len(rest) if query_aware else 0)
             ids.append(engine.add_request(context_ids + rest, params, press=press, context_len=context_len))
-    return ids
+    return ids, contexts
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
@@ -206,7 +216,7 @@ def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return items  # type: ignore[return-value]
 
 
-def _completion(engine: Engine, index: int, seq_id: int, stream: _TextStream | None) -> Completion:
+def _completion(engine: Engine, index: int, seq_id: int, stream: TextStream | None) -> Completion:
     seq = engine.release(seq_id)
     first = seq.first_token_time or seq.arrival_time
     end = seq.finish_time or first

@@ -1,4 +1,11 @@
-"""Requests as explicit data: sampling parameters, status and per-sequence state."""
+"""Requests as explicit data: sampling parameters, status and per-sequence state.
+
+A `Sequence` is data that the engine's modules change, each its own fields:
+`Intake` (intake.py) what it is made with; the scheduler its lifecycle
+(status, cache, computed tokens, compression, preemptions, finish); the engine
+what a step gives it (output tokens, first-token time, queries). The prefix
+cache never sees a sequence, only its `prefix_key`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvengine.cache.paged import SequenceKV
+from kvengine.cache.prefix_key import PrefixKey
 from kvengine.errors import InvalidRequestError
 from kvengine.press.base import Press, with_budget
 
@@ -54,13 +62,15 @@ def check_decode_budget(press: Press, budget: int, block_size: int) -> None:
     """Raise InvalidRequestError if `press` cannot keep `budget` tokens per head."""
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise InvalidRequestError(f"decode_budget must be a positive integer, got {budget!r}")
-    inner = getattr(press, "press", press)
-    reserved = getattr(inner, "n_sink", 0) + getattr(inner, "window_size", 0)
+    reserved = press.reserved_tokens
     if budget <= reserved:
         raise InvalidRequestError(
             f"decode_budget={budget} leaves no room besides the press's {reserved} sink/window tokens"
         )
     with_budget(press, budget + block_size + 1, budget)  # raises for presses without a ratio
+
+
+DECODE_QUERY_WINDOW = 64  # recent queries kept per layer for decoding-time presses
 
 
 class Status(enum.Enum):
@@ -96,7 +106,6 @@ class Sequence:
     # Prefix cache: the tenant's salt (part of the key), tokens reused at the last admission.
     cache_salt: str = ""
     num_cached_tokens: int = 0
-    num_locked_tokens: int = 0  # its prefix's tokens the prefix cache holds under its lock
     num_skipped: int = 0  # admissions that went to a later request with a longer cached prefix
     num_preemptions: int = 0  # times its blocks were freed to be recomputed later
     arrival_time: float = field(default_factory=time.perf_counter)
@@ -132,6 +141,37 @@ class Sequence:
         )
 
     @property
+    def reuses_compressed(self) -> bool:
+        """True for a request whose compressed context can be kept and reused by later ones."""
+        return self.press is not None and self.parent is None and not self.keep_queries
+
+    def prefix_key(self) -> PrefixKey | None:
+        """What the prefix cache may give this sequence at admission; None if it takes no part.
+
+        Plain: every token but the last (its logits are always computed
+        again). With a press whose context can be kept: the context and press.
+        """
+        if self.is_plain:
+            return PrefixKey(self.token_ids[:-1], self.cache_salt)
+        if self.reuses_compressed:
+            return PrefixKey(self.prompt_ids[: self.context_len], self.cache_salt, repr(self.press))
+        return None
+
+    def computed_key(self) -> PrefixKey:
+        """The tokens whose keys and values are cached, as the prefix cache keys them (plain only)."""
+        return PrefixKey(self.token_ids[: self.num_computed], self.cache_salt)
+
+    def store_queries(self, queries: dict[int, torch.Tensor]) -> None:
+        """Store one step's queries per layer: all of a kept context's, the last few for a decode press."""
+        for layer, q in queries.items():
+            if self.decode_press is None:
+                self.queries[layer] = q
+                continue
+            old = self.queries.get(layer)
+            both = q if old is None else torch.cat([old, q], dim=1)
+            self.queries[layer] = both[:, -DECODE_QUERY_WINDOW:]
+
+    @property
     def awaits_compression(self) -> bool:
         """True until the context is cached and compressed (it is prefilled in one piece)."""
         return (self.press is not None or self.keep_queries) and not self.compressed
@@ -139,6 +179,16 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A token produced for a request in one step."""
+
+    seq_id: int
+    token_id: int
+    finished: bool
+    finish_reason: str | None
 
 
 @dataclass(frozen=True)

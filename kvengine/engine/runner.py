@@ -5,6 +5,12 @@ pass: it reserves cache slots for the new tokens, packs all tokens into one
 row with per-token positions, sets the forward context the attention function
 reads, and returns the logits of each sequence's last new token.
 
+Presses run here, after the forward pass, and nowhere else: the attention
+function records the queries a press needs, the runner reads each layer's
+keys and values back from the pool, builds one `PressInput` per layer
+(`_press_input`, with the model's softmax scale) and keeps what the press
+keeps (`PagedKVCache.retain`).
+
 It knows nothing about scheduling, sampling or text.
 """
 
@@ -43,6 +49,7 @@ class ModelRunner:
         self._scratch_rows = 0
         self._scratch_bufs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope = model.adapter.rope(model.hf_model)
+        self._scaling = float(model.adapter.attention(model.hf_model, 0).scaling)  # type: ignore[arg-type]
         model.hf_model.set_attn_implementation(ATTENTION_NAME)
 
     def compress(
@@ -54,26 +61,37 @@ class ModelRunner:
         T_q tokens; `end_pos` is the position after its last cached token
         (default: the cache length, for a context that starts at position 0).
         """
-        scaling = float(self.model.adapter.attention(self.model.hf_model, 0).scaling)  # type: ignore[arg-type]
-        for layer in range(self.model.num_layers):
-            slots, lens = kv.context(layer)
-            if lens is not None:
-                raise NotImplementedError("compressing a cache whose heads hold different numbers of tokens")
-            k, v = self.cache.pool.read(slots.reshape(-1))
-            num_tokens = slots.shape[1]
-            end = num_tokens if end_pos is None else end_pos
-            inp = PressInput(
-                layer=layer,
-                num_layers=self.model.num_layers,
-                keys=k.view(*slots.shape, -1),
-                values=v.view(*slots.shape, -1),
-                queries=queries[layer],
-                scaling=scaling,
-                positions=torch.arange(end - num_tokens, end),
-                rope=self._rope,
-            )
-            self.cache.retain(kv, layer, press.keep(inp))
+        self._press(kv, queries, press, end_pos)
         self.cache.seal_full_blocks(kv)
+
+    def _press(
+        self, kv: SequenceKV, queries: dict[int, torch.Tensor], press: Press, end_pos: int | None
+    ) -> None:
+        """Keep in each layer of `kv` the tokens `press` keeps (the one path of every press)."""
+        for layer in range(self.model.num_layers):
+            keep = press.keep(self._press_input(kv, layer, queries[layer], end_pos))
+            self.cache.retain(kv, layer, keep)
+
+    def _press_input(
+        self, kv: SequenceKV, layer: int, queries: torch.Tensor, end_pos: int | None
+    ) -> PressInput:
+        """One layer of a cached sequence as a press sees it; its heads must hold the same tokens."""
+        slots, lens = kv.context(layer)  # (H_kv, T)
+        if lens is not None:
+            raise NotImplementedError("compressing a cache whose heads hold different numbers of tokens")
+        k, v = self.cache.pool.read(slots.reshape(-1))
+        num_tokens = slots.shape[1]
+        end = num_tokens if end_pos is None else end_pos
+        return PressInput(
+            layer=layer,
+            num_layers=self.model.num_layers,
+            keys=k.view(*slots.shape, -1),
+            values=v.view(*slots.shape, -1),
+            queries=queries,
+            scaling=self._scaling,
+            positions=torch.arange(end - num_tokens, end),
+            rope=self._rope,
+        )
 
     def _scratch(self, spans: list[SeqSpan]) -> tuple[torch.Tensor, torch.Tensor]:
         """Buffers for the largest context one layer of these spans reads back (grown, kept)."""
@@ -94,9 +112,11 @@ class ModelRunner:
     def forward(self, batch: list[StepInput]) -> torch.Tensor:
         """Logits `(N, vocab)` (float32) of the last new token of each of the N inputs.
 
-        The new tokens' keys and values are in the cache afterwards. If the
-        pool cannot hold them all, OutOfBlocksError is raised before any
-        sequence changes.
+        The new tokens' keys and values are in the cache afterwards, and each
+        input with a press is compressed. If the pool cannot hold the new
+        tokens, OutOfBlocksError is raised before any sequence changes; if a
+        press refuses its input (a KVEngineError), the caches of this batch
+        are left half compressed, to be freed by the caller.
         """
         if not batch:
             raise ValueError("empty batch")
@@ -105,6 +125,33 @@ class ModelRunner:
             raise OutOfBlocksError(
                 f"this step needs {needed} blocks, the pool has {self.cache.pool.num_free_blocks} free"
             )
+        if any(item.press is not None and not item.kv.is_uniform for item in batch):
+            raise NotImplementedError("compressing a cache that a press already compressed")
+        ctx, tokens, positions = self._pack(batch)
+        last = torch.tensor([span.end - 1 for span in ctx.spans])
+        # Block tables are updated in `_pack`, outside inference mode: they outlive this step.
+        with forward_context(ctx), torch.inference_mode():
+            out = self.model.hf_model(
+                input_ids=torch.tensor([tokens]),
+                position_ids=positions[None],
+                use_cache=False,
+                logits_to_keep=last,
+            )
+        # Presses after the forward, outside inference mode: block tables outlive the step.
+        for item, span in zip(batch, ctx.spans, strict=True):
+            if item.press is not None:
+                self._press(item.kv, span.queries, item.press, item.start_pos + len(item.token_ids))
+            if item.keep_queries:
+                item.queries.update(span.queries)
+        # Quantize blocks that filled up, after eviction: what stays is quantized once.
+        # A context kept for later compression stays in full precision until then.
+        for item in batch:
+            if item.seal:
+                self.cache.seal_full_blocks(item.kv)
+        return out.logits[0].float()
+
+    def _pack(self, batch: list[StepInput]) -> tuple[ForwardContext, list[int], torch.Tensor]:
+        """Reserve slots for the new tokens; the forward context, packed token ids and positions."""
         spans, slots, positions, tokens = [], [], [], []
         start = 0
         for item in batch:
@@ -113,39 +160,10 @@ class ModelRunner:
                 raise ValueError("a step input without tokens")
             num_cached = item.kv.max_len
             slots.append(self.cache.append(item.kv, n))
-            spans.append(
-                SeqSpan(
-                    start, start + n, item.kv, num_cached, item.press, item.start_pos + n, item.keep_queries
-                )
-            )
+            record = item.keep_queries or item.press is not None
+            spans.append(SeqSpan(start, start + n, item.kv, num_cached, record_queries=record))
             positions.append(torch.arange(item.start_pos, item.start_pos + n))
             tokens.extend(item.token_ids)
             start += n
-        ctx = ForwardContext(
-            self.cache.pool,
-            spans,
-            torch.cat(slots, dim=2),
-            self._scratch(spans),
-            num_layers=self.model.num_layers,
-            rope=self._rope,
-        )
-        last = torch.tensor([span.end - 1 for span in spans])
-        # Block tables are updated above, outside inference mode: they outlive this step.
-        with forward_context(ctx), torch.inference_mode():
-            out = self.model.hf_model(
-                input_ids=torch.tensor([tokens]),
-                position_ids=torch.cat(positions)[None],
-                use_cache=False,
-                logits_to_keep=last,
-            )
-        # Evict after the forward, outside inference mode: block tables outlive the step.
-        for (i, layer), keep in ctx.kept.items():
-            self.cache.retain(batch[i].kv, layer, keep)
-        for (i, layer), q in ctx.queries.items():
-            batch[i].queries[layer] = q
-        # Quantize blocks that filled up, after eviction: what stays is quantized once.
-        # A context kept for later compression stays in full precision until then.
-        for item in batch:
-            if item.seal:
-                self.cache.seal_full_blocks(item.kv)
-        return out.logits[0].float()
+        ctx = ForwardContext(self.cache.pool, spans, torch.cat(slots, dim=2), self._scratch(spans))
+        return ctx, tokens, torch.cat(positions)

@@ -4,10 +4,10 @@ Every running sequence advances by its uncomputed tokens (its prompt, in
 chunks, then one token per step), within a token budget per step.
 
 Admission. Waiting sequences are admitted while their block reservations fit
-the pool and the blocks of their first chunk are free. A plain sequence (no
-press, no shared context) reserves what it holds plus `GROWTH_BLOCKS` blocks of
-growth per cell (renewed every step); any other sequence reserves its worst
-case (prompt plus `max_tokens`), shrunk to what it holds plus what it can
+the pool and the blocks of their first chunk are free (the counts are in
+reservation.py). A plain sequence (no press, no shared context) reserves what
+it holds plus `GROWTH_BLOCKS` blocks of growth per cell (renewed every step);
+any other sequence reserves its worst case (prompt plus `max_tokens`), shrunk to what it holds plus what it can
 still grow once a press has compressed it. With a prefix cache, the waiting
 sequence with the longest cached prefix goes first, but the oldest one is
 passed over at most `MAX_SKIPS` times; without one, first come, first served.
@@ -26,20 +26,35 @@ A sequence with a press prefills its context in one chunk (the press sees the
 whole context at once) and is compressed right after; a sequence that
 continues a compressed context (`parent`) waits until that context is ready
 and starts from a fork of it.
+
+State. The scheduler alone changes a sequence's lifecycle: its status, cache
+(`kv`), computed tokens and compression state, on admission, after each step
+(`on_computed`), on preemption and when it finishes. It is also the prefix
+cache's one caller for sequences: it asks it for a cache (`attach`), gives it
+computed prompts (`publish`) and compressed contexts, and hands back caches
+(`detach`); the prefix cache returns what it matched and changes no sequence.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvengine.cache.paged import PagedKVCache
-from kvengine.cache.pool import BlockPool
+from kvengine.cache.paged import PagedKVCache, SequenceKV
+from kvengine.cache.prefix import PrefixCache
+from kvengine.cache.prefix_key import PrefixKey
 from kvengine.config import SchedulerConfig
-from kvengine.engine.prefix import PrefixCache
 from kvengine.engine.request import Sequence, Status
+from kvengine.engine.reservation import (
+    compressed_blocks,
+    fork_blocks,
+    growth_blocks,
+    press_blocks,
+    worst_case_blocks,
+)
+from kvengine.errors import InvalidRequestError
 
-GROWTH_BLOCKS = 4  # blocks per cell a plain sequence reserves beyond what it holds
 MAX_SKIPS = 8  # times the oldest waiting sequence may be passed over for a longer cached prefix
 MATCH_WINDOW = 64  # waiting sequences compared for their cached prefix
 
@@ -80,38 +95,46 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.contexts: dict[int, Sequence] = {}  # compressed contexts kept for their children
         self._reserved: dict[int, int] = {}  # seq_id -> blocks reserved (beyond a reused prefix)
-        self._preemptive = isinstance(cache.pool, BlockPool)
+        # `prefix.peek` would be asked about every waiting sequence at every step: its
+        # answers are remembered until what is cached changes.
+        self._peeks: dict[int, tuple[int, int]] = {}  # seq_id -> (prefix version, cached tokens)
+        self._preemptive = not cache.pool.seals_blocks
         self.num_preemptions = 0
 
     def worst_case_blocks(self, seq: Sequence) -> int:
         """Blocks `seq` can hold at most if it generates all of `max_tokens`."""
-        generated = 0 if seq.is_context else seq.params.max_tokens
-        if seq.parent is not None:
-            # A fork copies each cell's partly filled last block and grows from there.
-            cells = self.cache.num_layers * self.cache.num_kv_heads
-            new_tokens = len(seq.prompt_ids) - seq.parent.num_computed + generated
-            return cells + self.cache.blocks_for_tokens(new_tokens)
-        tokens = min(len(seq.prompt_ids) + generated, self.max_context_len)
-        if seq.decode_press is not None:
-            # Never more than the prompt or the budget plus a block, and while a layer
-            # is cut back its kept tokens are copied before the old blocks go.
-            bs = self.cache.block_size
-            tokens = min(tokens, max(len(seq.prompt_ids), seq.decode_budget + bs) + 1)
-            copy = self.cache.num_kv_heads * -(-seq.decode_budget // bs)
-            return self.cache.blocks_for_tokens(tokens) + copy
-        return self.cache.blocks_for_tokens(tokens)
+        return worst_case_blocks(self.cache, seq, self.max_context_len)
 
     def reserve_blocks(self, seq: Sequence) -> int:
         """Blocks `seq` reserves now, besides the cached prefix it reuses."""
         if not (seq.is_plain and self._preemptive):
             return self.worst_case_blocks(seq)
-        remaining = seq.params.max_tokens - len(seq.output_ids)
-        growth = min(remaining, GROWTH_BLOCKS * self.cache.block_size)
-        tokens = min(seq.num_tokens + growth, self.max_context_len)
-        return self.cache.blocks_for_tokens(tokens) - self.cache.blocks_for_tokens(seq.num_locked_tokens)
+        locked = self.prefix.locked_tokens(seq.seq_id) if self.prefix is not None else 0
+        return growth_blocks(self.cache, seq, self.max_context_len, locked)
 
     def add(self, seq: Sequence) -> None:
+        """Queue `seq`; the prefix cache starts reading what it may reuse from the tiers.
+
+        Raises InvalidRequestError (and queues nothing) if its worst case could never fit in the pool.
+        """
+        pool = self.cache.pool
+        if self.worst_case_blocks(seq) > pool.num_blocks:
+            raise InvalidRequestError(
+                f"a prompt of {len(seq.prompt_ids)} tokens plus max_tokens={seq.params.max_tokens} needs more "
+                f"KV memory than the pool holds ({pool.capacity_bytes} bytes); "
+                "raise max_kv_bytes or lower max_tokens"
+            )
         self.waiting.append(seq)
+        key = seq.prefix_key() if self.prefix is not None else None
+        if self.prefix is not None and key is not None:
+            self.prefix.prefetch(seq.seq_id, key)
+
+    def add_ready_context(self, seq: Sequence, kv: SequenceKV, num_computed: int) -> None:
+        """Take in a context already cached and compressed in `kv`; it holds it until released."""
+        seq.kv, seq.num_computed, seq.compressed = kv, num_computed, True
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        self.on_compressed(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -187,11 +210,22 @@ class Scheduler:
         oldest = ready[0]
         if self.prefix is None or oldest.num_skipped >= MAX_SKIPS:
             return oldest, oldest
-        return max(ready, key=self.prefix.peek), oldest  # the first of equals: the oldest
+        return max(ready, key=self._cached_len), oldest  # the first of equals: the oldest
+
+    def _cached_len(self, seq: Sequence) -> int:
+        """Tokens the prefix cache would give `seq` now (0 if it takes no part)."""
+        assert self.prefix is not None
+        seen = self._peeks.get(seq.seq_id)
+        if seen is not None and seen[0] == self.prefix.version:
+            return seen[1]
+        key = seq.prefix_key()
+        num_tokens = self.prefix.peek(key) if key is not None else 0
+        self._peeks[seq.seq_id] = (self.prefix.version, num_tokens)
+        return num_tokens
 
     def _try_admit(self, seq: Sequence, oldest: Sequence, plan: _Plan) -> bool:
         """Admit `seq` and plan its first chunk if both fit; otherwise change nothing."""
-        if seq.parent is not None and not self._make_room(plan.num_blocks + self._fork_blocks(seq)):
+        if seq.parent is not None and not self._make_room(plan.num_blocks + fork_blocks(self.cache, seq)):
             return False
         self._attach(seq)
         assert seq.kv is not None
@@ -200,7 +234,7 @@ class Scheduler:
         n = self._chunk(seq, self.config.max_step_tokens - plan.num_tokens, first=not plan.items)
         need = self.cache.blocks_needed(seq.kv, n)
         fits = sum(self._reserved.values()) + locked + reserve <= self.cache.pool.num_blocks
-        if not (fits and self._make_room(plan.num_blocks + need + self._press_room(seq, n))):
+        if not (fits and self._make_room(plan.num_blocks + need + press_blocks(self.cache, seq, n))):
             self._drop_cache(seq)
             return False
         if seq is not oldest:
@@ -215,40 +249,29 @@ class Scheduler:
             self.on_compressed(seq)
         return True
 
-    def _press_room(self, seq: Sequence, n: int) -> int:
-        """Blocks a press needs free while it runs in this step (see `PagedKVCache.retain`).
-
-        It copies one layer's kept tokens into new blocks before the old ones go.
-        """
-        if not (seq.awaits_compression and seq.num_computed + n == seq.context_len):
-            return 0
-        return self.cache.num_kv_heads * -(-seq.context_len // self.cache.block_size)
-
-    def _fork_blocks(self, seq: Sequence) -> int:
-        """Blocks a fork of `seq`'s context takes at once: a copy of each partly filled last block."""
-        assert seq.parent is not None and seq.parent.kv is not None
-        kv = seq.parent.kv
-        return int(((kv.lens % self.cache.block_size != 0) & (kv.num_blocks > 0)).sum())
-
     def _attach(self, seq: Sequence) -> None:
-        """Give a sequence being admitted its cache: a fork, a cached prefix, or empty."""
+        """Give a sequence being admitted its cache: a fork, what the prefix cache holds for it, or empty."""
+        self._peeks.pop(seq.seq_id, None)
         if seq.parent is not None:
             assert seq.parent.kv is not None
-            seq.kv = self.cache.fork(seq.parent.kv)
-            seq.num_computed = seq.parent.num_computed
-        elif self.prefix is not None and self.prefix.compressed.attach(seq):
-            pass  # a kept compressed context: neither prefill nor press for it
-        elif self.prefix is not None and seq.is_plain:
-            self.prefix.attach(seq)
-        else:
-            seq.kv = self.cache.new_sequence()
-            seq.num_computed = 0
+            seq.kv, seq.num_computed = self.cache.fork(seq.parent.kv), seq.parent.num_computed
+            return
+        key = seq.prefix_key() if self.prefix is not None else None
+        hit = self.prefix.attach(seq.seq_id, key) if self.prefix is not None and key is not None else None
+        if hit is None:
+            seq.kv, seq.num_computed = self.cache.new_sequence(), 0
+            return
+        seq.kv, seq.num_computed = hit
+        seq.num_cached_tokens = hit.num_tokens
+        if seq.press is not None:
+            seq.compressed = True  # a kept compressed context: neither prefill nor press for it
 
-    def _free_cache(self, seq: Sequence) -> None:
-        """Give back `seq`'s blocks (its full ones into the prefix cache, if it takes part)."""
+    def _free_cache(self, seq: Sequence, keep: bool = True) -> None:
+        """Give back `seq`'s blocks (with `keep`, its full ones into the prefix cache, if it takes part)."""
         assert seq.kv is not None
         if self.prefix is not None and seq.is_plain:
-            self.prefix.detach(seq)
+            key = seq.computed_key()
+            self.prefix.detach(seq.seq_id, seq.kv, key if keep else PrefixKey([], key.salt))
         else:
             self.cache.free(seq.kv)
 
@@ -268,12 +291,33 @@ class Scheduler:
             return whole if whole <= budget or first else 0
         return max(0, min(remaining, budget))
 
+    def on_computed(self, seq: Sequence, num_tokens: int) -> None:
+        """Count `num_tokens` more tokens of `seq` as cached, by the step that just ran.
+
+        A prompt just computed is published to the prefix cache, so that
+        requests arriving while it decodes reuse it. A context just cached
+        (and compressed, with a press: the runner ran it in that step) is
+        ready: see `on_compressed`; a compressed context is also kept by the
+        prefix cache for later requests with the same context and press.
+        """
+        was_prefilling = seq.is_prefilling
+        seq.num_computed += num_tokens
+        if was_prefilling and not seq.is_prefilling and self.prefix is not None and seq.is_plain:
+            assert seq.kv is not None
+            self.prefix.publish(seq.seq_id, seq.kv, seq.computed_key())
+        ready = seq.num_computed == seq.context_len and (seq.press is not None or seq.is_context)
+        if not ready or seq.compressed:
+            return
+        seq.compressed = True
+        key = seq.prefix_key() if seq.reuses_compressed else None
+        if self.prefix is not None and key is not None:
+            assert seq.kv is not None
+            self.prefix.keep_compressed(seq.kv, key)
+        self.on_compressed(seq)
+
     def on_compressed(self, seq: Sequence) -> None:
         """Shrink `seq`'s reservation to its blocks plus its worst-case growth."""
-        assert seq.kv is not None
-        growth = 0 if seq.is_context else seq.num_tokens - seq.num_computed + seq.params.max_tokens
-        held = int(seq.kv.num_blocks.sum())
-        self._reserved[seq.seq_id] = held + self.cache.blocks_needed(seq.kv, growth)
+        self._reserved[seq.seq_id] = compressed_blocks(self.cache, seq)
         if seq.is_context:
             self.running.remove(seq)
             self.contexts[seq.seq_id] = seq
@@ -281,14 +325,29 @@ class Scheduler:
             seq.finish_reason = "context"
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark `seq` finished and give its blocks back at once (full ones to the prefix cache)."""
+        """Mark `seq` finished and give its blocks back at once (full ones to the prefix cache).
+
+        `seq.kv_bytes` records what its blocks held, `seq.finish_time` when.
+        """
         if seq.status is Status.WAITING:
             self.waiting.remove(seq)
         elif seq.status is Status.RUNNING:
             self.running.remove(seq)
         self.contexts.pop(seq.seq_id, None)
         self._reserved.pop(seq.seq_id, None)
+        self._peeks.pop(seq.seq_id, None)
         if seq.kv is not None:
-            self._free_cache(seq)
+            seq.kv_bytes = self.cache.bytes_held(seq.kv)
+            # A request that failed may hold half-written or non-finite blocks: none is cached.
+            self._free_cache(seq, keep=reason != "error")
+        seq.finish_time = time.perf_counter()
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+
+    def stats(self) -> dict[str, float]:
+        """Gauges and counters for metrics: requests running and waiting, preemptions so far."""
+        return {
+            "requests_running": len(self.running),
+            "requests_waiting": len(self.waiting),
+            "preemptions_total": self.num_preemptions,
+        }

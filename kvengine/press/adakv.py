@@ -50,6 +50,10 @@ class AdaKV(Press):
         check_ratio(value)
         self.press.ratio = value
 
+    @property
+    def reserved_tokens(self) -> int:
+        return self.press.reserved_tokens
+
     def validate(self, num_tokens: int, num_layers: int) -> None:
         self.press.validate(num_tokens, num_layers)
 

@@ -97,6 +97,15 @@ class Press(ABC):
     def keep(self, inp: PressInput) -> list[torch.Tensor]:
         """Indices to keep per kv-head: a list of H_kv sorted int64 tensors into `[0, T)`."""
 
+    @property
+    def reserved_tokens(self) -> int:
+        """Tokens each head keeps whatever the budget (attention sinks, an observation window).
+
+        A decoding-time budget must leave room besides them. Presses that have
+        such tokens override this; wrappers forward their inner press's.
+        """
+        return 0
+
     def validate(self, num_tokens: int, num_layers: int) -> None:
         """Raise InvalidRequestError if this press cannot compress a context of `num_tokens`.
 

@@ -86,6 +86,10 @@ class ExpectedAttentionPress(ScorePress):
         if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0.0 <= eps < float("inf"):
             raise InvalidRequestError(f"{name}: epsilon must be a finite number >= 0, got {eps!r}")
 
+    @property
+    def reserved_tokens(self) -> int:
+        return self.n_sink
+
     def score(self, inp: PressInput) -> torch.Tensor:
         num_tokens, num_sink = inp.num_tokens, min(self.n_sink, inp.num_tokens)
         if num_sink == num_tokens:

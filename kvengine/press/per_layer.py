@@ -48,6 +48,10 @@ class PerLayerPress(Press):
     def ratio(self) -> float:  # type: ignore[override]  # read-only: derived from `ratios`
         return sum(self.ratios) / len(self.ratios)
 
+    @property
+    def reserved_tokens(self) -> int:
+        return self.press.reserved_tokens
+
     def validate(self, num_tokens: int, num_layers: int) -> None:
         if len(self.ratios) != num_layers:
             raise InvalidRequestError(

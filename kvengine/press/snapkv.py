@@ -48,6 +48,10 @@ class SnapKVPress(ScorePress):
             # Padding kernel_size // 2 keeps the length only for odd kernels (kvpress would fail later).
             raise InvalidRequestError(f"{name}: kernel_size must be odd, got {self.kernel_size}")
 
+    @property
+    def reserved_tokens(self) -> int:
+        return self.window_size
+
     def score(self, inp: PressInput) -> torch.Tensor:
         num_tokens = inp.num_tokens
         window = min(self.window_size, inp.queries.shape[1], num_tokens)

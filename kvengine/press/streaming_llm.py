@@ -30,6 +30,10 @@ class StreamingLLMPress(ScorePress):
         if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
             raise InvalidRequestError(f"streaming_llm: n_sink must be an integer >= 0, got {self.n_sink!r}")
 
+    @property
+    def reserved_tokens(self) -> int:
+        return self.n_sink
+
     def score(self, inp: PressInput) -> torch.Tensor:
         num_tokens = inp.num_tokens
         # Recency is the score; sinks rank above every other token, the first sink highest.

@@ -1,29 +1,33 @@
 """The OpenAI-compatible HTTP app over an `AsyncEngine`: `create_app`.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with
-`stream: true` as server-sent events), GET /v1/models, GET /health, GET
-/metrics (Prometheus). Bodies are read and parsed by the routes rather than
+`stream: true` as server-sent events), GET /v1/models, GET /health
+(liveness), GET /ready (readiness), GET /metrics (Prometheus). Bodies are read and parsed by the routes rather than
 by FastAPI, so that every bad input (too large, not UTF-8, not JSON, wrong
 types) gets a 4xx with OpenAI's error body and never a 5xx; the OpenAPI
-document still declares them (see openapi.py). The app's lifespan starts the
-engine's driver; on shutdown it closes the driver, which aborts what is still
-running, then the engine, which flushes its storage tiers.
+document still declares them (see openapi.py). A request is admitted to the
+engine before its response starts, so a stream the engine refuses gets a 4xx
+too. The app's lifespan starts the engine's driver; on shutdown it closes the
+driver, which aborts what is still running, then the engine, which flushes
+its storage tiers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from kvengine.config import ServerConfig
 from kvengine.engine.async_engine import AsyncEngine
+from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
 from kvengine.server import openai_format as fmt
 from kvengine.server.metrics import RequestMetricsMiddleware
@@ -33,27 +37,92 @@ from kvengine.server.service import Job, Service
 from kvengine.server.tenancy import public_prefix_ids
 
 
-async def _respond(server: Service, chat: bool, body: CompletionRequest | ChatRequest, job: Job) -> Any:
+async def _respond(
+    server: Service, chat: bool, body: CompletionRequest | ChatRequest, job: Job, request: Request
+) -> Any:
     """The JSON response, or the event stream when `body.stream` is set."""
-    rid, name = fmt.new_id("chatcmpl" if chat else "cmpl"), server.model.name
-    server.acquire()
+    rid = fmt.new_id("chatcmpl" if chat else "cmpl")
+    await server.admit(job)  # before any response: a refused request gets its 4xx, streamed or not
     if body.stream:
-        return StreamingResponse(_sse(server, chat, body, job, rid), media_type="text/event-stream")
+        done = _Once(server, job)
+        return _EventStream(_sse(server, chat, body, job, rid, done), done)
     try:
-        parts, finish = [], "stop"
-        async with contextlib.aclosing(server.run(job)) as run:
-            async for delta, reason in run:
-                parts.append(delta)
-                finish = reason or finish
+        collect = asyncio.ensure_future(_collect(server, job))
+        while not collect.done():
+            await asyncio.wait({collect}, timeout=DISCONNECT_POLL_S)
+            if not collect.done() and await request.is_disconnected():
+                collect.cancel()  # closes the run, which aborts the request and frees its blocks
+                with contextlib.suppress(asyncio.CancelledError):
+                    await collect
+                return Response(status_code=499)  # nobody reads it; the code nginx uses for this
+        text, finish = collect.result()
+    except fmt.APIError:
+        raise
+    except InvalidRequestError as exc:
+        raise fmt.APIError(400, str(exc), param=exc.param) from None
+    except Exception as exc:
+        raise fmt.APIError(500, f"the request failed in the engine: {_reason(exc)}", "server_error") from None
     finally:
         server.release()
-    return fmt.completion_object(chat, rid, name, "".join(parts), finish, job.usage())
+    return fmt.completion_object(chat, rid, server.model.name, text, finish, job.usage())
+
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+async def _collect(server: Service, job: Job) -> tuple[str, str]:
+    parts, finish = [], "stop"
+    async with contextlib.aclosing(server.run(job)) as run:
+        async for delta, reason in run:
+            parts.append(delta)
+            finish = reason or finish
+    return "".join(parts), finish
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in one line: the innermost cause's type and message."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _Once:
+    """A stream's clean-up, run exactly once: after its last event, or when the stream never starts."""
+
+    def __init__(self, server: Service, job: Job) -> None:
+        self.server, self.job, self.done = server, job, False
+
+    async def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.server.release()
+        if self.job.seq_id is not None:
+            self.server.llm.abort(self.job.seq_id)  # a no-op for a request that ended
+
+
+class _EventStream(StreamingResponse):
+    """An event stream whose clean-up runs however the response ends, even if it never started."""
+
+    def __init__(self, events: AsyncIterator[str], cleanup: _Once) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.cleanup = cleanup
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.cleanup()
 
 
 async def _sse(
-    server: Service, chat: bool, body: CompletionRequest | ChatRequest, job: Job, rid: str
+    server: Service, chat: bool, body: CompletionRequest | ChatRequest, job: Job, rid: str, done: _Once
 ) -> AsyncIterator[str]:
-    """Server-sent events; a client that goes away cancels this, which aborts the request."""
+    """Server-sent events; a client that goes away cancels this, which aborts the request.
+
+    Every stream ends with `data: [DONE]`, after an error event if the
+    request failed once its 200 had been sent.
+    """
     name = server.model.name
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     first = True
@@ -67,11 +136,14 @@ async def _sse(
                     first = False
         if include_usage:
             yield fmt.chunk(chat, rid, name, None, None, usage_=job.usage(), with_usage_field=True)
-        yield fmt.DONE
-    except fmt.APIError as exc:  # the response has started: the error goes in the stream
-        yield f"data: {json.dumps(exc.body())}\n\n"
+    except Exception as exc:
+        status = 400 if isinstance(exc, InvalidRequestError) else 500
+        kind = "invalid_request_error" if status == 400 else "server_error"
+        error = fmt.APIError(status, f"the request failed in the engine: {_reason(exc)}", kind)
+        yield f"data: {json.dumps(error.body())}\n\n"
     finally:
-        server.release()
+        await done()
+    yield fmt.DONE
 
 
 def create_app(engine: AsyncEngine, model: LoadedModel, config: ServerConfig) -> FastAPI:
@@ -83,7 +155,7 @@ def create_app(engine: AsyncEngine, model: LoadedModel, config: ServerConfig) ->
     server = Service(engine, model, config)
     for text in config.public_prefixes:
         for ids in public_prefix_ids(model, text):
-            engine.engine.add_public_prefix(ids)
+            engine.add_public_prefix(ids)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -91,8 +163,7 @@ def create_app(engine: AsyncEngine, model: LoadedModel, config: ServerConfig) ->
         try:
             yield
         finally:
-            await engine.close()  # the driver first: no step may run while the tiers close
-            engine.engine.close()
+            await engine.close(close_engine=True)  # the driver first: no step may run while the tiers close
 
     app = FastAPI(title="kvengine", lifespan=lifespan)
     app.state.server = server  # for tests: requests in flight, limits, metrics
@@ -107,9 +178,19 @@ def create_app(engine: AsyncEngine, model: LoadedModel, config: ServerConfig) ->
 def _add_routes(app: FastAPI, server: Service) -> None:
     model = server.model
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
+    @app.get("/health", responses={503: {"description": "the engine's driver has stopped"}})
+    async def health() -> Any:
+        """Liveness: 200 while the engine's driver runs (or has not started), 503 once it died."""
+        if server.llm.state == "failed":
+            reason = _reason(server.llm.error) if server.llm.error is not None else "unknown"
+            return JSONResponse({"status": "failed", "reason": reason}, status_code=503)
         return {"status": "ok"}
+
+    @app.get("/ready", responses={503: {"description": "not taking requests"}})
+    async def ready() -> Any:
+        """Readiness: 200 while the engine takes new requests; 503 while starting, closing or failed."""
+        state = server.llm.state
+        return JSONResponse({"status": state}, status_code=200 if state == "running" else 503)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def metrics() -> Response:
@@ -133,20 +214,16 @@ def _add_routes(app: FastAPI, server: Service) -> None:
     async def completions(request: Request) -> Any:
         salt = server.tenant(request)
         body = await server.read_body(request, CompletionRequest)
-        if isinstance(body.prompt, str):
-            if not body.prompt:
-                raise fmt.APIError(400, "the prompt is empty", param="prompt")
-            ids = list(model.tokenizer.encode(body.prompt))  # type: ignore[union-attr]
-        else:
-            ids = list(body.prompt)
-        return await _respond(server, False, body, server.job(body, ids, salt))
+        prompt = body.prompt
+        ids = await server.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return await _respond(server, False, body, server.job(body, ids, salt), request)
 
     @app.post("/v1/chat/completions", responses={**_ok(ChatCompletionResponse), **errors})
     async def chat_completions(request: Request) -> Any:
         salt = server.tenant(request)
         body = await server.read_body(request, ChatRequest)
-        ids = fmt.render_chat(model, body.messages)
-        return await _respond(server, True, body, server.job(body, ids, salt))
+        ids = await server.render_chat(body.messages)
+        return await _respond(server, True, body, server.job(body, ids, salt), request)
 
 
 def _ok(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:

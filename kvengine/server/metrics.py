@@ -3,14 +3,13 @@
 Each app has its own `CollectorRegistry`, never prometheus_client's global
 one, so that many apps in one process (tests) do not collide.
 
-The engine's gauges and counters are read at scrape time from
-`Engine.stats()`: a key ending in `_total` becomes a counter, any other key a
-gauge, each named `kvengine_<key>`, so keys the engine adds later are exported
-with no change here. A scrape runs on the event loop while `Engine.step` may
-be running in a worker thread (see `AsyncEngine._drive`); `stats()` only reads
-a few ints and container lengths, so a scrape may see a step half applied
-(blocks allocated for a request not yet counted as running) but never changes
-or breaks the engine. That is accurate enough for monitoring.
+The engine's gauges and counters are read at scrape time from a stats
+snapshot (`AsyncEngine.stats()`: `Engine.stats()` as its driver took it
+between steps), never from the engine itself, which may be in the middle of a
+step in a worker thread: a scrape sees whole steps only. A key ending in
+`_total` becomes a counter, any other key a gauge, each named
+`kvengine_<key>`, so keys the engine adds later are exported with no change
+here.
 
 This module does not decide who may scrape: /metrics is open (see ServerConfig).
 """
@@ -18,14 +17,12 @@ This module does not decide who may scrape: /metrics is open (see ServerConfig).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from kvengine.engine.engine import Engine
 
 PREFIX = "kvengine_"
 # Seconds. Wide enough for a 135M model on a CPU (slow) and a GPU (fast).
@@ -34,20 +31,23 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
+EngineStats = Callable[[], Mapping[str, float]]  # the engine's latest stats snapshot
+
+
 class EngineCollector(Collector):
-    """`Engine.stats()` at scrape time, plus the derived `kvengine_prefix_hit_rate`.
+    """The engine's stats snapshot at scrape time, plus the derived `kvengine_prefix_hit_rate`.
 
     A stats key whose metric name the server already defines (in `reserved`,
     family names without `_total`) is skipped: the server's own count wins and
     no family is exported twice.
     """
 
-    def __init__(self, engine: Engine, reserved: frozenset[str] = frozenset()) -> None:
-        self.engine = engine
+    def __init__(self, stats: EngineStats, reserved: frozenset[str] = frozenset()) -> None:
+        self.stats = stats
         self.reserved = reserved
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.engine.stats()
+        stats = self.stats()
         for key, value in sorted(stats.items()):
             counter = key.endswith("_total")
             name = PREFIX + (key[: -len("_total")] if counter else key)
@@ -72,10 +72,11 @@ class ServerMetrics:
 
     Prompt tokens are the engine's `kvengine_prompt_tokens_total` (every
     prompt the server runs goes through the engine, which counts it on
-    admission); the server adds what only it sees.
+    admission); the server adds what only it sees. `engine_stats` returns the
+    engine's latest stats snapshot (`AsyncEngine.stats`).
     """
 
-    def __init__(self, engine: Engine, num_in_flight: Callable[[], int]) -> None:
+    def __init__(self, engine_stats: EngineStats, num_in_flight: Callable[[], int]) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             PREFIX + "requests", "HTTP responses, by route and status code", ["route", "status"], registry=r
@@ -109,7 +110,7 @@ class ServerMetrics:
         )
         in_flight.set_function(lambda: float(num_in_flight()))
         reserved = frozenset(family.name for family in r.collect())
-        r.register(EngineCollector(engine, reserved))
+        r.register(EngineCollector(engine_stats, reserved))
 
     def timer(self, arrival: float) -> RequestTimer:
         return RequestTimer(self, arrival)

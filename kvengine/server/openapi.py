@@ -1,7 +1,7 @@
 """The app's OpenAPI document: request bodies that the app reads by hand, declared for clients and fuzzers.
 
 The completion routes read and check their bodies themselves (see
-`app._Server.read_body`), which FastAPI cannot see. Letting FastAPI parse
+`Service.read_body`), which FastAPI cannot see. Letting FastAPI parse
 them instead would change what a bad request gets: it reads the whole body
 before any size limit, checks the body before the API key (a 400 where a
 caller without a key must get a 401), and words its errors its own way. So

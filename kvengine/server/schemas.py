@@ -1,7 +1,8 @@
 """Request and response bodies of the OpenAI-compatible API, as pydantic models.
 
 Validation is strict (a string is not a number), so a wrong type is a 400
-rather than a silent conversion. Fields the server does not implement are
+rather than a silent conversion. These models check the shape of a body
+only; what needs the model or the server's limits is checked by the service. Fields the server does not implement are
 ignored, as OpenAI-compatible servers commonly do, except `n`, which must be 1.
 `kv_press` and `kv_compression_ratio` are kvengine's own extra body fields.
 
@@ -49,7 +50,7 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions: a text prompt or a list of token ids."""
 
     prompt: str | list[int]
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
 
 class TextPart(_Body):
@@ -73,8 +74,8 @@ class ChatRequest(_Sampling):
     """POST /v1/chat/completions: a conversation rendered with the model's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
 
 
 # ---- responses: declared in the OpenAPI document only; the app builds them as dicts ----

@@ -1,17 +1,22 @@
 """The state behind the routes: `Service` (engine, model, limits, requests in flight) and `Job`.
 
-`Service` turns a parsed request into a `Job` (checking it against the limits
-and the press registry, 4xx if it cannot run) and runs it on the `AsyncEngine`
-as a stream of text deltas. It knows nothing of HTTP responses or routes
-(app.py), nor of OpenAI's wire format beyond the errors it raises.
+`Service` turns a parsed request into a `Job` (4xx if it cannot run), admits
+it to the `AsyncEngine` and runs it as a stream of text deltas. Each rule is
+checked once: the body's shape by its pydantic model, the server's limits
+here, everything else by what the body becomes (`SamplingParams`, a press
+from the registry, the engine's request), whose InvalidRequestError is a
+400. It uses the engine only through `AsyncEngine`'s public API, and knows
+nothing of HTTP responses or routes (app.py), nor of OpenAI's wire format
+beyond the errors it raises.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -20,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from kvengine.config import ServerConfig
 from kvengine.engine.async_engine import AsyncEngine
-from kvengine.engine.generate import _TextStream
+from kvengine.engine.generate import TextStream
 from kvengine.engine.request import SamplingParams
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
@@ -28,7 +33,7 @@ from kvengine.press.base import Press
 from kvengine.press.registry import press_from_spec
 from kvengine.server import openai_format as fmt
 from kvengine.server.metrics import ServerMetrics
-from kvengine.server.schemas import ChatRequest, CompletionRequest
+from kvengine.server.schemas import ChatMessage, ChatRequest, CompletionRequest
 from kvengine.server.tenancy import tenant_salt
 
 B = TypeVar("B", bound=BaseModel)
@@ -42,6 +47,7 @@ class Job:
     params: SamplingParams
     press: Press | None
     cache_salt: str
+    seq_id: int | None = None  # the engine's, once admitted
     num_completion: int = 0
     num_cached: int = 0
     arrival: float = field(default_factory=time.monotonic)  # accepted: parsed and checked
@@ -58,11 +64,14 @@ class Service:
             raise InvalidRequestError("the server needs a model with a tokenizer")
         self.llm = llm
         self.model = model
+        self.tokenizer = model.tokenizer
         self.config = config
         self.num_in_flight = 0
-        # The engine refuses prompts that leave no room for a new token.
+        # The engine also refuses prompts that leave no room for a new token; refused
+        # here, such a prompt gets OpenAI's code for it (context_length_exceeded).
         self.max_prompt_tokens = min(config.max_prompt_tokens, model.max_context_len - 1)
-        self.metrics = ServerMetrics(llm.engine, lambda: self.num_in_flight)
+        self.metrics = ServerMetrics(llm.stats, lambda: self.num_in_flight)
+        self.max_chars_per_token = _longest_token_chars(model.tokenizer)
 
     def tenant(self, request: Request) -> str:
         return tenant_salt(self.config, request)
@@ -78,12 +87,7 @@ class Service:
             data += part
             if len(data) > limit:
                 raise fmt.APIError(413, f"request body over {limit} bytes", code="request_too_large")
-        try:
-            obj = json.loads(bytes(data).decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise fmt.APIError(400, f"request body is not UTF-8 (byte offset {exc.start})") from None
-        except json.JSONDecodeError as exc:
-            raise fmt.APIError(400, f"request body is not valid JSON: {exc}") from None
+        obj = _parse_json(bytes(data))
         try:
             return cls.model_validate(obj)
         except ValidationError as exc:
@@ -92,7 +96,13 @@ class Service:
             raise fmt.APIError(400, f"{param or 'body'}: {err['msg']}", param=param) from None
 
     def job(self, body: CompletionRequest | ChatRequest, prompt_ids: list[int], salt: str) -> Job:
-        """Check a parsed request against the limits and the registry; 4xx if it cannot run."""
+        """The request as the engine will run it; 4xx if this server refuses it.
+
+        The body's shape was checked when it was parsed. Here are the server's
+        own limits (the model it serves, n, prompt and output lengths); the
+        rest is checked by what the body becomes: `SamplingParams` and the
+        press registry here, the engine when the job is admitted (`admit`).
+        """
         if body.model is not None and body.model != self.model.name:
             raise fmt.APIError(
                 404,
@@ -102,8 +112,7 @@ class Service:
             )
         if body.n != 1:
             raise fmt.APIError(400, "only n=1 is supported", param="n")
-        if not prompt_ids:
-            raise fmt.APIError(400, "the prompt is empty", param="prompt")
+        self._check_stop(body.stop_strings())
         if len(prompt_ids) > self.max_prompt_tokens:
             raise fmt.APIError(
                 400,
@@ -111,49 +120,91 @@ class Service:
                 param="prompt",
                 code="context_length_exceeded",
             )
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise fmt.APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
         max_tokens = max_tokens_of(body)
-        room = self.model.max_context_len - len(prompt_ids)
         if max_tokens is None:
-            max_tokens = min(self.config.max_tokens_limit, room)
-        elif not 1 <= max_tokens <= self.config.max_tokens_limit:
+            max_tokens = min(self.config.max_tokens_limit, self.model.max_context_len - len(prompt_ids))
+        elif max_tokens > self.config.max_tokens_limit:
             raise fmt.APIError(
                 400,
                 f"max_tokens must be in [1, {self.config.max_tokens_limit}], got {max_tokens}",
                 param="max_tokens",
             )
-        try:
+        with _as_400():
             params = SamplingParams(
                 max_tokens, body.temperature, body.top_p, body.top_k, body.seed, body.stop_strings()
             )
-        except InvalidRequestError as exc:
-            raise fmt.APIError(400, str(exc)) from None
         press = None
         if body.kv_press is not None:
-            try:
+            with _as_400(param="kv_press"):
                 press = press_from_spec(body.kv_press, body.kv_compression_ratio)
-            except InvalidRequestError as exc:
-                raise fmt.APIError(400, str(exc), param="kv_press") from None
         return Job(prompt_ids, params, press, salt)
 
-    async def run(self, job: Job) -> AsyncGenerator[tuple[str, str | None], None]:
-        """(new text, finish reason or None) as the request runs; closing it aborts the request."""
-        try:
-            seq_id = await self.llm.add_request(
-                job.prompt_ids, job.params, press=job.press, cache_salt=job.cache_salt
+    def _check_stop(self, stop: tuple[str, ...]) -> None:
+        """400 for stop lists past the limits: they are searched at every token of the output."""
+        limit, chars = self.config.max_stop_strings, self.config.max_stop_string_chars
+        if len(stop) > limit:
+            raise fmt.APIError(
+                400, f"at most {limit} stop strings are allowed, got {len(stop)}", param="stop"
             )
-        except InvalidRequestError as exc:
-            raise fmt.APIError(400, str(exc)) from None
-        # Held on to: the engine forgets a request as soon as its last token is out.
-        seq = self.llm.engine.sequences[seq_id]
-        text = _TextStream(self.model.tokenizer, job.params.stop)
+        longest = max((len(s) for s in stop), default=0)
+        if longest > chars:
+            raise fmt.APIError(
+                400, f"stop strings may have at most {chars} characters, one has {longest}", param="stop"
+            )
+
+    async def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt, computed in a worker thread: a long prompt never stalls the event loop.
+
+        A text that must be longer than the prompt limit (more characters
+        than the limit times the longest token) is refused without tokenizing.
+        """
+        if len(text) > self.max_prompt_tokens * self.max_chars_per_token:
+            raise fmt.APIError(
+                400,
+                f"the prompt has {len(text)} characters, more than {self.max_prompt_tokens} tokens can hold",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        return list(await asyncio.to_thread(self.tokenizer.encode, text))
+
+    async def render_chat(self, messages: list[ChatMessage]) -> list[int]:
+        """`openai_format.render_chat` in a worker thread (chat templates and tokenizing take time)."""
+        chars = sum(len(m.text()) for m in messages)
+        if chars > self.max_prompt_tokens * self.max_chars_per_token:
+            raise fmt.APIError(
+                400,
+                f"the messages have {chars} characters, more than {self.max_prompt_tokens} tokens can hold",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return await asyncio.to_thread(fmt.render_chat, self.model, messages)
+
+    async def admit(self, job: Job) -> None:
+        """Take a slot (429 when all are taken) and queue the job in the engine (400 if it refuses it).
+
+        Call before the response starts, so that a refused request gets its
+        status code; `run` then streams it and `release` gives the slot back.
+        """
+        self.acquire()
+        try:
+            with _as_400():
+                job.seq_id = await self.llm.add_request(
+                    job.prompt_ids, job.params, press=job.press, cache_salt=job.cache_salt
+                )
+        except BaseException:
+            self.release()
+            raise
+
+    async def run(self, job: Job) -> AsyncGenerator[tuple[str, str | None], None]:
+        """(new text, finish reason or None) of an admitted job as it runs; closing it aborts the request."""
+        assert job.seq_id is not None, "admit the job first"
+        info = self.llm.info(job.seq_id)  # outlives the request: read once it has ended
+        text = TextStream(self.tokenizer, job.params.stop)
         timer = self.metrics.timer(job.arrival)
         ids: list[int] = []
         ran_to_end = False
         try:
-            async with contextlib.aclosing(self.llm.stream(seq_id)) as events:
+            async with contextlib.aclosing(self.llm.stream(job.seq_id)) as events:
                 async for event in events:
                     timer.token()
                     ids.append(event.token_id)
@@ -167,7 +218,7 @@ class Service:
                         yield delta, None
             yield "", "abort"  # ended without a last token: the engine is shutting down
         finally:
-            job.num_cached = seq.num_cached_tokens
+            job.num_cached = info.num_cached_tokens
             timer.end(job.num_completion, job.num_cached, ran_to_end)
 
     def acquire(self) -> None:
@@ -182,7 +233,52 @@ class Service:
         self.num_in_flight -= 1
 
 
+def _parse_json(data: bytes) -> Any:
+    """The JSON value of a body; 400 if it is not UTF-8 JSON of valid Unicode text."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise fmt.APIError(400, f"request body is not UTF-8 (byte offset {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise fmt.APIError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise fmt.APIError(400, "request body is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise fmt.APIError(400, f"request body is not valid JSON: {exc}") from None
+    try:
+        # JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text: no tokenizer takes them.
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise fmt.APIError(
+            400, f"request body has a lone UTF-16 surrogate ({exc.reason}); send valid Unicode"
+        ) from None
+    except RecursionError:
+        raise fmt.APIError(400, "request body is nested too deeply") from None
+    return obj
+
+
+def _longest_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters one token covers (its vocabulary's longest entry).
+
+    Without a vocabulary to read (a custom tokenizer), 1 << 20: no bound in practice.
+    """
+    try:
+        vocab = tokenizer.get_vocab()
+        return 2 * max(16, max(len(str(t)) for t in vocab))  # 2x: normalizers may drop characters
+    except Exception:
+        return 1 << 20
+
+
 def max_tokens_of(body: CompletionRequest | ChatRequest) -> int | None:
     if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
         return body.max_completion_tokens
     return body.max_tokens
+
+
+@contextlib.contextmanager
+def _as_400(param: str | None = None) -> Iterator[None]:
+    """InvalidRequestError raised inside, answered as a 400 naming `param` (or the error's own)."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        raise fmt.APIError(400, str(exc), param=param or exc.param) from None

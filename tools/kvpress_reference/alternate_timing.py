@@ -2,30 +2,34 @@
 
 A diagnostic for the per-setting time gap in `kvengine eval --baseline kvpress`:
 the same 2,048-token single-needle example and press (knorm at 0.5), answered
-by kvengine (`kvengine.bench.eval_kvengine.measure`, as the eval does) and by
+by kvengine (`kvengine.eval.measure.measure`, as the eval does) and by
 the kvpress worker, `ROUNDS` times each, kvengine first in even rounds and
 second in odd ones. Prints median prefill and total seconds per engine and
-position. Needs the kvpress venv (see README.md next to this file).
+position. Needs the kvpress venv (see README.md next to this file); its python
+is the argument (default: where the README's recipe puts it).
 
-    .venv/bin/python tools/kvpress_reference/alternate_timing.py
+    .venv/bin/python tools/kvpress_reference/alternate_timing.py [KVPRESS_PYTHON]
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-from kvengine.bench.eval_kvengine import measure
-from kvengine.bench.kvpress_baseline import DEFAULT_KVPRESS_PYTHON, KvpressWorker
-from kvengine.bench.tasks import make_example
 from kvengine.engine.generate import encode_prompt
+from kvengine.eval.kvpress_client import KvpressWorker
+from kvengine.eval.measure import measure
+from kvengine.eval.tasks import make_example
 from kvengine.models import load
 
 ROUNDS, LENGTH, PRESS, RATIO, MAX_NEW_TOKENS = 6, 2048, "knorm", 0.5, 32
+RECIPE_PYTHON = Path("/tmp/kvp-venv/bin/python")  # where README.md's recipe puts the kvpress venv
 
 
-def main() -> None:
+def main(kvpress_python: Path) -> None:
     torch.set_num_threads(2)
     model = load()
     assert model.tokenizer is not None
@@ -33,7 +37,7 @@ def main() -> None:
     parts = [encode_prompt(model, example.context, None, None, q.text) for q in example.questions]
     ids, rests = parts[0][0], [rest for _, rest in parts]
     times: dict[str, list[tuple[float, float]]] = {}
-    with KvpressWorker(DEFAULT_KVPRESS_PYTHON, model, torch.get_num_threads()) as worker:
+    with KvpressWorker(kvpress_python, model, torch.get_num_threads()) as worker:
 
         def ours() -> tuple[float, float]:
             (m,) = measure(model, ids, rests, [(PRESS, RATIO, 0)], MAX_NEW_TOKENS)
@@ -55,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else RECIPE_PYTHON)

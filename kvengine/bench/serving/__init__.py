@@ -1,0 +1,1 @@
+"""`kvengine bench serve`: a closed-loop streaming load generator against an OpenAI-compatible server."""

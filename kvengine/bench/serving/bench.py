@@ -1,0 +1,202 @@
+"""`kvengine bench serve`: a load test of a running server, summarized as JSON rows and Markdown.
+
+Runs the load generator (`load`) against a server's URL, or against a
+`kvengine serve` it starts itself on a free loopback port (`launch`) and
+stops afterwards. Around the run it reads the server's `/metrics` when there
+is one (a 404 only drops those numbers) to check that the pool's referenced
+blocks are back at their idle count afterwards (no leak), and, for a launched
+server, samples its resident memory. It reports what the clients measured:
+throughput, TTFT / ITL / end-to-end percentiles, prefix hit rate, failures.
+It does not judge the numbers; benchmarks never assert on timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvengine.bench.serving.launch import (
+    LaunchConfig,
+    blocks_in_use,
+    launched_server,
+    metric,
+    scrape_metrics,
+    settled_blocks_in_use,
+)
+from kvengine.bench.serving.load import LoadResult, RequestResult, require_httpx, run_load
+from kvengine.bench.serving.workloads import LoadConfig
+from kvengine.results import append_report, append_rows, make_row, markdown_table
+
+_PERCENTILES = {"ttft": (50, 90, 99), "itl": (50, 90, 99), "e2e": (50, 99)}
+
+
+def _percentiles(values: list[float], qs: tuple[int, ...]) -> dict[int, float]:
+    """Linear-interpolated percentiles (NaN when there are no values): ordered by construction."""
+    if not values:
+        return {q: float("nan") for q in qs}
+    return {q: float(v) for q, v in zip(qs, np.percentile(np.asarray(values), qs), strict=True)}
+
+
+def _hit_rate(requests: list[RequestResult]) -> float:
+    prompt = sum(r.prompt_tokens for r in requests)
+    return sum(r.cached_tokens for r in requests) / prompt if prompt else 0.0
+
+
+def summarize(result: LoadResult) -> dict[str, float]:
+    """The run's headline numbers; times in seconds, rates per second of the run's wall time."""
+    ok = [r for r in result.requests if r.ok]
+    samples = {
+        "ttft": [r.ttft_s for r in ok if r.ttft_s is not None],
+        "itl": [gap for r in ok for gap in r.itl_s],
+        "e2e": [r.e2e_s for r in ok],
+    }
+    summary: dict[str, float] = {
+        "num_requests": len(result.requests),
+        "num_failed": len(result.requests) - len(ok),
+        "duration_s": result.elapsed_s,
+        "request_throughput": len(ok) / result.elapsed_s,
+        "output_tokens_per_s": sum(r.completion_tokens for r in ok) / result.elapsed_s,
+        "prefix_hit_rate": _hit_rate(ok),
+        "mean_prompt_tokens": float(np.mean([r.prompt_tokens for r in ok])) if ok else 0.0,
+        "mean_completion_tokens": float(np.mean([r.completion_tokens for r in ok])) if ok else 0.0,
+    }
+    for name, qs in _PERCENTILES.items():
+        for q, value in _percentiles(samples[name], qs).items():
+            summary[f"{name}_p{q}_s"] = value
+    return summary
+
+
+def _unit(metric: str) -> str:
+    if metric.endswith("_s"):
+        return "s"
+    return {"request_throughput": "req/s", "output_tokens_per_s": "tok/s", "prefix_hit_rate": "fraction"}.get(
+        metric, "count"
+    )
+
+
+def _main_table(summary: dict[str, float], extra: dict[str, float | None]) -> str:
+    ms = lambda key: f"{1000 * summary[key]:.0f}"  # noqa: E731
+    rows: list[list[Any]] = [
+        ["requests (failed)", f"{summary['num_requests']:.0f} ({summary['num_failed']:.0f})"],
+        ["duration (s)", f"{summary['duration_s']:.1f}"],
+        ["request throughput (req/s)", f"{summary['request_throughput']:.3f}"],
+        ["output tokens/s", f"{summary['output_tokens_per_s']:.1f}"],
+        ["TTFT p50 / p90 / p99 (ms)", " / ".join(ms(f"ttft_p{q}_s") for q in (50, 90, 99))],
+        ["ITL p50 / p90 / p99 (ms)", " / ".join(ms(f"itl_p{q}_s") for q in (50, 90, 99))],
+        ["E2E p50 / p99 (s)", f"{summary['e2e_p50_s']:.2f} / {summary['e2e_p99_s']:.2f}"],
+        ["prefix hit rate (cached / prompt tokens)", f"{summary['prefix_hit_rate']:.3f}"],
+        [
+            "mean prompt / completion tokens",
+            f"{summary['mean_prompt_tokens']:.0f} / {summary['mean_completion_tokens']:.1f}",
+        ],
+    ]
+    labels = {
+        "pool_blocks_in_use_before": "pool blocks referenced, before / after (/metrics)",
+        "server_rss_idle_mib": "server RSS idle / peak under load / VmHWM (MiB)",
+    }
+    before, after = extra.get("pool_blocks_in_use_before"), extra.get("pool_blocks_in_use_after")
+    if before is not None and after is not None:
+        rows.append([labels["pool_blocks_in_use_before"], f"{before:.0f} / {after:.0f}"])
+    if extra.get("server_rss_idle_mib") is not None:
+        rss = [extra.get(k) or 0.0 for k in ("server_rss_idle_mib", "server_rss_peak_mib", "server_hwm_mib")]
+        rows.append([labels["server_rss_idle_mib"], " / ".join(f"{v:.0f}" for v in rss)])
+    if extra.get("pool_used_mib_after") is not None:
+        rows.append(
+            ["pool memory in use after, prefix cache included (MiB)", f"{extra['pool_used_mib_after']:.0f}"]
+        )
+    return markdown_table(["metric", "value"], rows)
+
+
+def _workload_table(result: LoadResult) -> str:
+    rows = []
+    for name in sorted({r.workload for r in result.requests}):
+        reqs = [r for r in result.requests if r.workload == name]
+        ok = [r for r in reqs if r.ok]
+        ttft = _percentiles([r.ttft_s for r in ok if r.ttft_s is not None], (50,))[50]
+        prompt = np.mean([r.prompt_tokens for r in ok]) if ok else 0.0
+        rows.append(
+            [
+                name,
+                len(reqs),
+                len(reqs) - len(ok),
+                f"{prompt:.0f}",
+                f"{_hit_rate(ok):.3f}",
+                f"{1000 * ttft:.0f}",
+            ]
+        )
+    header = ["workload", "requests", "failed", "mean prompt tokens", "prefix hit rate", "TTFT p50 (ms)"]
+    return markdown_table(header, rows)
+
+
+def _failures(result: LoadResult, limit: int = 5) -> str:
+    """The first few distinct failure messages, for the notes (empty when none failed)."""
+    errors = list(dict.fromkeys(r.error for r in result.requests if not r.ok))
+    return "; ".join(errors[:limit])
+
+
+def _mib(num_bytes: float | None) -> float | None:
+    return None if num_bytes is None else num_bytes / 2**20
+
+
+def _measure(config: LoadConfig, launch: LaunchConfig | None, progress: bool) -> tuple[LoadResult, dict]:
+    """Run the load, with the server launched around it if asked; also /metrics and memory."""
+    if launch is None:
+        before = blocks_in_use(scrape_metrics(config.url, config.api_key))
+        result = run_load(config, progress)
+        after = settled_blocks_in_use(config.url, config.api_key, before)
+        return result, {"pool_blocks_in_use_before": before, "pool_blocks_in_use_after": after}
+    with launched_server(launch) as server:
+        config = dataclasses.replace(config, url=server.url)
+        before = blocks_in_use(scrape_metrics(server.url, config.api_key))
+        extra: dict[str, float | None] = {"server_rss_idle_mib": server.rss_mib()}
+        with server.sample_rss() as peak:
+            result = run_load(config, progress)
+        extra.update(
+            pool_blocks_in_use_before=before,
+            pool_blocks_in_use_after=settled_blocks_in_use(server.url, config.api_key, before),
+            server_rss_peak_mib=peak.max_mib,
+            server_hwm_mib=server.hwm_mib(),
+            pool_used_mib_after=_mib(metric(scrape_metrics(server.url, config.api_key), "pool_bytes_used")),
+        )
+    return result, extra
+
+
+def run_serve_bench(
+    config: LoadConfig,
+    out_dir: Path,
+    launch: LaunchConfig | None = None,
+    report: Path | None = None,
+    progress: bool = True,
+    *,
+    command: str = "kvengine bench serve",
+) -> tuple[LoadResult, list[dict]]:
+    """Run the load test; append JSON rows to out_dir/bench_serve.jsonl, write the tables to
+    out_dir/bench_serve.md, print them, and append a section headed by `command` to `report` if given."""
+    require_httpx()
+    result, extra = _measure(config, launch, progress)
+    summary = summarize(result)
+    cfg = {k: v for k, v in dataclasses.asdict(result.config).items() if k not in ("api_key", "url")}
+    cfg["model"] = result.model
+    if launch is not None:
+        cfg["server_args"] = list(launch.serve_args)
+    rows = [make_row("serve", k, v, _unit(k), **cfg) for k, v in summary.items()]
+    rows += [
+        make_row("serve", k, v, "MiB" if "mib" in k else "blocks", **cfg)
+        for k, v in extra.items()
+        if v is not None
+    ]
+    body = _main_table(summary, extra) + "\n\n" + _workload_table(result)
+    failures = _failures(result)
+    notes = f"Failures: {failures}" if failures else "No failed requests."
+    out_dir.mkdir(parents=True, exist_ok=True)
+    append_rows(out_dir / "bench_serve.jsonl", rows)
+    (out_dir / "bench_serve.md").write_text(body + "\n\n" + notes + "\n", encoding="utf-8")
+    print(body + "\n\n" + notes)
+    if report is not None:
+        append_report(
+            report, f"Serving load test: {config.num_clients} streaming clients", command, body, notes
+        )
+    return result, rows

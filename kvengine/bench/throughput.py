@@ -1,0 +1,265 @@
+"""`kvengine bench throughput` and `kvengine bench prefix`: the engine as a server sees it.
+
+Throughput: output tokens/s of the engine with 1, 4, 16, 32 requests in
+flight at once (all added together, greedy, `ignore_eos`), against
+transformers' `generate` (its own dynamic cache, SDPA attention) serving the
+same kind of requests one at a time, measured in the same run, its requests
+interleaved with the engine's runs. The engine's
+tokens for the baseline's prompts are compared with transformers' tokens and
+the agreement is reported next to the speed.
+
+Prefix: time to first token of a request whose long prefix (2,048 tokens by
+default) is in the prefix cache, against the same kind of request on a cold
+cache (the baseline). Each repeat uses a fresh engine: a cold request with
+suffix i, then a warm one with suffix i + 1; the warm output is checked
+against the next repeat's cold output for the same prompt.
+
+Prompts are windows of the needle task's haystack (random token ids for a
+model without a tokenizer), so no two share a prefix unless asked to.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvengine.config import CacheConfig, SchedulerConfig
+from kvengine.engine.engine import Engine
+from kvengine.engine.request import SamplingParams
+from kvengine.eval.needle import make_needle_example
+from kvengine.models import LoadedModel, load
+from kvengine.results import append_report, append_rows, make_row, markdown_table
+
+POOL_BYTES = 2 * 2**30
+
+
+def document_ids(model: LoadedModel, num_tokens: int, seed: int = 0) -> list[int]:
+    """At least `num_tokens` token ids of running text (random ids without a tokenizer)."""
+    if model.tokenizer is None:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(3, model.config.vocab_size, (num_tokens,), generator=g).tolist()
+    ids: list[int] = []
+    while len(ids) < num_tokens:
+        text = make_needle_example(model, min(num_tokens, 8192) + 64, depth=0.5, seed=seed).context
+        ids += model.tokenizer.encode(text, add_special_tokens=False)
+        seed += 1
+    return ids
+
+
+def hf_generate(model: LoadedModel, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """transformers' greedy tokens (exactly `new_tokens`) and the seconds they took."""
+    hf = model.hf_model
+    saved = hf.config._attn_implementation
+    hf.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = hf.generate(  # type: ignore[operator]
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            elapsed = time.perf_counter() - start
+    finally:
+        hf.set_attn_implementation(saved)
+    return out[0, len(prompt) :].tolist(), elapsed
+
+
+def engine_batch(
+    model: LoadedModel, prompts: list[list[int]], new_tokens: int, cache: CacheConfig | None = None
+) -> tuple[list[list[int]], float]:
+    """The engine's greedy tokens for all prompts in flight at once, and the seconds they took."""
+    longest = max(len(p) for p in prompts)
+    engine = Engine(
+        model,
+        cache or CacheConfig(max_kv_bytes=POOL_BYTES),
+        SchedulerConfig(max_num_seqs=len(prompts), max_step_tokens=max(2048, longest)),
+    )
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    return [o.output_ids for o in outputs], time.perf_counter() - start
+
+
+def measure_throughput(
+    model: LoadedModel, concurrency: list[int], prompt_len: int, new_tokens: int, baseline_requests: int
+) -> dict[str, Any]:
+    """Output tokens/s of transformers one at a time and of the engine at each concurrency."""
+    doc = document_ids(model, (max(concurrency) + 1) * prompt_len)
+    prompts = [doc[i * prompt_len : (i + 1) * prompt_len] for i in range(max(concurrency) + 1)]
+    warm = prompts[-1][:16]  # first calls pay one-off costs: not part of any measurement
+    hf_generate(model, warm, 2)
+    engine_batch(model, [warm], 2)
+    # Baseline requests are spread between the engine's runs, so that drift of a
+    # shared machine hits both systems alike.
+    hf_tokens: list[list[int]] = []
+    hf_seconds = 0.0
+    result: dict[str, Any] = {"kvengine": {}}
+    for i in range(max(baseline_requests, len(concurrency))):
+        if i < baseline_requests:
+            tokens, seconds = hf_generate(model, prompts[i], new_tokens)
+            hf_tokens.append(tokens)
+            hf_seconds += seconds
+        if i < len(concurrency):
+            c = concurrency[i]
+            outputs, seconds = engine_batch(model, prompts[:c], new_tokens)
+            result["kvengine"][c] = c * new_tokens / seconds
+            result.setdefault("outputs", {})[c] = outputs
+    result["transformers"] = baseline_requests * new_tokens / hf_seconds
+    checked = [c for c in concurrency if c >= baseline_requests]
+    if checked:  # the engine's tokens for the baseline's prompts, in the first large enough batch
+        result["tokens_match"] = result["outputs"][checked[0]][:baseline_requests] == hf_tokens
+    del result["outputs"]
+    return result
+
+
+def run_throughput_bench(
+    model_name: str,
+    concurrency: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    baseline_requests: int,
+    out: Path,
+    report: Path,
+    *,
+    command: str = "kvengine bench throughput",
+) -> list[dict]:
+    """Measure, append JSON rows to `out` and a table to `report` (headed by `command`); returns the rows."""
+    model = load(model_name)
+    res = measure_throughput(model, concurrency, prompt_len, new_tokens, baseline_requests)
+    cfg = dict(model=model.name, prompt_len=prompt_len, new_tokens=new_tokens)
+    hf = res["transformers"]
+    rows = [
+        make_row(
+            "throughput", "output_tokens_per_s", hf, "tok/s", system="transformers", concurrency=1, **cfg
+        )
+    ]
+    table = []
+    for c, tps in res["kvengine"].items():
+        rows.append(
+            make_row(
+                "throughput", "output_tokens_per_s", tps, "tok/s", system="kvengine", concurrency=c, **cfg
+            )
+        )
+        table.append([c, f"{tps:.1f}", f"{hf:.1f}", f"{tps / hf:.2f}"])
+    append_rows(out, rows)
+    body = markdown_table(
+        ["requests in flight", "kvengine tok/s", "transformers tok/s (one at a time)", "ratio"], table
+    )
+    print(body)
+    match = res.get("tokens_match")
+    append_report(
+        report,
+        "Throughput: concurrent requests vs transformers' generate one at a time",
+        command,
+        body,
+        f"Model {model.name}, fp32, {prompt_len}-token prompts, {new_tokens} output tokens each, greedy, "
+        f"ignore_eos; transformers served {baseline_requests} requests one after another (SDPA, dynamic cache). "
+        f"kvengine's tokens for those prompts equal transformers': {match}.",
+    )
+    return rows
+
+
+def time_to_first_token(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[float, int, list[int]]:
+    """(seconds to the first token, prompt tokens reused from the cache, all output tokens)."""
+    start = time.perf_counter()
+    seq_id = engine.add_request(prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    first = None
+    while not engine.sequences[seq_id].is_finished:
+        events = engine.step()
+        if first is None and any(e.seq_id == seq_id for e in events):
+            first = time.perf_counter() - start
+    assert first is not None
+    seq = engine.release(seq_id)
+    return first, seq.num_cached_tokens, seq.output_ids
+
+
+def measure_prefix_ttft(
+    model: LoadedModel, prefix_len: int, suffix_len: int, new_tokens: int, repeats: int
+) -> dict[str, Any]:
+    """Time to first token with a cached `prefix_len`-token prefix and on a cold cache."""
+    doc = document_ids(model, prefix_len + (repeats + 1) * suffix_len)
+    prefix = doc[:prefix_len]
+    suffixes = [
+        doc[prefix_len + i * suffix_len : prefix_len + (i + 1) * suffix_len] for i in range(repeats + 1)
+    ]
+    cache = CacheConfig(max_kv_bytes=POOL_BYTES, prefix_cache=True)
+    step_tokens = SchedulerConfig(
+        max_step_tokens=prefix_len + suffix_len
+    )  # one prefill step, as a server would
+    engine_batch(model, [prefix[:16]], 2)  # one-off costs of the first call
+    cold: list[float] = []
+    warm: list[float] = []
+    cached: list[int] = []
+    agree: list[bool] = []
+    previous: list[int] | None = None  # the last warm output: its prompt is this repeat's cold prompt
+    for i in range(repeats):
+        engine = Engine(model, cache, step_tokens)
+        ttft, _, cold_out = time_to_first_token(engine, prefix + suffixes[i], new_tokens)
+        cold.append(ttft)
+        if previous is not None:
+            agree.append(cold_out == previous)
+        ttft, num_cached, previous = time_to_first_token(engine, prefix + suffixes[i + 1], new_tokens)
+        warm.append(ttft)
+        cached.append(num_cached)
+    return {"cold_s": cold, "warm_s": warm, "cached_tokens": cached, "outputs_agree": agree}
+
+
+def run_prefix_bench(
+    model_name: str,
+    prefix_len: int,
+    suffix_len: int,
+    new_tokens: int,
+    repeats: int,
+    out: Path,
+    report: Path,
+    *,
+    command: str = "kvengine bench prefix",
+) -> list[dict]:
+    """Measure, append JSON rows to `out` and a table to `report` (headed by `command`); returns the rows."""
+    model = load(model_name)
+    res = measure_prefix_ttft(model, prefix_len, suffix_len, new_tokens, repeats)
+    cold, warm = statistics.median(res["cold_s"]), statistics.median(res["warm_s"])
+    cfg = dict(model=model.name, prefix_len=prefix_len, suffix_len=suffix_len, repeats=repeats)
+    rows = [
+        make_row("prefix", "ttft_s", cold, "s", cache="cold", **cfg),
+        make_row("prefix", "ttft_s", warm, "s", cache="warm", cached_tokens=res["cached_tokens"], **cfg),
+    ]
+    append_rows(out, rows)
+    body = markdown_table(
+        [
+            "prefix tokens",
+            "suffix tokens",
+            "TTFT cold (s)",
+            "TTFT cached prefix (s)",
+            "speedup",
+            "tokens reused",
+        ],
+        [
+            [
+                prefix_len,
+                suffix_len,
+                f"{cold:.3f}",
+                f"{warm:.4f}",
+                f"{cold / warm:.1f}",
+                min(res["cached_tokens"]),
+            ]
+        ],
+    )
+    print(body)
+    append_report(
+        report,
+        "Time to first token with a cached prefix vs cold",
+        command,
+        body,
+        f"Model {model.name}, fp32, median of {repeats} fresh engines (cold request, then a warm one with "
+        f"another suffix); the whole prompt is prefilled in one step. Warm outputs equal cold outputs of "
+        f"the same prompt: {all(res['outputs_agree'])} ({len(res['outputs_agree'])} compared).",
+    )
+    return rows

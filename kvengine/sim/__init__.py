@@ -1,0 +1,1 @@
+"""Trace replay: prefix-cache hit rates per eviction policy and router, without a model."""
