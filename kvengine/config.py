@@ -32,11 +32,13 @@ class ModelConfig:
 
     name: str = DEFAULT_MODEL
     cache_dir: Path | None = None  # None: default_cache_dir()
-    dtype: str = "float32"
+    dtype: str = "auto"  # "auto": bfloat16 where the hardware computes it natively, else float32
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise InvalidRequestError(f"dtype must be one of float32, bfloat16, float16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InvalidRequestError(
+                f"dtype must be one of auto, float32, bfloat16, float16, got {self.dtype!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def bundled() -> LoadedModel:
     """The bundled SmolLM2-135M (converted once into the user's cache directory)."""
     from kvengine.models import load
 
-    return load("smollm2-135m", progress=False)
+    return load("smollm2-135m", dtype="float32", progress=False)  # float32 whatever the CPU: exact references
 
 
 class use_sdpa:

@@ -22,6 +22,7 @@ from kvengine.cli.common import (
     EXIT_BAD_INPUT,
     Parser,
     add_config_args,
+    add_dtype_arg,
     add_press_args,
     config_from_args,
     press_from_args,
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="answer a question about a long document, then compare presses", description=_DEMO_HELP
     )
     demo.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    add_dtype_arg(demo)
     demo.add_argument("--doc-tokens", type=positive_int, default=2000, help="length of the document")
     demo.add_argument(
         "--no-compare",
@@ -80,6 +82,7 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text (one completion each)")
     gen.add_argument("--file", action="append", default=[], help="read a prompt from a UTF-8 file")
     gen.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    add_dtype_arg(gen)
     gen.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate at most")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -114,7 +117,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     cache = config_from_args(CacheConfig, args)
     scheduler = config_from_args(SchedulerConfig, args)
     press = press_from_args(args)
-    model = load(args.model)
+    model = load(args.model, dtype=args.dtype)
     stream = len(prompts) * len(args.question or [None]) == 1 and not args.no_stream
 
     def on_text(_: int, text: str) -> None:
@@ -153,7 +156,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from kvengine.cli.demo import run_demo
 
-    run_demo(args.model, args.doc_tokens, compare=not args.no_compare)
+    run_demo(args.model, args.doc_tokens, compare=not args.no_compare, dtype=args.dtype)
 
 
 def _cmd_models(args: argparse.Namespace) -> None:

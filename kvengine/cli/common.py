@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from kvengine.cli.argtypes import positive_int_list
 from kvengine.config import default_cache_dir
 from kvengine.errors import InvalidRequestError
+from kvengine.models.precision import DTYPE_CHOICES
 
 if TYPE_CHECKING:
     from kvengine.press.base import Press
@@ -148,3 +149,14 @@ def kivi_bits(text: str) -> list[int]:
     if any(b not in (2, 4, 8) for b in bits):
         raise argparse.ArgumentTypeError(f"KIVI bit widths are 2, 4 or 8, got {text!r}")
     return bits
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    """`--dtype`: the precision of weights and KV cache (`models.precision`)."""
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="weights and KV cache precision; auto (default): bfloat16 where the hardware computes it "
+        "natively (a CPU with AVX512-BF16 or AMX, a GPU), float32 elsewhere",
+    )

@@ -21,6 +21,7 @@ from kvengine.eval.plots import plot_accuracy_vs_bytes
 from kvengine.eval.runner import EvalConfig, run_eval
 from kvengine.eval.summary import Summary, label, summarize
 from kvengine.models import LoadedModel, load
+from kvengine.models.precision import dtype_name
 from kvengine.results import markdown_table
 
 COMPARE_PRESSES = ("none", "knorm", "streaming_llm", "snapkv", "expected_attention")
@@ -72,17 +73,20 @@ def _line(s: Summary) -> list[str]:
     ]
 
 
-def run_demo(model_name: str, doc_tokens: int, compare: bool = True, out_dir: Path | None = None) -> None:
+def run_demo(
+    model_name: str, doc_tokens: int, compare: bool = True, out_dir: Path | None = None, dtype: str = "auto"
+) -> None:
     """Print the question, the answer streamed, and the cost in bytes and time; then compare presses.
 
     The comparison's files go to `out_dir` (default: `<cache dir>/demo`).
     """
     t0 = time.perf_counter()
-    model = load(model_name)
+    model = load(model_name, dtype=dtype)
     print(
         f"model: {model.name} ({model.num_layers} layers, {model.num_kv_heads} kv-heads, "
         f"head dim {model.head_dim}), loaded in {time.perf_counter() - t0:.1f} s"
     )
+    print(f"precision: {dtype_name(model.dtype)} ({model.dtype_reason})")
     example = make_needle_example(model, doc_tokens, depth=0.5, seed=0)
     print(
         f"document: {example.num_tokens} tokens of town records, one line of which says: {example.needle!r}"

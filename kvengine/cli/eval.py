@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from kvengine.cli.argtypes import name_list, positive_int, positive_int_list, ratio_list
-from kvengine.cli.common import results_dir
+from kvengine.cli.common import add_dtype_arg, results_dir
 from kvengine.config import DEFAULT_MODEL
 from kvengine.errors import InvalidRequestError
 from kvengine.eval.kvpress_client import BASELINES, RECIPE
@@ -34,6 +34,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         description=_EVAL_HELP,
     )
     ev.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    add_dtype_arg(ev)
     ev.add_argument(
         "--tasks",
         type=name_list,
@@ -94,7 +95,7 @@ def run_eval_command(args: argparse.Namespace) -> None:
         args.baseline,
         args.kvpress_python,
     )
-    rows = run_eval(load(args.model), cfg, Path(args.out))
+    rows = run_eval(load(args.model, dtype=args.dtype), cfg, Path(args.out))
     print(f"{len(rows)} rows appended to {args.out}; `kvengine report {args.out}` renders them")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from kvengine.cli.argtypes import positive_int
-from kvengine.cli.common import CONFIG_HELP, add_config_args, config_from_args
+from kvengine.cli.common import CONFIG_HELP, add_config_args, add_dtype_arg, config_from_args
 from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig, ServerConfig
 
 _SERVE_HELP = """Serve the model at /v1/completions, /v1/chat/completions (streaming with
@@ -27,6 +27,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "serve", help="serve a model over an OpenAI-compatible HTTP API", description=_SERVE_HELP
     )
     sv.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    add_dtype_arg(sv)
     sv.add_argument("--host", default=defaults.host, help=f"address to listen on (default: {defaults.host})")
     sv.add_argument("--port", type=int, default=defaults.port, help=f"port (default: {defaults.port})")
     sv.add_argument(
@@ -78,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     cache = config_from_args(CacheConfig, args)
     scheduler = config_from_args(SchedulerConfig, args)
-    model = load(args.model)
+    model = load(args.model, dtype=args.dtype)
     engine = AsyncEngine(Engine(model, cache, scheduler))
     # Streams still open after the grace period are cancelled (aborting their requests), then the
     # app's lifespan closes the engine.

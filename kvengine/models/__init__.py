@@ -30,6 +30,7 @@ from kvengine.config import DEFAULT_MODEL, ModelConfig, default_cache_dir
 from kvengine.errors import InvalidRequestError, ModelNotFoundError
 from kvengine.models import convert, registry
 from kvengine.models.adapters import ADAPTERS, ArchAdapter, adapter_for
+from kvengine.models.precision import resolve_dtype
 from kvengine.models.registry import BundledModel, bundled_names
 
 __all__ = [
@@ -55,6 +56,7 @@ class LoadedModel:
     hf_model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
     adapter: ArchAdapter
+    dtype_reason: str = "as built"  # why it runs in its dtype (see models.precision)
 
     @classmethod
     def from_hf(
@@ -126,7 +128,7 @@ def load(
     name_or_path: str = DEFAULT_MODEL,
     *,
     cache_dir: Path | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = "auto",
     progress: bool = True,
 ) -> LoadedModel:
     """Load a bundled model by name, or a local Hugging Face model directory.
@@ -135,21 +137,28 @@ def load(
     (`cache_dir` defaults to `default_cache_dir()`; `progress` shows a bar over
     that conversion) and loaded from there afterwards. A directory holding
     `config.json` is loaded directly. The model comes back on the CPU, in
-    `dtype`, in eval mode with gradients off.
+    `dtype`, in eval mode with gradients off. `dtype` is a torch dtype or a
+    name (`models.precision`): "auto", the default, is bfloat16 where the CPU
+    computes it natively and float32 elsewhere; `LoadedModel.dtype_reason`
+    says which and why.
 
     Raises ModelNotFoundError for an unknown name or a bundled model whose
     package is not installed, UnsupportedModelError for an architecture without
     an adapter, InvalidRequestError for a non-floating-point dtype.
     """
+    if isinstance(dtype, str):
+        dtype, reason = resolve_dtype(dtype)
+    else:
+        reason = "asked for"
     if not dtype.is_floating_point:
         raise InvalidRequestError(f"dtype must be a floating-point torch dtype, got {dtype}")
     bundled = registry.get_bundled(name_or_path)
     if bundled is not None:
         model_dir = _ensure_converted(bundled, cache_dir or default_cache_dir(), progress)
-        return _load_dir(model_dir, bundled.name, dtype)
+        return _load_dir(model_dir, bundled.name, dtype, reason)
     path = Path(name_or_path).expanduser()
     if path.is_dir() and convert.is_converted(path):
-        return _load_dir(path, name_or_path, dtype)
+        return _load_dir(path, name_or_path, dtype, reason)
     if path.is_dir():
         raise ModelNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model directory")
     raise ModelNotFoundError(
@@ -175,8 +184,7 @@ def describe_bundled(cache_dir: Path | None = None) -> list[str]:
 
 def load_from_config(config: ModelConfig, *, progress: bool = True) -> LoadedModel:
     """`load()` with the name, cache directory and dtype of a `ModelConfig`."""
-    dtype = getattr(torch, config.dtype)
-    return load(config.name, cache_dir=config.cache_dir, dtype=dtype, progress=progress)
+    return load(config.name, cache_dir=config.cache_dir, dtype=config.dtype, progress=progress)
 
 
 def _ensure_converted(bundled: BundledModel, cache_dir: Path, progress: bool) -> Path:
@@ -188,7 +196,7 @@ def _ensure_converted(bundled: BundledModel, cache_dir: Path, progress: bool) ->
     return model_dir
 
 
-def _load_dir(model_dir: Path, name: str, dtype: torch.dtype) -> LoadedModel:
+def _load_dir(model_dir: Path, name: str, dtype: torch.dtype, reason: str) -> LoadedModel:
     """Load model and (if the directory has one) tokenizer from a local HF directory."""
     with convert.quiet_transformers(errors_only=False):
         # Check the family before reading any weights.
@@ -201,7 +209,9 @@ def _load_dir(model_dir: Path, name: str, dtype: torch.dtype) -> LoadedModel:
         if any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     hf_model.cpu()  # a no-op unless torch's default device was changed
-    return LoadedModel.from_hf(hf_model, tokenizer, name=name)
+    model = LoadedModel.from_hf(hf_model, tokenizer, name=name)
+    model.dtype_reason = reason
+    return model
 
 
 def _as_ids(value: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
