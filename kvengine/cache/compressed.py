@@ -63,15 +63,21 @@ class CompressedPrefixes:
         text = repr((KEY_VERSION, self.model_name, layout, press, salt, tuple(context_ids)))
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def attach(self, context_ids: list[int], salt: str, press: str) -> SequenceKV | None:
+    def attach(
+        self, context_ids: list[int], salt: str, press: str, max_load_blocks: int | None = None
+    ) -> SequenceKV | None:
         """A fork of the compressed context kept here (or in a tier) for this key, or None.
 
-        None also when the pool cannot take the fork's copies of partly filled blocks.
+        None also when the pool cannot take the fork's copies of partly filled
+        blocks. A context loaded from a tier takes at most `max_load_blocks`
+        free blocks (default: any), or is not loaded.
         """
         key = self.key(context_ids, salt, press)
         kv = self.entries.get(key)
         if kv is None and self.tiers is not None:
-            kv = self._load(key)
+            kv = self._load(
+                key, self.cache.pool.num_free_blocks if max_load_blocks is None else max_load_blocks
+            )
         if kv is None:
             return None
         if not self.cache.pool.can_allocate(_partial_blocks(kv, self.cache.block_size)):
@@ -116,7 +122,7 @@ class CompressedPrefixes:
         k, v = self._pool.read_blocks(ids)  # (n, block_size, D)
         return {"table": table, "lens": kv.lens.clone(), "k": k, "v": v}
 
-    def _load(self, key: str) -> SequenceKV | None:
+    def _load(self, key: str, max_blocks: int) -> SequenceKV | None:
         assert self.tiers is not None
         blob = self.tiers.read_blob(_storage_key(key), {"kind": "compressed", "key": key})
         if blob is None:
@@ -127,7 +133,7 @@ class CompressedPrefixes:
             self.tiers.reject(_storage_key(key), exc)
             return None
         pool = self._pool
-        if not pool.can_allocate(k.shape[0]):
+        if k.shape[0] > max_blocks or not pool.can_allocate(k.shape[0]):
             return None
         ids = pool.allocate(k.shape[0])
         pool.write_blocks(ids, k, v)

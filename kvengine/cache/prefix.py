@@ -116,19 +116,23 @@ class PrefixCache:
         namespace, tokens = self.keys.tree_key(key.token_ids, key.salt)
         return self.tree.match_prefix(tokens, namespace).num_tokens
 
-    def attach(self, seq_id: int, key: PrefixKey) -> PrefixHit | None:
+    def attach(self, seq_id: int, key: PrefixKey, max_load_blocks: int | None = None) -> PrefixHit | None:
         """A cache for the request `seq_id` being admitted, starting with what is cached for `key`.
 
         Plain key: the longest cached prefix of `key.token_ids` (perhaps
         empty); its blocks are shared (one more reference each) and locked
-        until `detach(seq_id, ...)`. Compressed key: a fork of the context
-        kept for it (its press need not run again), or None if none is kept.
+        until `detach(seq_id, ...)`. Chunks the tiers hold beyond it are
+        loaded first, into at most `max_load_blocks` free blocks (default:
+        all free ones): the caller keeps the blocks it promised elsewhere.
+        Compressed key: a fork of the context kept for it (its press need
+        not run again), or None if none is kept.
         """
         if key.press is not None:
-            kv = self.compressed.attach(key.token_ids, key.salt, key.press)
+            kv = self.compressed.attach(key.token_ids, key.salt, key.press, max_load_blocks)
             return None if kv is None else PrefixHit(kv, len(key.token_ids))
         namespace, tokens = self.keys.tree_key(key.token_ids, key.salt)
-        self._load_from_tiers(seq_id, namespace, tokens)
+        free = self.pool.num_free_blocks
+        self._load_from_tiers(seq_id, namespace, tokens, free if max_load_blocks is None else max_load_blocks)
         match = self.tree.match_prefix(tokens, namespace)
         self.tree.lock(match.last_node)
         self._locks[seq_id] = (match.last_node, match.num_tokens)
@@ -224,11 +228,12 @@ class PrefixCache:
         if store:
             self.tiers.store(keys, new_values)
 
-    def _load_from_tiers(self, seq_id: int, namespace: Hashable, key: list[int]) -> None:
+    def _load_from_tiers(self, seq_id: int, namespace: Hashable, key: list[int], max_blocks: int) -> None:
         """Put the chunks of `key` the tree lacks and the tiers hold into the pool and the tree.
 
-        Only into free blocks: loading never evicts. Chunks come in order and
-        stop at the first one missing or failing its checks.
+        Only into free blocks, at most `max_blocks` of them: loading never
+        evicts. Chunks come in order and stop at the first one missing or
+        failing its checks.
         """
         prefetch = self._prefetches.pop(seq_id, None)
         if self.tiers is None:
@@ -238,7 +243,8 @@ class PrefixCache:
         bs = self.cache.block_size
         all_keys = self.tiers.chunk_keys(namespace, key)
         num_matched = self.tree.match_prefix(key, namespace).num_tokens // bs
-        wanted = all_keys[num_matched : num_matched + self.pool.num_free_blocks // self.cells]
+        room = max(0, min(max_blocks, self.pool.num_free_blocks))
+        wanted = all_keys[num_matched : num_matched + room // self.cells]
         chunks = self.tiers.fetch(wanted)
         self.tiers.unstage(all_keys)
         if not chunks:

@@ -227,7 +227,7 @@ class Scheduler:
         """Admit `seq` and plan its first chunk if both fit; otherwise change nothing."""
         if seq.parent is not None and not self._make_room(plan.num_blocks + fork_blocks(self.cache, seq)):
             return False
-        self._attach(seq)
+        self._attach(seq, self._unpromised_blocks(plan))
         assert seq.kv is not None
         reserve = self.reserve_blocks(seq)
         locked = self.prefix.num_locked_blocks if self.prefix is not None else 0
@@ -249,15 +249,33 @@ class Scheduler:
             self.on_compressed(seq)
         return True
 
-    def _attach(self, seq: Sequence) -> None:
-        """Give a sequence being admitted its cache: a fork, what the prefix cache holds for it, or empty."""
+    def _unpromised_blocks(self, plan: _Plan) -> int:
+        """Free blocks that neither this step's plan nor any admitted sequence's reservation counts on."""
+        pool = self.cache.pool
+        locked = self.prefix.num_locked_blocks if self.prefix is not None else 0
+        return max(
+            0,
+            min(
+                pool.num_free_blocks - plan.num_blocks,
+                pool.num_blocks - sum(self._reserved.values()) - locked,
+            ),
+        )
+
+    def _attach(self, seq: Sequence, max_load_blocks: int | None = None) -> None:
+        """Give a sequence being admitted its cache: a fork, what the prefix cache holds for it, or empty.
+
+        Blocks loaded from storage tiers for it take at most `max_load_blocks`
+        free blocks, so that blocks promised to running sequences stay free.
+        """
         self._peeks.pop(seq.seq_id, None)
         if seq.parent is not None:
             assert seq.parent.kv is not None
             seq.kv, seq.num_computed = self.cache.fork(seq.parent.kv), seq.parent.num_computed
             return
         key = seq.prefix_key() if self.prefix is not None else None
-        hit = self.prefix.attach(seq.seq_id, key) if self.prefix is not None and key is not None else None
+        hit = None
+        if self.prefix is not None and key is not None:
+            hit = self.prefix.attach(seq.seq_id, key, max_load_blocks)
         if hit is None:
             seq.kv, seq.num_computed = self.cache.new_sequence(), 0
             return
