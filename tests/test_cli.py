@@ -168,3 +168,24 @@ def test_demo_comparison_table_and_plot(tmp_path: Path) -> None:
     # A second run replaces the rows instead of resuming from them.
     compare_presses(model, tmp_path, length=160, num_examples=1, max_new_tokens=2)
     assert len(load_rows(tmp_path / "demo_eval.jsonl")) == len(COMPARE_PRESSES) + 1
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("4096", 4096), ("3 kib", 3072)],
+)
+def test_byte_sizes_take_units(text: str, expected: int) -> None:
+    from kvengine.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "x", "--max-kv-bytes", text])
+    assert args.max_kv_bytes == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "2XB", "GiB", "nan", "1e400GiB"])
+def test_bad_byte_sizes_name_the_problem(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvengine.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "x", "--max-kv-bytes", text])
+    assert exit_info.value.code == 2
+    assert "--max-kv-bytes" in capsys.readouterr().err

@@ -61,3 +61,39 @@ def int_range(text: str) -> tuple[int, int]:
     if not 1 <= low <= high:
         raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH, got {text!r}")
     return low, high
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def byte_size(text: str) -> int:
+    """A size in bytes: `2147483648`, `2GiB`, `512MiB`, `1.5GB` (decimal and binary units, any case)."""
+    stripped = text.strip().replace("_", "")
+    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ").strip()
+    unit = stripped[len(number) :].strip().lower()
+    if unit not in _SIZE_UNITS or not number:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 2GiB, 512MiB, 1.5GB or a number of bytes, got {text!r}"
+        )
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GiB or 512MiB, got {text!r}") from None
+    if not 1 <= value < 2**63:  # rejects 0, negatives, NaN and inf
+        raise argparse.ArgumentTypeError(f"a size must be at least 1 byte and below 2**63, got {text!r}")
+    return int(value)

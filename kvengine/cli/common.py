@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from kvengine.cli.argtypes import positive_int_list
+from kvengine.cli.argtypes import byte_size, positive_int_list
 from kvengine.config import default_cache_dir
 from kvengine.errors import InvalidRequestError
 from kvengine.models.precision import DTYPE_CHOICES
@@ -44,9 +44,11 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, help_text: dict[
                 help=f"{help_text.get(f.name, '')} (default: {default})",
             )
             continue
+        # Fields in bytes take sizes with units ("2GiB", "512MiB") as well as plain integers.
+        kind = byte_size if f.name.endswith("_bytes") and isinstance(default, int) else type(default)
         group.add_argument(
             "--" + f.name.replace("_", "-"),
-            type=type(default),
+            type=kind,
             default=default,
             metavar=f.name.upper(),
             help=f"{help_text.get(f.name, '')} (default: {default})",
