@@ -3,14 +3,52 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from kvengine.errors import InvalidRequestError
 from kvengine.press.base import Press
 from kvengine.registry import Registry
 
+P = TypeVar("P", bound=type)
+
 PRESSES: Registry[Press] = Registry("press", "presses", sort_names=True)
-register_press = PRESSES.register
+
+# kvpress's argument names for the same hyperparameters, so that kvpress code ports as is
+# (`SnapKVPress(compression_ratio=0.5)`); kvengine's own names stay the documented ones.
+KVPRESS_NAMES = {"compression_ratio": "ratio", "compression_ratios": "ratios"}
+
+
+def register_press(name: str) -> Callable[[P], P]:
+    """Register a press class under `name`; its constructor also takes kvpress's argument names."""
+
+    def decorate(cls: P) -> P:
+        _accept_kvpress_names(cls)
+        return PRESSES.register(name)(cls)
+
+    return decorate
+
+
+def _accept_kvpress_names(cls: type) -> None:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    aliases = {old: new for old, new in KVPRESS_NAMES.items() if new in fields}
+    if not aliases:
+        return
+    init = cls.__init__  # type: ignore[misc]
+
+    @functools.wraps(init)
+    def __init__(self: object, *args: Any, **kwargs: Any) -> None:
+        for old, new in aliases.items():
+            if old in kwargs:
+                if new in kwargs:
+                    raise InvalidRequestError(
+                        f"{cls.__name__}: give {new} or {old} (kvpress's name), not both"
+                    )
+                kwargs[new] = kwargs.pop(old)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[misc]
 
 
 def make_press(name: str, **kwargs: Any) -> Press:
