@@ -1,12 +1,14 @@
 """Frozen configuration dataclasses, one per subsystem.
 
 This is the only module that reads the environment: `KVENGINE_CACHE_DIR`
-(where converted model weights are kept) is resolved here and nowhere else.
+(where converted model weights are kept) and `KVENGINE_TIER_SECRET` (what
+authenticates tier blobs) are resolved here and nowhere else.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from kvengine.errors import InvalidRequestError
 
 DEFAULT_MODEL = "smollm2-135m"
 TIER_NAMES = ("host", "disk", "redis")  # the storage tiers of cache/tiers/, fastest first
+TIER_SECRET_ENV = "KVENGINE_TIER_SECRET"
+MIN_TIER_SECRET_BYTES = 16
 
 
 def default_cache_dir() -> Path:
@@ -63,6 +67,14 @@ class CacheConfig:
     (`tier_write="through"`) or when evicted from the pool ("back"), and
     loaded back on a prefix match. The disk tier persists across restarts;
     several processes may share one Redis.
+
+    Tier blobs are authenticated with a secret (`tier_secret()`): a blob
+    that Redis or disk holds is used only if it was written with the same
+    one, so whoever can write to the store but lacks the secret cannot plant
+    keys and values. Processes of one user on one machine share a default
+    secret file; several hosts sharing a Redis must be given the same secret
+    (`tier_secret_file`, or `$KVENGINE_TIER_SECRET`), or they never hit each
+    other's blobs (counted as `tier_faults_unauthenticated_total`).
     """
 
     block_size: int = 16
@@ -76,6 +88,7 @@ class CacheConfig:
     disk_tier_dir: str = ""  # "": <cache dir>/kv-blocks
     disk_tier_bytes: int = 16 * 2**30
     redis_url: str = "redis://127.0.0.1:6379/0"
+    tier_secret_file: str = ""  # "": $KVENGINE_TIER_SECRET, else <cache dir>/tier-secret
 
     @property
     def tier_names(self) -> list[str]:
@@ -86,6 +99,23 @@ class CacheConfig:
         return (
             Path(self.disk_tier_dir).expanduser() if self.disk_tier_dir else default_cache_dir() / "kv-blocks"
         )
+
+    def tier_secret(self) -> bytes:
+        """The secret that authenticates tier blobs; InvalidRequestError if it is unusable.
+
+        In order: the contents of `tier_secret_file` (surrounding whitespace
+        stripped); else `$KVENGINE_TIER_SECRET`; else `<cache dir>/tier-secret`,
+        created once (32 random bytes as hex, mode 0600) by the first process
+        that needs it and reused by every later one. At least
+        `MIN_TIER_SECRET_BYTES` bytes. Read when tiers are built, never stored
+        in the config (which is printed and logged).
+        """
+        if self.tier_secret_file:
+            return _read_secret(Path(self.tier_secret_file).expanduser())
+        from_env = os.environ.get(TIER_SECRET_ENV)
+        if from_env is not None:
+            return _check_secret(from_env.strip().encode(), f"${TIER_SECRET_ENV}")
+        return _default_tier_secret(default_cache_dir() / "tier-secret")
 
     def __post_init__(self) -> None:
         if self.kv_bits not in (0, 2, 4, 8):
@@ -113,6 +143,45 @@ class CacheConfig:
         for name in ("host_tier_bytes", "disk_tier_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _check_secret(secret: bytes, source: str) -> bytes:
+    if len(secret) < MIN_TIER_SECRET_BYTES:
+        raise InvalidRequestError(
+            f"the tier secret in {source} has {len(secret)} bytes; it needs at least {MIN_TIER_SECRET_BYTES}"
+        )
+    return secret
+
+
+def _read_secret(path: Path) -> bytes:
+    try:
+        return _check_secret(path.read_bytes().strip(), str(path))
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read the tier secret file {str(path)!r}: {e.strerror}") from None
+
+
+def _default_tier_secret(path: Path) -> bytes:
+    """The secret in `path`, which is created first if missing (atomically: racing processes agree)."""
+    if not path.exists():
+        # Written whole to a private temporary file, then linked into place: a
+        # reader never sees a partial secret, and of two processes starting at
+        # once the second link fails and both use the first one's.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise InvalidRequestError(
+                f"cannot create the tier secret file {str(path)!r} ({e.strerror}); "
+                f"give one with tier_secret_file or ${TIER_SECRET_ENV}"
+            ) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    return _read_secret(path)
 
 
 @dataclass(frozen=True)
@@ -156,6 +225,13 @@ class ServerConfig:
     # Stop strings are searched at every token: their number and length bound that work.
     max_stop_strings: int = 64
     max_stop_string_chars: int = 1024
+    # Seconds. A connection must send a request's headers within `header_timeout_s` of being
+    # opened (or of its previous response), and the whole body within `body_timeout_s` after
+    # them; slower clients get 408 and are cut, so slow senders cannot hold connections.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    # On SIGTERM or Ctrl-C: requests in flight get this long to finish, then are ended.
+    shutdown_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -175,3 +251,6 @@ class ServerConfig:
         for name in limits:
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "body_timeout_s", "shutdown_grace_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidRequestError(f"{name} must be > 0, got {getattr(self, name)}")

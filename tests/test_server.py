@@ -17,7 +17,6 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from conftest import tiny_model
 from fastapi.testclient import TestClient
 
@@ -29,6 +28,7 @@ from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
 from kvengine.press import PRESSES, press_from_spec
 from kvengine.server import create_app
+from kvengine.server.serve import GracefulServer, make_server
 
 
 class ByteTokenizer:
@@ -234,17 +234,25 @@ def test_server_config_is_validated() -> None:
 @contextmanager
 def _live_server(model: LoadedModel, engine: Engine, **config: object) -> Iterator[str]:
     """A real uvicorn server on a free loopback port, in a background thread."""
+    with _live(model, engine, **config) as (url, _):
+        yield url
+
+
+@contextmanager
+def _live(model: LoadedModel, engine: Engine, **config: object) -> Iterator[tuple[str, GracefulServer]]:
+    """`_live_server`'s URL and server: `server.handle_exit(SIGTERM, None)` shuts it down as a signal does."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = create_app(AsyncEngine(engine), model, ServerConfig(port=port, **config))  # type: ignore[arg-type]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server_config = ServerConfig(port=port, **config)  # type: ignore[arg-type]
+    app = create_app(AsyncEngine(engine), model, server_config)
+    server = make_server(app, server_config, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -23,7 +23,7 @@ import pytest
 import torch
 from redis_server import RedisServer, free_port, redis_server  # noqa: F401 (a fixture)
 
-from kvengine.cache.blob import CorruptBlobError, decode, encode
+from kvengine.cache.blob import UnauthenticatedBlobError, decode, encode
 from kvengine.cache.tiers import (
     TIERS,
     DiskTier,
@@ -194,15 +194,16 @@ def test_disk_damage_is_rejected_by_the_codec(tmp_path: Path) -> None:
     meta = {"model": "m", "key": "k1"}
     tensors = {"k": torch.randn(2, 3, 16, 8), "v": torch.randn(2, 3, 16, 8)}
     tier = DiskTier(tmp_path, capacity_bytes=MiB)
-    tier.put("k1", encode(meta, tensors))
+    secret = b"sixteen bytes or more"
+    tier.put("k1", encode(meta, tensors, secret=secret))
     (path,) = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert torch.equal(decode(tier.get("k1") or b"", meta)["v"], tensors["v"])
+    assert torch.equal(decode(tier.get("k1") or b"", meta, secret=secret)["v"], tensors["v"])
 
     path.write_bytes(path.read_bytes()[:-100])  # torn by a crash or a full disk
     torn = tier.get("k1")
     assert torn is not None and len(torn) == tier.bytes_used - 100  # the tier returns what is there
-    with pytest.raises(CorruptBlobError):
-        decode(torn, meta)
+    with pytest.raises(UnauthenticatedBlobError):  # the header parses; the MAC does not hold
+        decode(torn, meta, secret=secret)
 
     path.unlink()  # vanished behind the index: a miss, and forgotten
     assert tier.get("k1") is None and not tier.contains("k1") and tier.bytes_used == 0

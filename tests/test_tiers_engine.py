@@ -16,6 +16,7 @@ import safetensors.torch
 from conftest import tiny_model
 from test_engine import random_prompt
 
+from kvengine.cache import tiered
 from kvengine.cache.tiers import DiskTier
 from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.engine.engine import Engine
@@ -98,7 +99,17 @@ def _blob_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("fault", ["flip", "truncate", "other_model"])
+# What each fault is rejected as: changed bytes break the MAC; an authentic blob in the
+# wrong place (another model's, another chunk's) names another key.
+FAULT_KINDS = {
+    "flip": "unauthenticated",
+    "truncate": "unauthenticated",
+    "other_model": "mismatch",
+    "swap": "mismatch",
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULT_KINDS))
 def test_a_bad_block_on_disk_is_recomputed_never_used(tmp_path: Path, fault: str) -> None:
     model = tiny_model("llama")
     prompt = random_prompt(48, 3)
@@ -110,10 +121,14 @@ def test_a_bad_block_on_disk_is_recomputed_never_used(tmp_path: Path, fault: str
     victim = files[len(files) // 2]
     if fault == "flip":
         data = bytearray(victim.read_bytes())
-        data[-7] ^= 0x20  # inside the tensor data: only the content hash can tell
+        data[-7] ^= 0x20  # inside the tensor data: only the MAC can tell
         victim.write_bytes(bytes(data))
     elif fault == "truncate":
         victim.write_bytes(victim.read_bytes()[:-100])
+    elif fault == "swap":  # every chunk's file holds another chunk's authentic blob
+        contents = [f.read_bytes() for f in files]
+        for f, data in zip(files, contents[1:] + contents[:1], strict=True):
+            f.write_bytes(data)
     else:  # a blob another model wrote, put where this model's chunk is
         other = tiny_model("llama", seed=1)
         other.name = "tiny-other"
@@ -128,8 +143,7 @@ def test_a_bad_block_on_disk_is_recomputed_never_used(tmp_path: Path, fault: str
     tokens, cached = generate(reader, prompt)
     stats = reader.stats()
     assert tokens == expected
-    kind = "mismatch" if fault == "other_model" else "corrupt"
-    assert stats[f"tier_faults_{kind}_total"] >= 1
+    assert stats[f"tier_faults_{FAULT_KINDS[fault]}_total"] >= 1
     assert cached < hit_len(prompt) and stats["prefill_tokens_total"] > len(prompt) - hit_len(prompt)
     reader.close()
     # The bad blob was discarded: a third engine neither trips on it nor counts a fault.
@@ -221,3 +235,64 @@ def test_tier_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="tier_write"):
         CacheConfig(prefix_cache=True, tiers="disk", tier_write="sideways")
     assert isinstance(DiskTier(tmp_path, 1 << 20), DiskTier)
+
+
+# ---- read-ahead -----------------------------------------------------------------------
+
+
+def _in_tier_only(engine: Engine, prompts: list[list[int]]) -> None:
+    """Run `prompts` and evict them from the pool: their chunks are then in the tiers only."""
+    for prompt in prompts:
+        generate(engine, prompt)
+    assert engine.prefix is not None and engine.prefix.tiers is not None
+    engine.prefix.tiers.flush()
+    engine.prefix.evict(engine.pool.num_blocks)
+
+
+def _staged_after_reads(engine: Engine) -> float:
+    assert engine.prefix is not None and engine.prefix.tiers is not None
+    engine.prefix.tiers.drain()
+    return engine.stats()["tier_staged_chunks"]
+
+
+def test_read_ahead_for_requests_aborted_while_waiting_is_released() -> None:
+    model = tiny_model("llama")
+    prompts = [random_prompt(40, 40 + i) for i in range(3)]
+    engine = tier_engine(model, tiers="host")
+    _in_tier_only(engine, prompts)
+    # Each prompt twice (two requests share its staged chunks); one is aborted before its reads ran.
+    ids = [engine.add_request(p, PARAMS) for p in prompts + prompts]
+    engine.abort(ids.pop())
+    assert _staged_after_reads(engine) == 3 * hit_len(prompts[0]) // BLOCK  # each prompt's chunks, once
+    for seq_id in ids:
+        engine.abort(seq_id)
+    assert _staged_after_reads(engine) == 0
+    engine.check_invariants()
+    # Nothing was lost: the next request still loads its prefix from the tier.
+    tokens, cached = generate(engine, prompts[0])
+    assert tokens == reference(model, prompts[0]) and cached == hit_len(prompts[0])
+    assert _staged_after_reads(engine) == 0
+    engine.close()
+
+
+def test_read_ahead_goes_on_when_the_staged_store_is_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tiered, "MAX_STAGED", 5)
+    model = tiny_model("llama")
+    first, second = random_prompt(40, 50), random_prompt(40, 51)
+    engine = tier_engine(model, tiers="host")
+    _in_tier_only(engine, [first, second])
+    waiting = engine.add_request(first, PARAMS)
+    assert _staged_after_reads(engine) == 5  # the store is full of the first request's chunks
+    loaded = engine.stats()["tier_loaded_chunks_total"]
+    running = engine.add_request(second, PARAMS)
+    assert _staged_after_reads(engine) == 5
+    stats = engine.stats()
+    assert stats["tier_loaded_chunks_total"] - loaded == 5  # it read ahead for the second one too
+    assert stats["tier_staged_dropped_total"] == 5  # in place of the first one's oldest
+    engine.abort(waiting)
+    while engine.has_unfinished():
+        engine.step()
+    seq = engine.release(running)
+    assert seq.output_ids == reference(model, second) and seq.num_cached_tokens == hit_len(second)
+    assert _staged_after_reads(engine) == 0
+    engine.close()

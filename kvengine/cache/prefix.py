@@ -23,13 +23,14 @@ and values of its tokens, so it can neither serve nor reuse a prefix
 
 Tiers. With a `TierBridge`, chunks move below the pool: written when cached
 (write-through) or when evicted (write-back), and loaded back when a
-sequence is attached, from what `prefetch` read ahead when it arrived.
+sequence is attached, from what `prefetch` read ahead when it arrived. What
+was read ahead for a request is let go when it is attached or detached, or
+by `cancel_prefetch` when it leaves before admission: none outlives it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
-from concurrent.futures import Future
 from typing import NamedTuple
 
 import torch
@@ -39,7 +40,7 @@ from kvengine.cache.paged import KVPool, PagedKVCache, SequenceKV
 from kvengine.cache.policy import EvictionPolicy
 from kvengine.cache.prefix_key import PrefixKey, TreeKeys
 from kvengine.cache.radix import RadixCache, RadixNode
-from kvengine.cache.tiered import TierBridge
+from kvengine.cache.tiered import Prefetch, TierBridge
 
 
 class PrefixHit(NamedTuple):
@@ -66,7 +67,7 @@ class PrefixCache:
         self.compressed = CompressedPrefixes(cache, model_name, tiers)
         self.keys = TreeKeys(model_name, cache.block_size)
         self._chunk_keys: dict[int, str] = {}  # first block id of a cached chunk -> its chunk key
-        self._prefetches: dict[int, Future[None]] = {}  # seq_id -> its chunks being read ahead
+        self._prefetches: dict[int, Prefetch] = {}  # seq_id -> its chunks being read ahead
         self.model_name = model_name
         self.tree = RadixCache(cache.block_size, policy)
         self.cells = cache.num_layers * cache.num_kv_heads
@@ -104,7 +105,14 @@ class PrefixCache:
         num_matched = self.tree.match_prefix(tokens, namespace).num_tokens
         keys = self.tiers.chunk_keys(namespace, tokens)[num_matched // self.cache.block_size :]
         if keys:
+            self.cancel_prefetch(seq_id)
             self._prefetches[seq_id] = self.tiers.prefetch(keys)
+
+    def cancel_prefetch(self, seq_id: int) -> None:
+        """Let go of what was read ahead for `seq_id` (a request that leaves before it is attached)."""
+        prefetch = self._prefetches.pop(seq_id, None)
+        if prefetch is not None and self.tiers is not None:
+            self.tiers.release(prefetch)
 
     def peek(self, key: PrefixKey) -> int:
         """Tokens `attach` would reuse now for a plain key (0 for a compressed one); changes nothing.
@@ -187,7 +195,7 @@ class PrefixCache:
         lock = self._locks.pop(seq_id, None)
         if lock is not None:
             self.tree.unlock(lock[0])
-        self._prefetches.pop(seq_id, None)
+        self.cancel_prefetch(seq_id)
 
     def keep_compressed(self, kv: SequenceKV, key: PrefixKey) -> None:
         """Keep `kv`, a context `key.press` has just compressed, for later requests with the same key."""
@@ -238,15 +246,18 @@ class PrefixCache:
         prefetch = self._prefetches.pop(seq_id, None)
         if self.tiers is None:
             return
-        if prefetch is not None:
-            prefetch.result()
         bs = self.cache.block_size
         all_keys = self.tiers.chunk_keys(namespace, key)
         num_matched = self.tree.match_prefix(key, namespace).num_tokens // bs
         room = max(0, min(max_blocks, self.pool.num_free_blocks))
         wanted = all_keys[num_matched : num_matched + room // self.cells]
-        chunks = self.tiers.fetch(wanted)
-        self.tiers.unstage(all_keys)
+        try:
+            if prefetch is not None:
+                prefetch.wait()
+            chunks = self.tiers.fetch(wanted)
+        finally:
+            if prefetch is not None:
+                self.tiers.release(prefetch)  # what it read beyond `wanted` is not kept
         if not chunks:
             return
         loaded = self.tiers.install(chunks)

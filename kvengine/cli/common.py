@@ -74,6 +74,9 @@ CONFIG_HELP = {
     "disk_tier_dir": "directory of the disk tier (default: <cache dir>/kv-blocks); survives restarts",
     "disk_tier_bytes": "bytes of the disk tier",
     "redis_url": "the Redis server of the redis tier (shared by every kvengine process using it)",
+    "tier_secret_file": "file holding the secret that authenticates tier blobs (default: "
+    "$KVENGINE_TIER_SECRET, else <cache dir>/tier-secret, made once with mode 0600 and shared by "
+    "this user's processes); hosts sharing a Redis tier must all use the same secret",
 }
 
 

@@ -1,14 +1,14 @@
 """`kvengine serve`: its parser and command, which run the OpenAI-compatible HTTP server.
 
 The server itself lives in kvengine/server; this module only turns options into a
-`ServerConfig`, cache and scheduler configs, and starts uvicorn.
+`ServerConfig`, cache and scheduler configs, and runs the server (`kvengine.server.serve`).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from kvengine.cli.argtypes import positive_int
+from kvengine.cli.argtypes import positive_float, positive_int
 from kvengine.cli.common import CONFIG_HELP, add_config_args, add_dtype_arg, config_from_args
 from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig, ServerConfig
 
@@ -17,7 +17,11 @@ _SERVE_HELP = """Serve the model at /v1/completions, /v1/chat/completions (strea
 "kv_press" and "kv_compression_ratio" compress a request's prompt with a registered press. With
 --api-key, each key is a tenant of the prefix cache; --public-prefix TEXT (with --prefix-cache) lets
 all tenants share the cached blocks of a common system prompt. --tiers host,disk,redis keeps cached
-blocks below the pool. Ctrl-C shuts down gracefully: running requests are aborted, the tiers flushed."""
+blocks below the pool. SIGTERM or Ctrl-C shuts down gracefully: new requests get 503 (and /ready
+503), those in flight get --shutdown-grace-s to finish, then the rest end with an error (an error
+event and [DONE] in a stream), and the tiers are flushed; a second signal stops at once. Clients
+must send a request's headers within --header-timeout-s and its body within --body-timeout-s
+(else 408)."""
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,18 +58,29 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
             default=getattr(defaults, name),
             help=f"{text} (default: {getattr(defaults, name)})",
         )
+    seconds = {
+        "shutdown_grace_s": "on SIGTERM or Ctrl-C, seconds for requests in flight to finish",
+        "header_timeout_s": "seconds a client has to send a request's headers; then 408",
+        "body_timeout_s": "seconds a client has to send a request's body; then 408",
+    }
+    for name, text in seconds.items():
+        sv.add_argument(
+            "--" + name.replace("_", "-"),
+            type=positive_float,
+            default=getattr(defaults, name),
+            help=f"{text} (default: {getattr(defaults, name):g})",
+        )
     add_config_args(sv, CacheConfig, CONFIG_HELP)
     add_config_args(sv, SchedulerConfig, CONFIG_HELP)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Load the model and serve it until interrupted."""
-    import uvicorn
-
     from kvengine.engine.async_engine import AsyncEngine
     from kvengine.engine.engine import Engine
     from kvengine.models import load
     from kvengine.server import create_app
+    from kvengine.server.serve import make_server
 
     config = ServerConfig(
         host=args.host,
@@ -76,13 +91,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_tokens_limit=args.max_tokens_limit,
         max_concurrent_requests=args.max_concurrent_requests,
         max_body_bytes=args.max_body_bytes,
+        shutdown_grace_s=args.shutdown_grace_s,
+        header_timeout_s=args.header_timeout_s,
+        body_timeout_s=args.body_timeout_s,
     )
     cache = config_from_args(CacheConfig, args)
     scheduler = config_from_args(SchedulerConfig, args)
     model = load(args.model, dtype=args.dtype)
     engine = AsyncEngine(Engine(model, cache, scheduler))
-    # Streams still open after the grace period are cancelled (aborting their requests), then the
-    # app's lifespan closes the engine.
-    uvicorn.run(
-        create_app(engine, model, config), host=config.host, port=config.port, timeout_graceful_shutdown=10
-    )
+    make_server(create_app(engine, model, config), config).run()

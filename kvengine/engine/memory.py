@@ -40,7 +40,9 @@ def make_prefix_cache(config: CacheConfig, cache: PagedKVCache, model_name: str)
     bridge = None
     if stack is not None:
         assert not cache.pool.seals_blocks  # CacheConfig refuses tiers with KIVI
-        bridge = TierBridge(stack, cache.pool, model_name, cache.num_layers, cache.num_kv_heads)
+        bridge = TierBridge(
+            stack, cache.pool, model_name, cache.num_layers, cache.num_kv_heads, secret=config.tier_secret()
+        )
     return PrefixCache(cache, model_name, config.eviction_policy, bridge, config.tier_write == "back")
 
 

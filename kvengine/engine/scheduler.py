@@ -358,6 +358,8 @@ class Scheduler:
             seq.kv_bytes = self.cache.bytes_held(seq.kv)
             # A request that failed may hold half-written or non-finite blocks: none is cached.
             self._free_cache(seq, keep=reason != "error")
+        elif self.prefix is not None:
+            self.prefix.cancel_prefetch(seq.seq_id)  # never admitted: drop what was read ahead for it
         seq.finish_time = time.perf_counter()
         seq.status = Status.FINISHED
         seq.finish_reason = reason

@@ -9,7 +9,10 @@ document still declares them (see openapi.py). A request is admitted to the
 engine before its response starts, so a stream the engine refuses gets a 4xx
 too. The app's lifespan starts the engine's driver; on shutdown it closes the
 driver, which aborts what is still running, then the engine, which flushes
-its storage tiers.
+its storage tiers. Before that, a graceful shutdown drains the app
+(`Service.drain`, started on SIGTERM by serve.py): new requests get 503,
+/ready says "draining", and what is in flight finishes or is ended with an
+error (an error event and `data: [DONE]` in a stream).
 """
 
 from __future__ import annotations
@@ -137,13 +140,19 @@ async def _sse(
         if include_usage:
             yield fmt.chunk(chat, rid, name, None, None, usage_=job.usage(), with_usage_field=True)
     except Exception as exc:
-        status = 400 if isinstance(exc, InvalidRequestError) else 500
-        kind = "invalid_request_error" if status == 400 else "server_error"
-        error = fmt.APIError(status, f"the request failed in the engine: {_reason(exc)}", kind)
-        yield f"data: {json.dumps(error.body())}\n\n"
+        yield f"data: {json.dumps(_stream_error(exc).body())}\n\n"
     finally:
         await done()
     yield fmt.DONE
+
+
+def _stream_error(exc: Exception) -> fmt.APIError:
+    """The error event of a stream that failed after its 200: the server's own, or the engine's."""
+    if isinstance(exc, fmt.APIError):
+        return exc
+    status = 400 if isinstance(exc, InvalidRequestError) else 500
+    kind = "invalid_request_error" if status == 400 else "server_error"
+    return fmt.APIError(status, f"the request failed in the engine: {_reason(exc)}", kind)
 
 
 def create_app(engine: AsyncEngine, model: LoadedModel, config: ServerConfig) -> FastAPI:
@@ -166,7 +175,7 @@ def create_app(engine: AsyncEngine, model: LoadedModel, config: ServerConfig) ->
             await engine.close(close_engine=True)  # the driver first: no step may run while the tiers close
 
     app = FastAPI(title="kvengine", lifespan=lifespan)
-    app.state.server = server  # for tests: requests in flight, limits, metrics
+    app.state.server = server  # for make_server (its drain) and tests: requests in flight, limits
     fmt.add_error_handlers(app)
     _add_routes(app, server)
     declare_request_bodies(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest})
@@ -188,8 +197,8 @@ def _add_routes(app: FastAPI, server: Service) -> None:
 
     @app.get("/ready", responses={503: {"description": "not taking requests"}})
     async def ready() -> Any:
-        """Readiness: 200 while the engine takes new requests; 503 while starting, closing or failed."""
-        state = server.llm.state
+        """Readiness: 200 while the engine takes new requests; else 503 (starting, draining, closing, failed)."""
+        state = "draining" if server.draining and server.llm.state == "running" else server.llm.state
         return JSONResponse({"status": state}, status_code=200 if state == "running" else 503)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -208,7 +217,7 @@ def _add_routes(app: FastAPI, server: Service) -> None:
         }
         return {"object": "list", "data": [card]}
 
-    errors = error_responses(400, 401, 404, 413, 429)
+    errors = error_responses(400, 401, 404, 408, 413, 429, 503)
 
     @app.post("/v1/completions", responses={**_ok(CompletionResponse), **errors})
     async def completions(request: Request) -> Any:

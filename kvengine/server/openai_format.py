@@ -42,8 +42,10 @@ class APIError(Exception):
 
 
 def _error_response(exc: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    if exc.status == 503:  # the server is going away: a client should not reuse the connection
+        headers["Connection"] = "close"
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers or None)
 
 
 def add_error_handlers(app: FastAPI) -> None:

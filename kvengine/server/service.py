@@ -1,7 +1,8 @@
 """The state behind the routes: `Service` (engine, model, limits, requests in flight) and `Job`.
 
 `Service` turns a parsed request into a `Job` (4xx if it cannot run), admits
-it to the `AsyncEngine` and runs it as a stream of text deltas. Each rule is
+it to the `AsyncEngine` and runs it as a stream of text deltas, and drains
+the requests in flight when the server shuts down (`drain`). Each rule is
 checked once: the body's shape by its pydantic model, the server's limits
 here, everything else by what the body becomes (`SamplingParams`, a press
 from the registry, the engine's request), whose InvalidRequestError is a
@@ -38,6 +39,9 @@ from kvengine.server.tenancy import tenant_salt
 
 B = TypeVar("B", bound=BaseModel)
 
+_DRAIN_POLL_S = 0.05  # how often a shutdown checks whether the requests in flight have ended
+_ENDING_S = 5.0  # how long a shutdown waits for the final events of the requests it ended
+
 
 @dataclass
 class Job:
@@ -67,6 +71,7 @@ class Service:
         self.tokenizer = model.tokenizer
         self.config = config
         self.num_in_flight = 0
+        self.draining = False  # shutting down: new requests are refused (503), those in flight finish
         # The engine also refuses prompts that leave no room for a new token; refused
         # here, such a prompt gets OpenAI's code for it (context_length_exceeded).
         self.max_prompt_tokens = min(config.max_prompt_tokens, model.max_context_len - 1)
@@ -77,16 +82,28 @@ class Service:
         return tenant_salt(self.config, request)
 
     async def read_body(self, request: Request, cls: type[B]) -> B:
-        """The request body parsed as `cls`; 413 if too large, 400 if not UTF-8 JSON of that shape."""
+        """The request body parsed as `cls`; 413 if too large, 400 if not UTF-8 JSON of that shape.
+
+        408 unless the whole body arrives within `config.body_timeout_s`: one
+        deadline for the body, not one per read, so a client that sends a
+        byte now and then cannot hold the connection either.
+        """
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise fmt.APIError(413, f"request body over {limit} bytes", code="request_too_large")
         data = bytearray()
-        async for part in request.stream():
-            data += part
-            if len(data) > limit:
-                raise fmt.APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        timeout_s = self.config.body_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for part in request.stream():
+                    data += part
+                    if len(data) > limit:
+                        raise fmt.APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        except TimeoutError:
+            raise fmt.APIError(
+                408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout"
+            ) from None
         obj = _parse_json(bytes(data))
         try:
             return cls.model_validate(obj)
@@ -191,6 +208,12 @@ class Service:
                 job.seq_id = await self.llm.add_request(
                     job.prompt_ids, job.params, press=job.press, cache_salt=job.cache_salt
                 )
+        except RuntimeError:
+            self.release()
+            if self.llm.state == "running":
+                raise
+            # The engine's driver is closed or has failed: no request can run here.
+            raise fmt.APIError(503, f"the engine is {self.llm.state}", "server_error") from None
         except BaseException:
             self.release()
             raise
@@ -216,13 +239,49 @@ class Service:
                         return
                     if delta:
                         yield delta, None
-            yield "", "abort"  # ended without a last token: the engine is shutting down
+            # Ended without a last token: aborted. Its client is still reading, so no disconnect
+            # did it: the engine was closed under it (the end of a shutdown's grace period).
+            if self.llm.state != "running":
+                raise fmt.APIError(
+                    503, "the server shut down before the request finished", "server_error", code="shutdown"
+                )
+            yield "", "abort"
         finally:
             job.num_cached = info.num_cached_tokens
             timer.end(job.num_completion, job.num_cached, ran_to_end)
 
+    async def drain(self, grace_s: float) -> int:
+        """Shut down gently: refuse new requests, give those in flight `grace_s` to finish, end the rest.
+
+        From the call on, new completion requests get 503 and /ready says so.
+        The requests still in flight after `grace_s` are aborted by closing
+        the engine's driver: a stream then ends with an error event and
+        `data: [DONE]`, a non-streaming request with a 503. Returns once every
+        response is out (or a few seconds later, for clients too slow to take
+        them), with the number of requests it ended. The caller closes the
+        engine afterwards (the app's lifespan does, which flushes the tiers).
+        """
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.num_in_flight and loop.time() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        num_ended = self.num_in_flight
+        await self.llm.close()  # aborts what is left; no step runs after this
+        deadline = loop.time() + _ENDING_S
+        while self.num_in_flight and loop.time() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        return num_ended
+
     def acquire(self) -> None:
-        """Take one of `max_concurrent_requests` (429 when all are taken); `release` gives it back."""
+        """Take one of `max_concurrent_requests` (429 when all are taken); `release` gives it back.
+
+        503 once the server is draining (`drain`).
+        """
+        if self.draining:
+            raise fmt.APIError(
+                503, "the server is shutting down; retry on another one", "server_error", code="shutdown"
+            )
         if self.num_in_flight >= self.config.max_concurrent_requests:
             raise fmt.APIError(
                 429, f"{self.num_in_flight} requests in flight, the limit; retry later", "rate_limit_error"
