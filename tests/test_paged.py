@@ -154,3 +154,87 @@ def test_sealing_full_blocks_keeps_every_token_readable(packed: bool) -> None:
     cache.free(seq)
     assert pool.bytes_in_use == 0
     pool.check_invariants()
+
+
+def test_positions_follow_each_token_through_append_retain_fork_and_share() -> None:
+    """Reference: the positions each cell's tokens were appended at, indexed by what it keeps."""
+    cache = make_cache()
+    seq = cache.new_sequence()
+    cache.append(seq, 6, start_pos=0)
+    cache.append(seq, 4)  # continues at the next position
+    assert seq.next_pos == 10 and seq.token_positions(0).tolist() == [list(range(10))] * HEADS
+    keep = [torch.tensor([0, 4, 9]), torch.tensor([1, 2, 3, 5, 6, 7, 8])]
+    cache.retain(seq, 1, keep)
+    cache.append(seq, 2, start_pos=10)
+    for head, idx in enumerate(keep):
+        assert seq.positions[1, head, : int(seq.lens[1, head])].tolist() == [*idx.tolist(), 10, 11]
+    child = cache.fork(seq)
+    cache.append(child, 1, start_pos=20)  # a gap: the child continues elsewhere
+    assert child.positions[1, 0, :6].tolist() == [0, 4, 9, 10, 11, 20] and child.next_pos == 21
+    assert seq.positions[1, 0, :5].tolist() == [0, 4, 9, 10, 11] and seq.next_pos == 12
+    with pytest.raises(ValueError, match="before"):
+        cache.append(seq, 1, start_pos=11)
+    assert cache.full_blocks(child).shape[-1] == 0  # layer 1's first block is no longer positions 0..3
+    plain = cache.new_sequence()
+    cache.append(plain, BLOCK + 1)
+    shared = cache.share_blocks(cache.full_blocks(plain))
+    assert shared.next_pos == BLOCK and shared.token_positions(2).tolist() == [list(range(BLOCK))] * HEADS
+    for s in (seq, child, plain, shared):
+        cache.free(s)
+    cache.pool.check_invariants()
+    assert cache.pool.num_used_blocks == 0
+
+
+def test_full_blocks_stop_where_a_press_changed_the_order() -> None:
+    cache = make_cache()
+    seq = cache.new_sequence()
+    cache.append(seq, 3 * BLOCK)
+    assert cache.full_blocks(seq).shape[-1] == 3
+    cache.retain(seq, 0, [torch.cat([torch.arange(BLOCK), torch.arange(BLOCK + 1, 3 * BLOCK)])] * HEADS)
+    assert cache.full_blocks(seq).shape[-1] == 1  # block 1 of layer 0 now starts at position 5
+    cache.free(seq)
+
+
+def test_release_outside_window_frees_only_blocks_no_later_query_sees() -> None:
+    """Window 9 after 30 tokens: the next query (position 30) sees positions 22..30, so blocks
+    holding only positions <= 21 go (five of eight in every head); the rest read back unchanged."""
+    window, n = 9, 30
+    cache = make_cache()
+    seq = cache.new_sequence()
+    slots = cache.append(seq, n)
+    k = torch.randn(LAYERS, HEADS, n, HEAD_DIM)
+    cache.pool.write(slots.reshape(-1), k.reshape(-1, HEAD_DIM), -k.reshape(-1, HEAD_DIM))
+    used = cache.pool.num_used_blocks
+    assert cache.release_outside_window(seq, 1, window) == 5 * HEADS
+    assert cache.pool.num_used_blocks == used - 5 * HEADS
+    assert cache.bytes_held(seq) == cache.pool.bytes_in_use
+    assert seq.lens[1].tolist() == [n - 5 * BLOCK] * HEADS and seq.num_blocks[1].tolist() == [3] * HEADS
+    assert seq.token_positions(1).tolist() == [list(range(5 * BLOCK, n))] * HEADS
+    ctx_slots, _ = seq.context(1)
+    kk, vv = cache.pool.read(ctx_slots.reshape(-1))
+    assert torch.equal(kk.view(HEADS, -1, HEAD_DIM), k[1, :, 5 * BLOCK :]) and torch.equal(vv, -kk)
+    assert cache.release_outside_window(seq, 1, window) == 0  # nothing more until the sequence moves
+    assert cache.full_blocks(seq).shape[-1] == 0  # layer 1 no longer starts at position 0
+    cache.append(seq, 2)  # appends continue in every cell; layer 1 fills its last block
+    assert seq.num_blocks[1].tolist() == [3] * HEADS and seq.token_positions(1)[0, -1] == n + 1
+    cache.free(seq)
+    cache.pool.check_invariants()
+    assert cache.pool.num_used_blocks == 0
+
+
+def test_release_outside_window_keeps_heads_of_a_layer_equally_long() -> None:
+    """After a press kept other tokens per head, only blocks unseen in every head go."""
+    cache = make_cache()
+    seq = cache.new_sequence()
+    cache.append(seq, 24)
+    # Head 0 keeps positions 0..11 (old), head 1 keeps 12..23 (recent): 3 blocks each. Window 13:
+    # the next query (24) sees positions >= 12, so head 0 could lose every block, head 1 none.
+    cache.retain(seq, 0, [torch.arange(12), torch.arange(12, 24)])
+    assert cache.release_outside_window(seq, 0, 13) == 0
+    cache.append(seq, 30)  # next query at 54 sees positions >= 42: 7 leading blocks unseen in each head
+    assert cache.release_outside_window(seq, 0, 13) == 7 * HEADS
+    assert (
+        seq.lens[0].tolist() == [14, 14] and seq.token_positions(0).tolist() == [list(range(40, 54))] * HEADS
+    )
+    cache.free(seq)
+    cache.pool.check_invariants()

@@ -12,9 +12,7 @@ from kvengine.press.per_layer import PerLayerPress
 from kvengine.press.registry import KVPRESS_NAMES
 from kvengine.press.snapkv import SnapKVPress
 
-WITH_RATIO = [
-    n for n in PRESSES if "ratio" in {f.name for f in dataclasses.fields(PRESSES.lookup(n))}
-]
+WITH_RATIO = [n for n in PRESSES if "ratio" in {f.name for f in dataclasses.fields(PRESSES.lookup(n))}]
 
 
 @pytest.mark.parametrize("name", WITH_RATIO)

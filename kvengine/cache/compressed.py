@@ -12,7 +12,8 @@ An entry is a fork of the request's cache taken right after compression
 hit gives the new request a fork of the entry. Entries are evicted least
 recently used first when the pool is short, after the radix tree's blocks.
 With tiers, an entry is also stored below the pool as one blob (its blocks,
-block table and per-head lengths) and loaded back on a miss in memory.
+block table, per-head lengths and token positions) and loaded back on a miss
+in memory.
 
 This module knows nothing about sequences or scheduling: it is given token
 ids, a salt and a press's repr, and returns caches. `PrefixCache` owns it and
@@ -114,13 +115,21 @@ class CompressedPrefixes:
     # ---- tiers ------------------------------------------------------------------
 
     def _pack(self, kv: SequenceKV) -> dict[str, torch.Tensor]:
-        """An entry as tensors: its blocks' keys and values, and a block table into them."""
+        """An entry as tensors: its blocks' keys and values, a block table into them, and the
+        position of each cached token (sliding windows compare them)."""
         used = kv.block_table >= 0
         ids = kv.block_table[used]
         table = torch.full_like(kv.block_table, -1)
         table[used] = torch.arange(ids.numel())
         k, v = self._pool.read_blocks(ids)  # (n, block_size, D)
-        return {"table": table, "lens": kv.lens.clone(), "k": k, "v": v}
+        width = int(kv.lens.max())
+        return {
+            "table": table,
+            "lens": kv.lens.clone(),
+            "positions": kv.positions[..., :width].clone(),
+            "k": k,
+            "v": v,
+        }
 
     def _load(self, key: str, max_blocks: int) -> SequenceKV | None:
         assert self.tiers is not None
@@ -128,7 +137,7 @@ class CompressedPrefixes:
         if blob is None:
             return None
         try:
-            table, lens, k, v = self._check(blob)
+            table, lens, positions, k, v = self._check(blob)
         except BlobError as exc:
             self.tiers.reject(_storage_key(key), exc)
             return None
@@ -137,17 +146,21 @@ class CompressedPrefixes:
             return None
         ids = pool.allocate(k.shape[0])
         pool.write_blocks(ids, k, v)
-        kv = self.entries[key] = self.cache.adopt(torch.where(table >= 0, ids[table.clamp_min(0)], -1), lens)
+        table = torch.where(table >= 0, ids[table.clamp_min(0)], -1)
+        kv = self.entries[key] = self.cache.adopt(table, lens, positions)
         return kv
 
     def _check(self, blob: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The entry's tensors, if their shapes and dtypes fit this cache; else KeyMismatchError."""
         cells = (self.cache.num_layers, self.cache.num_kv_heads)
         pool, bs = self.cache.pool, self.cache.block_size
-        table, lens, k, v = (blob.get(name) for name in ("table", "lens", "k", "v"))
+        table, lens, positions, k, v = (blob.get(name) for name in ("table", "lens", "positions", "k", "v"))
         ok = (
             table is not None
             and lens is not None
+            and positions is not None
+            and positions.dtype == torch.int64
+            and tuple(positions.shape) == (*cells, int(lens.max()) if lens.numel() else 0)
             and k is not None
             and v is not None
             and tuple(table.shape[:2]) == cells
@@ -160,8 +173,9 @@ class CompressedPrefixes:
         )
         if not ok:
             raise KeyMismatchError("a compressed entry whose shapes do not fit this cache")
-        assert table is not None and lens is not None and k is not None and v is not None
-        return table, lens, k, v
+        assert table is not None and lens is not None and positions is not None
+        assert k is not None and v is not None
+        return table, lens, positions, k, v
 
     def stats(self) -> dict[str, float]:
         """Gauges and counters for metrics: entries held, and hits, stores and evictions so far."""

@@ -3,12 +3,16 @@
 A sequence's cache is a grid of (layer, kv-head) cells. Each cell has its own
 list of blocks (`block_table`) and its own length (`lens`), so after a press
 evicts tokens each head holds exactly the blocks it needs. For every cached
-token the cell also records the flat pool slot where it lives (`slots`), in
-cache order; attention reads a cell by gathering those slots.
+token the cell also records the flat pool slot where it lives (`slots`) and
+its position in the sequence (`positions`), in cache order; attention reads a
+cell by gathering those slots. Cache entry i of a cell lives in the cell's
+block i // block_size, at offset i % block_size.
 
-Token positions (for RoPE) are not stored here: keys are cached after RoPE,
-and the next position of a sequence is counted by the engine, so evicting
-tokens never renumbers the ones that stay.
+Once a press has evicted tokens, or a sliding-window layer has dropped the
+blocks no later query can see (`release_outside_window`), a token's index in
+its cell is no longer its position: sliding windows compare `positions`.
+Keys are cached after RoPE, so evicting tokens never renumbers the ones that
+stay.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ from kvengine.cache.pool import KVPool, block_slots
 
 def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
     return (a + b - 1) // b
+
+
+def _shift_left(table: torch.Tensor, n: int, fill: int) -> torch.Tensor:
+    """`table` `(H, N)` with its first `n` entries of each row dropped, `fill` at the end."""
+    return torch.cat([table[:, n:], torch.full_like(table[:, :n], fill)], dim=1)
 
 
 def _grow(table: torch.Tensor, min_size: int, fill: int) -> torch.Tensor:
@@ -45,6 +54,8 @@ class SequenceKV:
         self.lens = torch.zeros(shape, dtype=torch.int64)  # (L, H) cached tokens per cell
         # Slot 0 pads unused entries: always a valid index, masked by `lens`.
         self.slots = torch.zeros((*shape, 16), dtype=torch.int64)  # (L, H, capacity)
+        self.positions = torch.zeros((*shape, 16), dtype=torch.int64)  # (L, H, capacity) of each token
+        self.next_pos = 0  # position of the next token appended: one past the last one so far
 
     @property
     def max_len(self) -> int:
@@ -65,6 +76,10 @@ class SequenceKV:
         max_len = int(lens.max())
         slots = self.slots[layer, :, :max_len]
         return slots, (None if bool((lens == max_len).all()) else lens)
+
+    def token_positions(self, layer: int) -> torch.Tensor:
+        """Positions `(H, T)` of one layer's cached tokens, aligned with `context(layer)`'s slots."""
+        return self.positions[layer, :, : int(self.lens[layer].max())]
 
 
 class PagedKVCache:
@@ -95,11 +110,16 @@ class PagedKVCache:
     def can_append(self, seq: SequenceKV, num_tokens: int) -> bool:
         return self.pool.can_allocate(self.blocks_needed(seq, num_tokens))
 
-    def append(self, seq: SequenceKV, num_tokens: int) -> torch.Tensor:
+    def append(self, seq: SequenceKV, num_tokens: int, start_pos: int | None = None) -> torch.Tensor:
         """Reserve slots for `num_tokens` new tokens in every cell; returns them `(L, H, n)`.
 
-        Raises OutOfBlocksError (and changes nothing) when the pool is short.
+        The tokens are at positions `start_pos, start_pos + 1, ...` (default:
+        `seq.next_pos`, right after the last token appended). Raises
+        OutOfBlocksError (and changes nothing) when the pool is short.
         """
+        start = seq.next_pos if start_pos is None else start_pos
+        if start < seq.next_pos:
+            raise ValueError(f"new tokens at position {start}, before the sequence's next {seq.next_pos}")
         bs = self.block_size
         new_lens = seq.lens + num_tokens
         new_num_blocks = _ceil_div(new_lens, bs)
@@ -114,7 +134,10 @@ class PagedKVCache:
         slots = seq.block_table.gather(2, pos // bs) * bs + pos % bs
         seq.slots = _grow(seq.slots, int(new_lens.max()), 0)
         seq.slots.scatter_(2, pos, slots)
+        seq.positions = _grow(seq.positions, int(new_lens.max()), 0)
+        seq.positions.scatter_(2, pos, (start + torch.arange(num_tokens)).expand_as(pos))
         seq.lens = new_lens
+        seq.next_pos = start + num_tokens
         return slots
 
     def retain(self, seq: SequenceKV, layer: int, keep: Sequence[torch.Tensor]) -> None:
@@ -128,11 +151,12 @@ class PagedKVCache:
         if len(keep) != self.num_kv_heads:
             raise ValueError(f"keep has {len(keep)} entries, expected {self.num_kv_heads} heads")
         bs = self.block_size
-        kept_slots = []
+        kept_slots, kept_positions = [], []
         for head, idx in enumerate(keep):
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= int(seq.lens[layer, head])):
                 raise IndexError(f"keep indices out of range for layer {layer}, head {head}")
             kept_slots.append(seq.slots[layer, head, idx])
+            kept_positions.append(seq.positions[layer, head, idx])
         new_lens = torch.tensor([s.numel() for s in kept_slots], dtype=torch.int64)
         new_num_blocks = _ceil_div(new_lens, bs)
         ids = self.pool.allocate(int(new_num_blocks.sum()))
@@ -149,6 +173,7 @@ class PagedKVCache:
             k, v = self.pool.read(src)
             self.pool.write(dst, k, v)
             seq.slots[layer, head, : src.numel()] = dst
+            seq.positions[layer, head, : src.numel()] = kept_positions[head]
         seq.num_blocks[layer] = new_num_blocks
         seq.lens[layer] = new_lens
         self.pool.release(old_blocks)
@@ -166,6 +191,8 @@ class PagedKVCache:
         child.num_blocks = seq.num_blocks.clone()
         child.lens = seq.lens.clone()
         child.slots = seq.slots.clone()
+        child.positions = seq.positions.clone()
+        child.next_pos = seq.next_pos
         partial = (seq.lens % bs != 0) & (seq.num_blocks > 0)  # (L, H)
         shared = seq.block_table.clone()
         last = (seq.num_blocks - 1).clamp_min(0)[..., None]
@@ -205,15 +232,22 @@ class PagedKVCache:
         seq.num_blocks.fill_(num_blocks)
         seq.slots = _grow(seq.slots, num_tokens, 0)
         seq.slots[..., :num_tokens] = block_slots(block_ids, bs)
+        seq.positions = _grow(seq.positions, num_tokens, 0)
+        seq.positions[..., :num_tokens] = torch.arange(num_tokens)
         seq.lens.fill_(num_tokens)
+        seq.next_pos = num_tokens
         return seq
 
-    def adopt(self, block_table: torch.Tensor, lens: torch.Tensor) -> SequenceKV:
+    def adopt(
+        self, block_table: torch.Tensor, lens: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> SequenceKV:
         """A new sequence over blocks the caller allocated and hands over (no new reference).
 
         `block_table` `(L, H, n)` lists each cell's blocks (-1 past its last);
-        `lens` `(L, H)` its cached tokens. Used to rebuild a cache read back
-        from storage.
+        `lens` `(L, H)` its cached tokens; `positions` `(L, H, >= max len)`
+        their positions (default: 0, 1, ... in every cell, a cache no press
+        touched). Used to rebuild a cache read back from storage; the next
+        token goes one past the last position held.
         """
         bs = self.block_size
         seq = self.new_sequence()
@@ -221,18 +255,62 @@ class PagedKVCache:
         seq.num_blocks = (block_table >= 0).sum(-1)
         seq.lens = lens.clone()
         slots = block_slots(block_table.clamp_min(0), bs)  # (L, H, n * bs)
-        slots[torch.arange(slots.shape[-1]) >= lens[..., None]] = 0
+        past = torch.arange(slots.shape[-1]) >= lens[..., None]
+        slots[past] = 0
         seq.slots = _grow(slots, 16, 0)
+        width = slots.shape[-1]
+        if positions is None:
+            positions = torch.arange(width).expand_as(slots)
+        positions = _grow(positions[..., :width].clone(), width, 0)
+        positions[past] = 0
+        seq.positions = _grow(positions, 16, 0)
+        # A press may have evicted the last tokens: the caller's next position may lie beyond.
+        seq.next_pos = int(positions.max()) + 1 if int(lens.max()) > 0 else 0
         return seq
 
     def full_blocks(self, seq: SequenceKV) -> torch.Tensor:
-        """Block ids `(L, H, n)` of the first `n` blocks, full in every cell.
+        """Block ids `(L, H, n)` of the first `n` blocks, full in every cell, where block j of
+        every cell holds the tokens at positions `[j * block_size, (j + 1) * block_size)`.
 
-        Only meaningful for a sequence no press has touched, where block j of
-        every cell holds tokens `[j * block_size, (j + 1) * block_size)`.
+        The blocks of a sequence no press has touched; a cell a press or a
+        window changed ends the run where its tokens leave that order.
         """
         num_blocks = int(seq.lens.min()) // self.block_size
+        head = seq.positions[..., : num_blocks * self.block_size]
+        in_order = (head == torch.arange(head.shape[-1])).all(dim=(0, 1))  # (n * bs,)
+        num_blocks = int(in_order.view(num_blocks, self.block_size).all(-1).int().cumprod(0).sum())
         return seq.block_table[..., :num_blocks].clone()
+
+    def release_outside_window(self, seq: SequenceKV, layer: int, window: int) -> int:
+        """Release the leading blocks of one layer that no later query can see; returns how many.
+
+        A query at position p of a sliding-window layer sees keys at positions
+        > p - window, and later queries are at `seq.next_pos` or beyond: a
+        token at a position <= `seq.next_pos - window` is never read again.
+        The leading full blocks that hold only such tokens in every head of
+        the layer go (the same number per head, so heads that held equally
+        many tokens still do); the rest move to the front of each cell. Not
+        for a sequence whose blocks are shared later in full (the prefix
+        cache's): its blocks for those tokens are gone.
+        """
+        bs = self.block_size
+        num_full = int(seq.lens[layer].min()) // bs
+        if num_full == 0:
+            return 0
+        old = seq.positions[layer, :, : num_full * bs].reshape(-1, num_full, bs)  # (H, n, bs)
+        unseen = (old <= seq.next_pos - window).all(-1).all(0)  # (n,) blocks no query sees, every head
+        num_blocks = int(unseen.int().cumprod(0).sum())
+        if num_blocks == 0:
+            return 0
+        dropped = seq.block_table[layer, :, :num_blocks].flatten().clone()  # the table changes below
+        shift = num_blocks * bs
+        seq.block_table[layer] = _shift_left(seq.block_table[layer], num_blocks, -1)
+        seq.slots[layer] = _shift_left(seq.slots[layer], shift, 0)
+        seq.positions[layer] = _shift_left(seq.positions[layer], shift, 0)
+        seq.num_blocks[layer] -= num_blocks
+        seq.lens[layer] -= shift
+        self.pool.release(dropped)
+        return int(dropped.numel())
 
     def free(self, seq: SequenceKV) -> None:
         """Release every block of `seq`; the sequence is left empty."""
@@ -240,6 +318,7 @@ class PagedKVCache:
         seq.block_table.fill_(-1)
         seq.num_blocks.zero_()
         seq.lens.zero_()
+        seq.next_pos = 0
 
     def bytes_held(self, seq: SequenceKV) -> int:
         """Bytes of the blocks `seq` references (shared blocks counted in full)."""

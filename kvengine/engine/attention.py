@@ -17,6 +17,13 @@ Many sequences share one forward pass as a packed batch: the model sees one
 row of `T` tokens (batch size 1) with per-token positions, and each `SeqSpan`
 names the columns that belong to one sequence.
 
+Sliding windows are over token positions, not cache indices: once a press
+has evicted tokens (or a window layer dropped blocks no query can see), the
+two differ, and the cache's record of each token's position decides what a
+windowed layer's query sees. Without a window the masks stay index-based
+(new tokens are the last of every head), and plain prefill and decode take
+SDPA's unmasked paths.
+
 Presses do not run here. A span that asks for it records its queries per
 layer (a press's input besides the keys and values, which are in the pool
 anyway); the runner runs the presses after the forward pass from them.
@@ -140,9 +147,10 @@ def _attend_span(
     window: int | None,
 ) -> torch.Tensor:
     """One sequence's queries `(H_q, T_q, D)` over its cache; returns `(T_q, H_q, D)`."""
+    positions = None
     if span.num_cached == 0:
         # Fresh prefill: this step's keys are the whole context (every head holds the same
-        # tokens), no need to read them back.
+        # tokens, at consecutive positions), no need to read them back.
         k, v = new_k[:, span.start : span.end], new_v[:, span.start : span.end]
         head_lens = None
     else:
@@ -152,7 +160,9 @@ def _attend_span(
         v = v.view(*ctx_slots.shape, q.shape[-1])
         if head_lens is not None:
             _zero_padding(k, v, torch.arange(k.shape[1]) < head_lens[:, None])
-    return attend(q, k, v, scaling, head_lens, window).transpose(0, 1)
+        if window is not None:
+            positions = span.kv.token_positions(layer)  # (H_kv, T_k)
+    return attend(q, k, v, scaling, head_lens, window, positions).transpose(0, 1)
 
 
 def _is_plain_decode(span: SeqSpan) -> bool:
@@ -172,23 +182,27 @@ def _decode_batch(
 
     Each sequence's cache is read into a row padded to the longest one and
     masked past each head's length: one call instead of N gathers and N calls.
+    With a window, the mask compares the positions the caches record.
     """
     num_heads, n, head_dim = q.shape
     num_kv_heads = ctx.new_slots.shape[1]
     lens = torch.stack([span.kv.lens[layer] for span in spans])  # (N, H_kv)
     max_len = int(lens.max())
     slots = torch.zeros(n, num_kv_heads, max_len, dtype=torch.int64)  # slot 0 pads; masked below
+    positions = torch.zeros_like(slots) if window is not None else None
     for row, span in enumerate(spans):
         span_slots, _ = span.kv.context(layer)
         slots[row, :, : span_slots.shape[1]] = span_slots
+        if positions is not None:
+            positions[row, :, : span_slots.shape[1]] = span.kv.token_positions(layer)
     k, v = ctx.pool.read(slots.reshape(-1), out=ctx.scratch)
     k = k.view(n, num_kv_heads, max_len, head_dim)
     v = v.view(n, num_kv_heads, max_len, head_dim)
-    pos = torch.arange(max_len)
-    mask = pos < lens[..., None]  # (N, H_kv, T)
+    mask = torch.arange(max_len) < lens[..., None]  # (N, H_kv, T)
     _zero_padding(k, v, mask)
-    if window is not None:  # the query is the last cached token of each head
-        mask &= pos > lens[..., None] - 1 - window
+    if window is not None and positions is not None:  # the query is the last cached token of each head
+        query_pos = positions.gather(2, (lens - 1)[..., None])  # (N, H_kv, 1)
+        mask &= positions > query_pos - window
     group = num_heads // num_kv_heads
     q4 = q.transpose(0, 1).reshape(n, num_kv_heads, group, head_dim)  # query heads folded into rows
     out = F.scaled_dot_product_attention(q4, k, v, attn_mask=mask[:, :, None, :], scale=scaling)
@@ -215,13 +229,16 @@ def attend(
     scaling: float | None,
     head_lens: torch.Tensor | None = None,
     window: int | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of one sequence's new queries over its cache.
 
     q `(H_q, T_q, D)`; k, v `(H_kv, T_k, D)`; the queries are the last `T_q`
     tokens of each head's cache. `head_lens` `(H_kv,)`: tokens held per kv-head
     when heads differ (entries past a head's length are padding). `window`:
-    a query sees only keys less than `window` positions behind it.
+    a query sees only keys less than `window` positions behind it, by
+    `positions` `(H_kv, T_k)`, each cached token's position (default: its
+    index in the cache, right only for a cache nothing was evicted from).
     Returns `(H_q, T_q, D)`.
     """
     num_heads, q_len, head_dim = q.shape
@@ -237,7 +254,7 @@ def attend(
             q4 = q.view(1, num_kv_heads, group, head_dim)  # 4-D: SDPA's fast CPU path
             out = F.scaled_dot_product_attention(q4, k[None], v[None], scale=scaling)
             return out.view(num_heads, 1, head_dim)
-    mask = _causal_mask(q_len, k_len, head_lens, window)  # (H_kv or 1, T_q, T_k)
+    mask = _causal_mask(q_len, k_len, head_lens, window, positions)  # (H_kv or 1, T_q, T_k)
     if mask.shape[0] > 1:  # one row per kv-head -> one per query head
         mask = mask.repeat_interleave(num_heads // num_kv_heads, dim=0)
     out = F.scaled_dot_product_attention(
@@ -246,18 +263,29 @@ def attend(
     return out[0]
 
 
-def _causal_mask(q_len: int, k_len: int, head_lens: torch.Tensor | None, window: int | None) -> torch.Tensor:
+def _causal_mask(
+    q_len: int,
+    k_len: int,
+    head_lens: torch.Tensor | None,
+    window: int | None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Boolean mask `(H_kv or 1, T_q, T_k)`, True where a query may attend.
 
     Query i of head h sits at cache index `len_h - T_q + i`: new tokens are
-    the last ones of every head, whatever a press evicted before them.
+    the last ones of every head, whatever a press evicted before them. The
+    window compares `positions` `(H_kv, T_k)` when given, else indices.
     """
     lens = head_lens if head_lens is not None else torch.full((1,), k_len, dtype=torch.int64)
-    q_idx = lens[:, None] - q_len + torch.arange(q_len)  # (H, T_q)
+    q_idx = lens[:, None] - q_len + torch.arange(q_len)  # (H or 1, T_q)
     k_idx = torch.arange(k_len)
     mask = k_idx[None, None, :] <= q_idx[:, :, None]
     if window is not None:
-        mask &= k_idx[None, None, :] > q_idx[:, :, None] - window
+        if positions is None:
+            k_pos, q_pos = k_idx[None, :], q_idx
+        else:
+            k_pos, q_pos = positions, positions.gather(1, q_idx.expand(positions.shape[0], -1))  # (H, T_q)
+        mask = mask & (k_pos[:, None, :] > q_pos[:, :, None] - window)
     return mask
 
 

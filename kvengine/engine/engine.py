@@ -226,7 +226,7 @@ class Engine:
         self.last_step_size = len(batch)
         if not batch:
             return []
-        inputs = [_step_input(seq, n) for seq, n in batch]
+        inputs = [_step_input(seq, n, self.prefix is not None) for seq, n in batch]
         logits = self._run(batch, inputs)
         return [] if logits is None else self._postprocess(batch, inputs, logits)
 
@@ -362,8 +362,13 @@ class Engine:
         check_ownership(self.pool, [s.kv for s in live if s.kv is not None], self.prefix)
 
 
-def _step_input(seq: Sequence, num_tokens: int) -> StepInput:
-    """The next `num_tokens` tokens of `seq` for the runner, with its press if they complete its context."""
+def _step_input(seq: Sequence, num_tokens: int, prefix_cache: bool) -> StepInput:
+    """The next `num_tokens` tokens of `seq` for the runner, with its press if they complete its context.
+
+    Sliding-window layers release what no later query sees, unless the prefix cache takes the
+    sequence's blocks (every cell's, from the first token), the context is kept for later
+    presses, or a decoding-time press keeps its own per-head budget.
+    """
     assert seq.kv is not None
     ids = seq.token_ids[seq.num_computed : seq.num_computed + num_tokens]
     compress = seq.awaits_compression and seq.num_computed + num_tokens == seq.context_len
@@ -374,6 +379,9 @@ def _step_input(seq: Sequence, num_tokens: int) -> StepInput:
         seq.press if compress else None,
         keep_queries=seq.keep_queries or seq.decode_press is not None,
         seal=not seq.keep_queries,
+        free_outside_window=not (
+            seq.keep_queries or seq.decode_press is not None or (prefix_cache and seq.is_plain)
+        ),
     )
 
 

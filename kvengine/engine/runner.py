@@ -9,7 +9,9 @@ Presses run here, after the forward pass, and nowhere else: the attention
 function records the queries a press needs, the runner reads each layer's
 keys and values back from the pool, builds one `PressInput` per layer
 (`_press_input`, with the model's softmax scale) and keeps what the press
-keeps (`PagedKVCache.retain`).
+keeps (`PagedKVCache.retain`). Then, for inputs that allow it, sliding-window
+layers release the blocks no later query's window reaches
+(`PagedKVCache.release_outside_window`).
 
 It knows nothing about scheduling, sampling or text.
 """
@@ -37,6 +39,9 @@ class StepInput:
     press: Press | None = None  # compress the whole cache of this sequence after this step
     keep_queries: bool = False  # fill `queries` with this step's queries, per layer
     seal: bool = True  # quantize filled blocks after the step (packed pools only)
+    # Release sliding-window layers' blocks that no later query sees, after the step. Not for
+    # a cache whose blocks are shared in full later (the prefix cache's) or compressed later.
+    free_outside_window: bool = False
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H_q, n, D)
 
 
@@ -48,8 +53,11 @@ class ModelRunner:
         self.cache = cache
         self._scratch_rows = 0
         self._scratch_bufs: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._rope = model.adapter.rope(model.hf_model)
+        self._ropes = [model.adapter.rope(model.hf_model, layer) for layer in range(model.num_layers)]
         self._scaling = float(model.adapter.attention(model.hf_model, 0).scaling)  # type: ignore[arg-type]
+        config = model.hf_model.config
+        windows = [(layer, model.adapter.sliding_window(config, layer)) for layer in range(model.num_layers)]
+        self._windows = [(layer, window) for layer, window in windows if window is not None]
         model.hf_model.set_attn_implementation(ATTENTION_NAME)
 
     def compress(
@@ -90,7 +98,7 @@ class ModelRunner:
             queries=queries,
             scaling=self._scaling,
             positions=torch.arange(end - num_tokens, end),
-            rope=self._rope,
+            rope=self._ropes[layer],
         )
 
     def _scratch(self, spans: list[SeqSpan]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,9 +151,13 @@ class ModelRunner:
                 self._press(item.kv, span.queries, item.press, item.start_pos + len(item.token_ids))
             if item.keep_queries:
                 item.queries.update(span.queries)
-        # Quantize blocks that filled up, after eviction: what stays is quantized once.
-        # A context kept for later compression stays in full precision until then.
+        # Drop what no window reaches, then quantize blocks that filled up, after eviction:
+        # what stays is quantized once. A context kept for later compression stays in full
+        # precision until then.
         for item in batch:
+            if item.free_outside_window:
+                for layer, window in self._windows:
+                    self.cache.release_outside_window(item.kv, layer, window)
             if item.seal:
                 self.cache.seal_full_blocks(item.kv)
         return out.logits[0].float()
@@ -159,7 +171,7 @@ class ModelRunner:
             if n == 0:
                 raise ValueError("a step input without tokens")
             num_cached = item.kv.max_len
-            slots.append(self.cache.append(item.kv, n))
+            slots.append(self.cache.append(item.kv, n, item.start_pos))
             record = item.keep_queries or item.press is not None
             spans.append(SeqSpan(start, start + n, item.kv, num_cached, record_queries=record))
             positions.append(torch.arange(item.start_pos, item.start_pos + n))

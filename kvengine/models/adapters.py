@@ -48,6 +48,8 @@ class ArchAdapter:
     rotary_path: str = "model.rotary_emb"
     qk_norm: bool = False  # q_norm / k_norm per head, applied before RoPE
     window_rule: WindowRule = "none"
+    # The rotary module takes the layer's type (Gemma3: other frequencies for sliding layers).
+    rope_by_layer_type: bool = False
 
     def num_kv_heads(self, config: PretrainedConfig) -> int:
         """Key/value heads per layer; equals the query heads when the config has no GQA field."""
@@ -81,14 +83,17 @@ class ArchAdapter:
         layers: nn.ModuleList = attrgetter(self.layers_path)(model)
         return layers
 
-    def rope(self, model: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """The model's rotary embedding as a function: positions `(N,)` -> `(cos, sin)`, each `(N, D)`."""
+    def rope(
+        self, model: nn.Module, layer_idx: int = 0
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Layer `layer_idx`'s rotary embedding as a function: positions `(N,)` -> `(cos, sin)`, each `(N, D)`."""
         rotary: nn.Module = attrgetter(self.rotary_path)(model)
         dtype = next(model.parameters()).dtype
+        extra = (attrgetter("config.layer_types")(model)[layer_idx],) if self.rope_by_layer_type else ()
 
         def cos_sin(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             probe = torch.empty(1, dtype=dtype)  # the module reads only dtype and device from it
-            cos, sin = rotary(probe, positions[None])
+            cos, sin = rotary(probe, positions[None], *extra)
             return cos[0], sin[0]
 
         return cos_sin
@@ -105,7 +110,13 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
     # Qwen2 derives layer_types from use_sliding_window and max_window_layers.
     ArchAdapter(family="qwen2", model_types=("qwen2",), window_rule="layer_types"),
     ArchAdapter(family="qwen3", model_types=("qwen3",), qk_norm=True, window_rule="layer_types"),
-    ArchAdapter(family="gemma3", model_types=("gemma3_text",), qk_norm=True, window_rule="layer_types"),
+    ArchAdapter(
+        family="gemma3",
+        model_types=("gemma3_text",),
+        qk_norm=True,
+        window_rule="layer_types",
+        rope_by_layer_type=True,
+    ),
 )
 
 
