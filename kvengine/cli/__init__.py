@@ -22,7 +22,7 @@ from kvengine.cli.common import (
     EXIT_BAD_INPUT,
     Parser,
     add_config_args,
-    add_dtype_arg,
+    add_model_args,
     add_press_args,
     config_from_args,
     press_from_args,
@@ -31,7 +31,7 @@ from kvengine.cli.common import (
 from kvengine.cli.eval import add_eval_parser, add_report_parser, run_eval_command, run_report_command
 from kvengine.cli.serve import add_serve_parser, cmd_serve
 from kvengine.cli.simulate import add_simulate_parser, run_simulate_command
-from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig
+from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.errors import InvalidRequestError, KVEngineError
 
 __all__ = ["EXIT_BAD_INPUT", "build_parser", "main", "read_text_file"]
@@ -58,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="answer a question about a long document, then compare presses", description=_DEMO_HELP
     )
-    demo.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
-    add_dtype_arg(demo)
+    add_model_args(demo)
     demo.add_argument("--doc-tokens", type=positive_int, default=2000, help="length of the document")
     demo.add_argument(
         "--no-compare",
@@ -81,8 +80,7 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate text for prompts", description=_GENERATE_HELP)
     gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text (one completion each)")
     gen.add_argument("--file", action="append", default=[], help="read a prompt from a UTF-8 file")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
-    add_dtype_arg(gen)
+    add_model_args(gen)
     gen.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate at most")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")

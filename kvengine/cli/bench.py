@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kvengine.cli.argtypes import name_list, positive_int, positive_int_list, ratio_list
 from kvengine.cli.bench_serve import add_serve_bench_parser, cmd_bench_serve
-from kvengine.cli.common import Parser, add_dtype_arg, kivi_bits, results_dir
+from kvengine.cli.common import Parser, add_model_args, kivi_bits, results_dir
 from kvengine.config import DEFAULT_MODEL
 
 _BENCH_HELP = """Measure prefill and decode tokens/s of kvengine and of transformers' generate
@@ -132,8 +132,7 @@ def _add_perplexity_parser(bench_sub: argparse._SubParsersAction) -> None:
         "press at every ratio, then score the next --score-len tokens teacher-forced against that cache. "
         "Appends JSON rows to OUT/perplexity.jsonl and the Markdown table to OUT/perplexity.md.",
     )
-    pp.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
-    add_dtype_arg(pp)
+    add_model_args(pp)
     pp.add_argument("--lengths", type=positive_int_list, default=list(d.lengths), help="context lengths")
     pp.add_argument("--presses", type=name_list, default=list(d.presses), help="press specs, or none")
     pp.add_argument("--ratios", type=ratio_list, default=list(d.ratios), help="compression ratios")

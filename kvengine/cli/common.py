@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvengine.cli.argtypes import byte_size, positive_int_list
-from kvengine.config import default_cache_dir
+from kvengine.config import DEFAULT_MODEL, default_cache_dir
 from kvengine.errors import InvalidRequestError
 from kvengine.models.precision import DTYPE_CHOICES
 
@@ -156,8 +156,9 @@ def kivi_bits(text: str) -> list[int]:
     return bits
 
 
-def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
-    """`--dtype`: the precision of weights and KV cache (`models.precision`)."""
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """`--model` and `--dtype`: which model to load and in what precision (`models.precision`)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
     parser.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,

@@ -9,8 +9,7 @@ import argparse
 from pathlib import Path
 
 from kvengine.cli.argtypes import name_list, positive_int, positive_int_list, ratio_list
-from kvengine.cli.common import add_dtype_arg, results_dir
-from kvengine.config import DEFAULT_MODEL
+from kvengine.cli.common import add_model_args, results_dir
 from kvengine.errors import InvalidRequestError
 from kvengine.eval.kvpress_client import BASELINES, RECIPE
 
@@ -33,8 +32,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         help="task accuracy, KV bytes and time per press (RULER-style tasks or your JSONL)",
         description=_EVAL_HELP,
     )
-    ev.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
-    add_dtype_arg(ev)
+    add_model_args(ev)
     ev.add_argument(
         "--tasks",
         type=name_list,

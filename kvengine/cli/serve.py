@@ -7,10 +7,11 @@ The server itself lives in kvengine/server; this module only turns options into 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from kvengine.cli.argtypes import positive_float, positive_int
-from kvengine.cli.common import CONFIG_HELP, add_config_args, add_dtype_arg, config_from_args
-from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig, ServerConfig
+from kvengine.cli.common import CONFIG_HELP, add_config_args, add_model_args, config_from_args
+from kvengine.config import CacheConfig, SchedulerConfig, ServerConfig
 
 _SERVE_HELP = """Serve the model at /v1/completions, /v1/chat/completions (streaming with
 "stream": true), /v1/models, /health and /metrics (Prometheus, no key needed). Extra body fields
@@ -24,14 +25,27 @@ must send a request's headers within --header-timeout-s and its body within --bo
 (else 408)."""
 
 
+# ServerConfig's per-request limits and timeouts, each an option: (argument type, help).
+_LIMITS: dict[str, tuple[Callable[[str], float], str]] = {
+    "max_prompt_tokens": (positive_int, "longest prompt accepted, in tokens"),
+    "max_tokens_limit": (positive_int, "largest max_tokens a request may ask for"),
+    "max_concurrent_requests": (positive_int, "requests in flight at once; more get 429"),
+    "max_body_bytes": (positive_int, "largest request body; larger gets 413"),
+    "max_stop_strings": (positive_int, "most stop strings a request may send; more get 400"),
+    "max_stop_string_chars": (positive_int, "longest stop string, in characters; longer gets 400"),
+    "shutdown_grace_s": (positive_float, "on SIGTERM or Ctrl-C, seconds for requests in flight to finish"),
+    "header_timeout_s": (positive_float, "seconds a client has to send a request's headers; then 408"),
+    "body_timeout_s": (positive_float, "seconds a client has to send a request's body; then 408"),
+}
+
+
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     """`serve`: the OpenAI-compatible HTTP server (kvengine/server)."""
     defaults = ServerConfig()
     sv = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API", description=_SERVE_HELP
     )
-    sv.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
-    add_dtype_arg(sv)
+    add_model_args(sv)
     sv.add_argument("--host", default=defaults.host, help=f"address to listen on (default: {defaults.host})")
     sv.add_argument("--port", type=int, default=defaults.port, help=f"port (default: {defaults.port})")
     sv.add_argument(
@@ -45,30 +59,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="a system prompt (or prompt start) whose cached blocks all tenants share "
         "(repeatable; needs --prefix-cache)",
     )
-    limits = {
-        "max_prompt_tokens": "longest prompt accepted, in tokens",
-        "max_tokens_limit": "largest max_tokens a request may ask for",
-        "max_concurrent_requests": "requests in flight at once; more get 429",
-        "max_body_bytes": "largest request body; larger gets 413",
-    }
-    for name, text in limits.items():
+    for name, (kind, text) in _LIMITS.items():
+        default = getattr(defaults, name)
+        shown = f"{default:g}" if isinstance(default, float) else default
         sv.add_argument(
-            "--" + name.replace("_", "-"),
-            type=positive_int,
-            default=getattr(defaults, name),
-            help=f"{text} (default: {getattr(defaults, name)})",
-        )
-    seconds = {
-        "shutdown_grace_s": "on SIGTERM or Ctrl-C, seconds for requests in flight to finish",
-        "header_timeout_s": "seconds a client has to send a request's headers; then 408",
-        "body_timeout_s": "seconds a client has to send a request's body; then 408",
-    }
-    for name, text in seconds.items():
-        sv.add_argument(
-            "--" + name.replace("_", "-"),
-            type=positive_float,
-            default=getattr(defaults, name),
-            help=f"{text} (default: {getattr(defaults, name):g})",
+            "--" + name.replace("_", "-"), type=kind, default=default, help=f"{text} (default: {shown})"
         )
     add_config_args(sv, CacheConfig, CONFIG_HELP)
     add_config_args(sv, SchedulerConfig, CONFIG_HELP)
@@ -87,13 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         port=args.port,
         api_keys=tuple(args.api_key),
         public_prefixes=tuple(args.public_prefix),
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens_limit=args.max_tokens_limit,
-        max_concurrent_requests=args.max_concurrent_requests,
-        max_body_bytes=args.max_body_bytes,
-        shutdown_grace_s=args.shutdown_grace_s,
-        header_timeout_s=args.header_timeout_s,
-        body_timeout_s=args.body_timeout_s,
+        **{name: getattr(args, name) for name in _LIMITS},
     )
     cache = config_from_args(CacheConfig, args)
     scheduler = config_from_args(SchedulerConfig, args)

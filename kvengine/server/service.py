@@ -169,31 +169,28 @@ class Service:
                 400, f"stop strings may have at most {chars} characters, one has {longest}", param="stop"
             )
 
-    async def encode(self, text: str) -> list[int]:
-        """Token ids of a prompt, computed in a worker thread: a long prompt never stalls the event loop.
+    def _check_chars(self, chars: int, param: str) -> None:
+        """400 for text that must be longer than the prompt limit, without tokenizing it.
 
-        A text that must be longer than the prompt limit (more characters
-        than the limit times the longest token) is refused without tokenizing.
+        Each token covers at most `max_chars_per_token` characters, so more
+        characters than the limit times that cannot fit in the limit's tokens.
         """
-        if len(text) > self.max_prompt_tokens * self.max_chars_per_token:
+        if chars > self.max_prompt_tokens * self.max_chars_per_token:
             raise fmt.APIError(
                 400,
-                f"the prompt has {len(text)} characters, more than {self.max_prompt_tokens} tokens can hold",
-                param="prompt",
+                f"{param}: {chars} characters, more than {self.max_prompt_tokens} tokens can hold",
+                param=param,
                 code="context_length_exceeded",
             )
+
+    async def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt, computed in a worker thread: a long prompt never stalls the event loop."""
+        self._check_chars(len(text), "prompt")
         return list(await asyncio.to_thread(self.tokenizer.encode, text))
 
     async def render_chat(self, messages: list[ChatMessage]) -> list[int]:
         """`openai_format.render_chat` in a worker thread (chat templates and tokenizing take time)."""
-        chars = sum(len(m.text()) for m in messages)
-        if chars > self.max_prompt_tokens * self.max_chars_per_token:
-            raise fmt.APIError(
-                400,
-                f"the messages have {chars} characters, more than {self.max_prompt_tokens} tokens can hold",
-                param="messages",
-                code="context_length_exceeded",
-            )
+        self._check_chars(sum(len(m.text()) for m in messages), "messages")
         return await asyncio.to_thread(fmt.render_chat, self.model, messages)
 
     async def admit(self, job: Job) -> None:
