@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from conftest import hf_greedy
 
@@ -81,3 +83,83 @@ def test_request_larger_than_the_pool_is_rejected_at_admission(tiny_llama: Loade
 
     with pytest.raises(InvalidRequestError, match="more KV memory than the pool holds"):
         generate(tiny_llama, [[1] * 500], max_tokens=10, cache_config=CacheConfig(max_kv_bytes=2**16))
+
+
+class PieceTokenizer:
+    """SentencePiece-like: each id is a piece, "_" a space; a decoded text never starts with a space.
+
+    Stripping the first space makes a window's text differ from the full text's
+    slice, which the incremental decoder must not get wrong.
+    """
+
+    PIECES = ("_the", "_cat", "s", "_sat", ".", "_", "caf", "\u00e9", "_\u4f60\u597d", "!")
+
+    def __init__(self) -> None:
+        self.num_decoded = 0  # ids passed to decode, all calls together
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.num_decoded += len(ids)
+        return "".join(self.PIECES[i] for i in ids).replace("_", " ").removeprefix(" ")
+
+
+def _streamed(tokenizer: object, ids: list[int], stop: tuple[str, ...] = ()) -> tuple[list[str], TextStream]:
+    stream = TextStream(tokenizer, stop)  # type: ignore[arg-type]
+    deltas = []
+    for n in range(1, len(ids) + 1):
+        deltas.append(stream.update(ids[:n], final=n == len(ids)))
+        if stream.stopped:
+            break
+    return deltas, stream
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_window_decoding_equals_full_decoding(seed: int) -> None:
+    rng = random.Random(seed)
+    tok = PieceTokenizer()
+    ids = [rng.randrange(len(tok.PIECES)) for _ in range(rng.randrange(1, 60))]
+    deltas, stream = _streamed(tok, ids)
+    assert "".join(deltas) == stream.text == tok.decode(ids)
+    byte_ids = list(rng.randbytes(rng.randrange(1, 40)))  # invalid UTF-8 too: decoded with U+FFFD
+    deltas, stream = _streamed(CharTokenizer(), byte_ids)
+    assert "".join(deltas) == CharTokenizer().decode(byte_ids)
+
+
+def test_window_decoding_does_not_redecode_the_output() -> None:
+    tok = PieceTokenizer()
+    ids = [i % len(tok.PIECES) for i in range(3000)]
+    _streamed(tok, ids)
+    # One full decode at the end (3000 ids) plus a short window per token; decoding the
+    # whole output at every token would pass 4.5 million ids.
+    assert tok.num_decoded < 3000 + 10 * len(ids)
+
+
+def _text_cases(tok: object) -> list[list[int]]:
+    texts = [
+        "caf\u00e9 na\u00efve \u4f60\u597d\u4e16\u754c \U0001f389\U0001f680 \u00d8resund",
+        "plain ascii text.",
+    ]
+    return [list(tok.encode(t, add_special_tokens=False)) for t in texts]  # type: ignore[attr-defined]
+
+
+@pytest.mark.model
+def test_decode_stream_equals_full_decoding_on_the_bundled_tokenizer(bundled: LoadedModel) -> None:
+    tok = bundled.tokenizer
+    assert tok is not None
+    assert TextStream(tok).detokenizer._stream is not None  # the DecodeStream path
+    multibyte = _text_cases(tok)[0]
+    assert any("\ufffd" in tok.decode([t]) for t in multibyte)  # characters really split across tokens
+    rng = random.Random(0)
+    cases = _text_cases(tok) + [
+        [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 50))] for _ in range(200)
+    ]
+    for ids in cases:
+        deltas, stream = _streamed(tok, ids)
+        full = tok.decode(ids, skip_special_tokens=True)
+        assert "".join(deltas) == stream.text == full, ids
+    for ids in _text_cases(tok):
+        full = tok.decode(ids, skip_special_tokens=True)
+        for start in range(0, len(full) - 2, 3):
+            stop = full[start : start + 2]
+            deltas, stream = _streamed(tok, ids, (stop,))
+            assert "".join(deltas) == stream.text == full[: full.find(stop)], stop
+            assert stream.stopped

@@ -11,10 +11,12 @@ from collections.abc import Callable
 
 from kvengine.cli.argtypes import positive_float, positive_int
 from kvengine.cli.common import CONFIG_HELP, add_config_args, add_model_args, config_from_args
-from kvengine.config import CacheConfig, SchedulerConfig, ServerConfig
+from kvengine.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig, ServerConfig
+from kvengine.errors import InvalidRequestError
 
-_SERVE_HELP = """Serve the model at /v1/completions, /v1/chat/completions (streaming with
-"stream": true), /v1/models, /health and /metrics (Prometheus, no key needed). Extra body fields
+_SERVE_HELP = """Serve MODEL (a bundled name, a local Hugging Face directory or a .gguf file;
+or --model) at /v1/completions, /v1/chat/completions (streaming with "stream": true), /v1/models,
+/tokenize, /detokenize, /version, /health and /metrics (Prometheus, no key needed). Extra body fields
 "kv_press" and "kv_compression_ratio" compress a request's prompt with a registered press. With
 --api-key, each key is a tenant of the prefix cache; --public-prefix TEXT (with --prefix-cache) lets
 all tenants share the cached blocks of a common system prompt. --tiers host,disk,redis keeps cached
@@ -45,7 +47,21 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API", description=_SERVE_HELP
     )
+    sv.add_argument(
+        "model_arg",
+        nargs="?",
+        metavar="MODEL",
+        default=None,
+        help=f"bundled model name, local HF directory or .gguf file (default: {DEFAULT_MODEL})",
+    )
     add_model_args(sv)
+    sv.set_defaults(model=None)  # so that `serve MODEL --model OTHER` can be refused
+    sv.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the name clients call the model by (/v1/models, `model` fields; default: MODEL as given)",
+    )
     sv.add_argument("--host", default=defaults.host, help=f"address to listen on (default: {defaults.host})")
     sv.add_argument("--port", type=int, default=defaults.port, help=f"port (default: {defaults.port})")
     sv.add_argument(
@@ -69,13 +85,22 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     add_config_args(sv, SchedulerConfig, CONFIG_HELP)
 
 
+def model_of(args: argparse.Namespace) -> str:
+    """The model `serve` was given, as MODEL or `--model`; InvalidRequestError if both, differing."""
+    if args.model_arg is not None and args.model is not None and args.model_arg != args.model:
+        raise InvalidRequestError(f"two models given: {args.model_arg!r} and --model {args.model!r}")
+    return str(args.model_arg or args.model or DEFAULT_MODEL)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """Load the model and serve it until interrupted."""
+    import logging
+
     from kvengine.engine.async_engine import AsyncEngine
     from kvengine.engine.engine import Engine
     from kvengine.models import load
     from kvengine.server import create_app
-    from kvengine.server.serve import make_server
+    from kvengine.server.serve import make_server, startup_line
 
     config = ServerConfig(
         host=args.host,
@@ -86,6 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     cache = config_from_args(CacheConfig, args)
     scheduler = config_from_args(SchedulerConfig, args)
-    model = load(args.model, dtype=args.dtype)
-    engine = AsyncEngine(Engine(model, cache, scheduler))
-    make_server(create_app(engine, model, config), config).run()
+    model = load(model_of(args), dtype=args.dtype)
+    engine = Engine(model, cache, scheduler)
+    app = create_app(AsyncEngine(engine), model, config, args.served_model_name)
+    server = make_server(app, config)  # also sets up uvicorn's logging
+    logging.getLogger("uvicorn.error").info(startup_line(engine, app.state.server.model_name))
+    server.run()

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
 from kvengine.config import CacheConfig, SchedulerConfig
@@ -40,20 +42,75 @@ class Completion:
     kv_bytes: int  # bytes its KV blocks held when it finished
 
 
+class Detokenizer:
+    """The text of a growing list of output token ids, decoded incrementally.
+
+    `step(new_ids)` returns the text those ids complete (maybe "", while a
+    character spans tokens); `finish(all_ids)` returns the rest. The pieces
+    joined equal `tokenizer.decode(all_ids, skip_special_tokens=True)`:
+    `finish` decodes the whole output once and returns what the steps have not
+    shown. A step costs the same whatever the output's length: a fast
+    tokenizer that adds no clean-up on decode is driven through tokenizers'
+    `DecodeStream`; any other is decoded over a window of the last few tokens
+    (from the last token already shown), as vLLM does.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.text = ""  # everything returned so far
+        self.ids: list[int] = []
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        exact = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._backend = cast(Tokenizer, backend)  # used only when `exact`
+        self._stream = DecodeStream(skip_special_tokens=True) if exact else None
+        self._prefix = 0  # window decoding: ids[_prefix:_read] decode to text already returned
+        self._read = 0
+
+    def step(self, new_ids: list[int]) -> str:
+        self.ids += new_ids
+        if self._stream is not None:
+            pieces = [self._stream.step(self._backend, t) for t in new_ids]
+            delta = "".join(p for p in pieces if p)
+        else:
+            delta = self._window_step()
+        self.text += delta
+        return delta
+
+    def _window_step(self) -> str:
+        shown = self._decode(self.ids[self._prefix : self._read])
+        text = self._decode(self.ids[self._prefix :])
+        if len(text) <= len(shown) or text.endswith("\ufffd"):  # nothing new, or half a character
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(shown) :]
+
+    def finish(self, all_ids: list[int]) -> str:
+        self.ids = list(all_ids)
+        full = self._decode(self.ids)
+        rest = full[len(self.text) :] if full.startswith(self.text) else ""
+        self.text += rest
+        return rest
+
+    def _decode(self, ids: list[int]) -> str:
+        return cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
 class TextStream:
     """One request's text for streaming: incremental detokenization with stop strings.
 
     Feed `update` every output token id so far, after each new token; it
-    returns the text that became final since the last call. What it returns
-    never ends in half a UTF-8 character and never holds a stop string or the
-    start of one (such text is held back until the next token settles it).
-    Once a stop string appears, `stopped` is set, `text` ends just before it,
-    and the caller should end the request: nothing after it is ever shown.
-    `final=True` (the request's last token) releases whatever is held back.
+    returns the text that became final since the last call. Each call decodes
+    only the new ids (`Detokenizer`), so its cost does not grow with the
+    output. What it returns never ends in half a UTF-8 character and never
+    holds a stop string or the start of one (such text is held back until the
+    next token settles it). Once a stop string appears, `stopped` is set,
+    `text` ends just before it, and the caller should end the request: nothing
+    after it is ever shown. `final=True` (the request's last token) releases
+    whatever is held back.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
-        self.tokenizer = tokenizer
+        self.detokenizer = Detokenizer(tokenizer)
         self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # everything decoded so far, cut before a stop string
@@ -62,7 +119,12 @@ class TextStream:
 
     def update(self, token_ids: list[int], final: bool) -> str:
         """Feed all output ids so far; returns the new text that is safe to show."""
-        text = cast(str, self.tokenizer.decode(token_ids, skip_special_tokens=True))  # one list, one string
+        detok = self.detokenizer
+        if final:
+            detok.finish(token_ids)
+        else:
+            detok.step(token_ids[len(detok.ids) :])
+        text = detok.text
         for s in self.stop:
             cut = text.find(s, max(0, self.emitted - len(s)))
             if cut != -1:

@@ -1,4 +1,4 @@
-"""Loading a model by name: bundled models, local Hugging Face directories, built models.
+"""Loading a model by name: bundled models, local Hugging Face directories, GGUF files, built models.
 
 `load("smollm2-135m")` finds the GGUF file shipped in an installed Python
 package, converts it once into `<cache_dir>/models/smollm2-135m/` and loads
@@ -13,6 +13,8 @@ module reads model configs directly.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,11 +133,12 @@ def load(
     dtype: torch.dtype | str = "auto",
     progress: bool = True,
 ) -> LoadedModel:
-    """Load a bundled model by name, or a local Hugging Face model directory.
+    """Load a bundled model by name, a local Hugging Face model directory, or a .gguf file.
 
     A bundled name is converted into `<cache_dir>/models/<name>/` on first use
     (`cache_dir` defaults to `default_cache_dir()`; `progress` shows a bar over
-    that conversion) and loaded from there afterwards. A directory holding
+    that conversion) and loaded from there afterwards; so is a .gguf file (a
+    bundled model's own file shares its conversion). A directory holding
     `config.json` is loaded directly. The model comes back on the CPU, in
     `dtype`, in eval mode with gradients off. `dtype` is a torch dtype or a
     name (`models.precision`): "auto", the default, is bfloat16 where the CPU
@@ -157,13 +160,16 @@ def load(
         model_dir = _ensure_converted(bundled, cache_dir or default_cache_dir(), progress)
         return _load_dir(model_dir, bundled.name, dtype, reason)
     path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        model_dir = _ensure_converted_gguf(path, cache_dir or default_cache_dir(), progress)
+        return _load_dir(model_dir, name_or_path, dtype, reason)
     if path.is_dir() and convert.is_converted(path):
         return _load_dir(path, name_or_path, dtype, reason)
     if path.is_dir():
         raise ModelNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model directory")
     raise ModelNotFoundError(
         f"unknown model {name_or_path!r}: bundled models are {', '.join(bundled_names())}; "
-        "a path to a local Hugging Face model directory (with config.json) also works"
+        "a path to a local Hugging Face model directory (with config.json) or a .gguf file also works"
     )
 
 
@@ -193,6 +199,27 @@ def _ensure_converted(bundled: BundledModel, cache_dir: Path, progress: bool) ->
     if not convert.is_converted(model_dir):
         gguf_path = registry.locate_gguf(bundled)
         convert.convert_gguf(gguf_path, model_dir, progress=progress)
+    return model_dir
+
+
+def _ensure_converted_gguf(path: Path, cache_dir: Path, progress: bool) -> Path:
+    """The converted directory of the GGUF file at `path`, converting it first if needed.
+
+    A bundled model's file maps to that model's directory; any other file to
+    one named after its stem and a digest of its resolved path, size and
+    modification time, so a changed file is converted again.
+    """
+    path = path.resolve()
+    for bundled in registry.BUNDLED.values():
+        if bundled.gguf_name == path.name:
+            with contextlib.suppress(ModelNotFoundError):
+                if registry.locate_gguf(bundled).resolve() == path:
+                    return _ensure_converted(bundled, cache_dir, progress)
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    model_dir = convert.converted_dir(cache_dir, f"gguf-{path.stem}-{digest}")
+    if not convert.is_converted(model_dir):
+        convert.convert_gguf(path, model_dir, progress=progress)
     return model_dir
 
 

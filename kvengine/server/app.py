@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP app over an `AsyncEngine`: `create_app`.
 
-Routes: POST /v1/completions, POST /v1/chat/completions (both with
-`stream: true` as server-sent events), GET /v1/models, GET /health
-(liveness), GET /ready (readiness), GET /metrics (Prometheus). Bodies are read and parsed by the routes rather than
+Routes: POST /v1/completions (one choice per prompt), POST
+/v1/chat/completions (both with `stream: true` as server-sent events), GET
+/v1/models, GET /health (liveness), GET /ready (readiness), GET /metrics
+(Prometheus), and vLLM's POST /tokenize, POST /detokenize, GET /version
+(tokenize.py). Bodies are read and parsed by the routes rather than
 by FastAPI, so that every bad input (too large, not UTF-8, not JSON, wrong
 types) gets a 4xx with OpenAI's error body and never a 5xx; the OpenAPI
 document still declares them (see openapi.py). A request is admitted to the
@@ -20,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,27 +40,28 @@ from kvengine.server.openapi import declare_request_bodies, error_responses
 from kvengine.server.schemas import ChatCompletionResponse, ChatRequest, CompletionRequest, CompletionResponse
 from kvengine.server.service import Job, Service
 from kvengine.server.tenancy import public_prefix_ids
+from kvengine.server.tokenize import TOKEN_BODIES, add_token_routes
 
 
 async def _respond(
-    server: Service, chat: bool, body: CompletionRequest | ChatRequest, job: Job, request: Request
+    server: Service, chat: bool, body: CompletionRequest | ChatRequest, jobs: list[Job], request: Request
 ) -> Any:
-    """The JSON response, or the event stream when `body.stream` is set."""
+    """The JSON response, or the event stream when `body.stream` is set; one choice per job."""
     rid = fmt.new_id("chatcmpl" if chat else "cmpl")
-    await server.admit(job)  # before any response: a refused request gets its 4xx, streamed or not
+    await server.admit_all(jobs)  # before any response: a refused request gets its 4xx, streamed or not
     if body.stream:
-        done = _Once(server, job)
-        return _EventStream(_sse(server, chat, body, job, rid, done), done)
+        done = _Once(server, jobs)
+        return _EventStream(_sse(server, chat, body, jobs, rid, done), done)
     try:
-        collect = asyncio.ensure_future(_collect(server, job))
+        collect = asyncio.ensure_future(_collect(server, jobs))
         while not collect.done():
             await asyncio.wait({collect}, timeout=DISCONNECT_POLL_S)
             if not collect.done() and await request.is_disconnected():
-                collect.cancel()  # closes the run, which aborts the request and frees its blocks
+                collect.cancel()  # closes the runs, which aborts the requests and frees their blocks
                 with contextlib.suppress(asyncio.CancelledError):
                     await collect
                 return Response(status_code=499)  # nobody reads it; the code nginx uses for this
-        text, finish = collect.result()
+        choices = collect.result()
     except fmt.APIError:
         raise
     except InvalidRequestError as exc:
@@ -66,20 +69,66 @@ async def _respond(
     except Exception as exc:
         raise fmt.APIError(500, f"the request failed in the engine: {_reason(exc)}", "server_error") from None
     finally:
-        server.release()
-    return fmt.completion_object(chat, rid, server.model.name, text, finish, job.usage())
+        for _ in jobs:
+            server.release()
+    return fmt.completion_object(chat, rid, server.model_name, choices, _usage(jobs))
 
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
-async def _collect(server: Service, job: Job) -> tuple[str, str]:
-    parts, finish = [], "stop"
-    async with contextlib.aclosing(server.run(job)) as run:
-        async for delta, reason in run:
-            parts.append(delta)
-            finish = reason or finish
-    return "".join(parts), finish
+async def _collect(server: Service, jobs: list[Job]) -> list[tuple[str, str]]:
+    """(text, finish reason) of each job, in order, once all have ended."""
+    parts: list[list[str]] = [[] for _ in jobs]
+    finish = ["stop"] * len(jobs)
+    async with contextlib.aclosing(_merged(server, jobs)) as events:
+        async for index, delta, reason in events:
+            parts[index].append(delta)
+            finish[index] = reason or finish[index]
+    return [("".join(p), f) for p, f in zip(parts, finish, strict=True)]
+
+
+async def _merged(server: Service, jobs: list[Job]) -> AsyncGenerator[tuple[int, str, str | None], None]:
+    """(job index, new text, finish reason or None) of all jobs, as they come; closing it closes every run.
+
+    Each job runs in its own task; the first one that fails ends them all with its error.
+    """
+    queue: asyncio.Queue[tuple[int, str | None, str | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, job: Job) -> None:
+        try:
+            async with contextlib.aclosing(server.run(job)) as run:
+                async for delta, reason in run:
+                    await queue.put((index, delta, reason, None))
+        except Exception as exc:
+            await queue.put((index, None, None, exc))
+            return
+        await queue.put((index, None, None, None))  # this job has ended
+
+    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+    try:
+        num_running = len(jobs)
+        while num_running:
+            index, delta, reason, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if delta is None:
+                num_running -= 1
+                continue
+            yield index, delta, reason
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _usage(jobs: list[Job]) -> dict[str, Any]:
+    """The usage of a request: its jobs' tokens, summed."""
+    return fmt.usage(
+        sum(len(j.prompt_ids) for j in jobs),
+        sum(j.num_completion for j in jobs),
+        sum(j.num_cached for j in jobs),
+    )
 
 
 def _reason(exc: BaseException) -> str:
@@ -92,16 +141,17 @@ def _reason(exc: BaseException) -> str:
 class _Once:
     """A stream's clean-up, run exactly once: after its last event, or when the stream never starts."""
 
-    def __init__(self, server: Service, job: Job) -> None:
-        self.server, self.job, self.done = server, job, False
+    def __init__(self, server: Service, jobs: list[Job]) -> None:
+        self.server, self.jobs, self.done = server, jobs, False
 
     async def __call__(self) -> None:
         if self.done:
             return
         self.done = True
-        self.server.release()
-        if self.job.seq_id is not None:
-            self.server.llm.abort(self.job.seq_id)  # a no-op for a request that ended
+        for job in self.jobs:
+            self.server.release()
+            if job.seq_id is not None:
+                self.server.llm.abort(job.seq_id)  # a no-op for a request that ended
 
 
 class _EventStream(StreamingResponse):
@@ -119,26 +169,35 @@ class _EventStream(StreamingResponse):
 
 
 async def _sse(
-    server: Service, chat: bool, body: CompletionRequest | ChatRequest, job: Job, rid: str, done: _Once
+    server: Service, chat: bool, body: CompletionRequest | ChatRequest, jobs: list[Job], rid: str, done: _Once
 ) -> AsyncIterator[str]:
-    """Server-sent events; a client that goes away cancels this, which aborts the request.
+    """Server-sent events; a client that goes away cancels this, which aborts the requests.
 
-    Every stream ends with `data: [DONE]`, after an error event if the
-    request failed once its 200 had been sent.
+    Every stream ends with `data: [DONE]`, after an error event if a
+    request failed once its 200 had been sent. Each choice's first chunk is
+    sent even if empty (a chat's carries the assistant role).
     """
-    name = server.model.name
+    name = server.model_name
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    first = True
+    started: set[int] = set()
     try:
-        async with contextlib.aclosing(server.run(job)) as run:
-            async for delta, reason in run:
+        async with contextlib.aclosing(_merged(server, jobs)) as events:
+            async for index, delta, reason in events:
+                first = index not in started
                 if delta or reason is not None or first:
                     yield fmt.chunk(
-                        chat, rid, name, delta, reason, first=first, with_usage_field=include_usage
+                        chat,
+                        rid,
+                        name,
+                        delta,
+                        reason,
+                        index=index,
+                        first=first,
+                        with_usage_field=include_usage,
                     )
-                    first = False
+                    started.add(index)
         if include_usage:
-            yield fmt.chunk(chat, rid, name, None, None, usage_=job.usage(), with_usage_field=True)
+            yield fmt.chunk(chat, rid, name, None, None, usage_=_usage(jobs), with_usage_field=True)
     except Exception as exc:
         yield f"data: {json.dumps(_stream_error(exc).body())}\n\n"
     finally:
@@ -155,13 +214,16 @@ def _stream_error(exc: Exception) -> fmt.APIError:
     return fmt.APIError(status, f"the request failed in the engine: {_reason(exc)}", kind)
 
 
-def create_app(engine: AsyncEngine, model: LoadedModel, config: ServerConfig) -> FastAPI:
+def create_app(
+    engine: AsyncEngine, model: LoadedModel, config: ServerConfig, served_model_name: str | None = None
+) -> FastAPI:
     """The app serving `model` through `engine`; its lifespan starts the engine and closes it.
 
-    The engine must not be started yet: it is started on the app's event loop.
+    Clients call the model `served_model_name` (default: `model.name`). The
+    engine must not be started yet: it is started on the app's event loop.
     Each of `config.public_prefixes` is registered with the engine here.
     """
-    server = Service(engine, model, config)
+    server = Service(engine, model, config, served_model_name)
     for text in config.public_prefixes:
         for ids in public_prefix_ids(model, text):
             engine.add_public_prefix(ids)
@@ -178,7 +240,13 @@ def create_app(engine: AsyncEngine, model: LoadedModel, config: ServerConfig) ->
     app.state.server = server  # for make_server (its drain) and tests: requests in flight, limits
     fmt.add_error_handlers(app)
     _add_routes(app, server)
-    declare_request_bodies(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest})
+    add_token_routes(app, server)
+    bodies: dict[str, type[BaseModel]] = {
+        "/v1/completions": CompletionRequest,
+        "/v1/chat/completions": ChatRequest,
+        **TOKEN_BODIES,
+    }
+    declare_request_bodies(app, bodies)
     routes = frozenset(str(getattr(r, "path", "")) for r in app.routes)
     app.add_middleware(RequestMetricsMiddleware, metrics=server.metrics, routes=routes)
     return app
@@ -209,7 +277,7 @@ def _add_routes(app: FastAPI, server: Service) -> None:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {
-            "id": model.name,
+            "id": server.model_name,
             "object": "model",
             "created": 0,
             "owned_by": "kvengine",
@@ -223,16 +291,17 @@ def _add_routes(app: FastAPI, server: Service) -> None:
     async def completions(request: Request) -> Any:
         salt = server.tenant(request)
         body = await server.read_body(request, CompletionRequest)
-        prompt = body.prompt
-        ids = await server.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return await _respond(server, False, body, server.job(body, ids, salt), request)
+        server.check_model(body.model)
+        jobs = [server.job(body, ids, salt) for ids in await server.prompt_ids(body)]
+        return await _respond(server, False, body, jobs, request)
 
     @app.post("/v1/chat/completions", responses={**_ok(ChatCompletionResponse), **errors})
     async def chat_completions(request: Request) -> Any:
         salt = server.tenant(request)
         body = await server.read_body(request, ChatRequest)
+        server.check_model(body.model)
         ids = await server.render_chat(body.messages)
-        return await _respond(server, True, body, server.job(body, ids, salt), request)
+        return await _respond(server, True, body, [server.job(body, ids, salt)], request)
 
 
 def _ok(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:

@@ -87,20 +87,23 @@ def usage(num_prompt: int, num_completion: int, num_cached: int) -> dict[str, An
 
 
 def completion_object(
-    chat: bool, rid: str, model: str, text: str, finish: str, usage_: dict[str, Any]
+    chat: bool, rid: str, model: str, choices: list[tuple[str, str]], usage_: dict[str, Any]
 ) -> dict[str, Any]:
-    """The whole response of a non-streaming request."""
-    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
+    """The whole response of a non-streaming request; `choices` are (text, finish reason), in order."""
+    out = []
+    for index, (text, finish) in enumerate(choices):
+        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        out.append(choice)
     return {
         "id": rid,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": out,
         "usage": usage_,
     }
 
@@ -112,14 +115,15 @@ def chunk(
     text: str | None,
     finish: str | None,
     *,
+    index: int = 0,
     first: bool = False,
     usage_: dict[str, Any] | None = None,
     with_usage_field: bool = False,
 ) -> str:
-    """One server-sent event. `text=None` makes the usage-only chunk (no choices)."""
+    """One server-sent event of choice `index`. `text=None` makes the usage-only chunk (no choices)."""
     choices: list[dict[str, Any]] = []
     if text is not None:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish}
         if chat:
             choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
         else:
@@ -150,7 +154,7 @@ def render_chat(
     """
     tok = model.tokenizer
     assert tok is not None  # create_app refuses models without a tokenizer
-    plain = [{"role": m.role, "content": m.text()} for m in messages]
+    plain = [_message(m) for m in messages]
     if model.has_chat_template:
         text = str(
             tok.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tokenize=False)
@@ -158,3 +162,13 @@ def render_chat(
         return list(tok.encode(text, add_special_tokens=False))
     text = "".join(f"{m['role']}: {m['content']}\n" for m in plain)
     return list(tok.encode(text + "assistant:" if add_generation_prompt else text))
+
+
+def _message(m: ChatMessage) -> dict[str, str]:
+    """A message as chat templates take it: role and content, and `name` or `tool_call_id` if sent."""
+    out = {"role": m.role, "content": m.text()}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out

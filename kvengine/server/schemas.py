@@ -2,9 +2,16 @@
 
 Validation is strict (a string is not a number), so a wrong type is a 400
 rather than a silent conversion. These models check the shape of a body
-only; what needs the model or the server's limits is checked by the service. Fields the server does not implement are
-ignored, as OpenAI-compatible servers commonly do, except `n`, which must be 1.
-`kv_press` and `kv_compression_ratio` are kvengine's own extra body fields.
+only; what needs the model or the server's limits is checked by the service.
+
+Nothing a client sends is ignored silently. A field no model here declares
+is a 400 naming it. Fields OpenAI defines that this server does not
+implement yet are declared, so that a client sending them at their "off"
+value (many send defaults) is served; any other value is a 400 naming the
+field (`NOT_SUPPORTED_YET`, checked by `unsupported_field`). Accepted and
+honoured beyond OpenAI's own: `top_k`, `ignore_eos` (vLLM's), `kv_press` and
+`kv_compression_ratio` (kvengine's). Accepted as a no-op: `user` (an end-user
+id that only OpenAI's abuse monitoring reads).
 
 The response models only document the responses in the OpenAPI schema (the
 app builds responses as dicts, in openai_format); they allow extra fields.
@@ -12,13 +19,24 @@ app builds responses as dicts, in openai_format); they allow extra fields.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    # Fields this server does not implement yet, each with the values that mean "off".
+    NOT_SUPPORTED_YET: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+
+def unsupported_field(body: BaseModel) -> str | None:
+    """The first field of `body` set to a value this server does not implement yet, else None."""
+    for name, off in getattr(body, "NOT_SUPPORTED_YET", {}).items():
+        if getattr(body, name) not in off:
+            return name
+    return None
 
 
 class StreamOptions(_Body):
@@ -28,17 +46,33 @@ class StreamOptions(_Body):
 class _Sampling(_Body):
     """Fields shared by both endpoints."""
 
+    NOT_SUPPORTED_YET: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "n": (1,),
+        "min_tokens": (0,),
+        "presence_penalty": (0,),
+        "frequency_penalty": (0,),
+        "repetition_penalty": (1,),
+        "logit_bias": (None, {}),
+    }
+
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=2**31 - 1)  # extra: 0 = off
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
-    n: int = 1
+    ignore_eos: bool = False  # vLLM's extra: generate until max_tokens, whatever the EOS token says
     stream: bool = False
     stream_options: StreamOptions | None = None
     kv_press: str | None = None  # a press spec from the registry, e.g. "snapkv" or "adakv:snapkv"
     kv_compression_ratio: float = Field(0.5, ge=0.0, lt=1.0)
+    user: str | None = None  # accepted, unused
+    n: int = 1
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -47,10 +81,29 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
-    """POST /v1/completions: a text prompt or a list of token ids."""
+    """POST /v1/completions: a prompt, or several (strings or token-id lists), one choice each."""
 
-    prompt: str | list[int]
+    NOT_SUPPORTED_YET: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **_Sampling.NOT_SUPPORTED_YET,
+        "logprobs": (None,),
+        "echo": (False,),
+        "best_of": (None, 1),
+        "suffix": (None, ""),
+    }
+
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts in order: a string or token-id list is one, a list of them is several."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
 
 
 class TextPart(_Body):
@@ -59,8 +112,10 @@ class TextPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = None  # given to the chat template, which may render it
+    tool_call_id: str | None = None  # of a "tool" message; given to the chat template
 
     def text(self) -> str:
         if self.content is None:
@@ -73,9 +128,41 @@ class ChatMessage(_Body):
 class ChatRequest(_Sampling):
     """POST /v1/chat/completions: a conversation rendered with the model's chat template."""
 
+    NOT_SUPPORTED_YET: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **_Sampling.NOT_SUPPORTED_YET,
+        "logprobs": (None, False),
+        "top_logprobs": (None, 0),
+        "response_format": (None, {"type": "text"}),
+        "tools": (None, []),
+        "tool_choice": (None, "none"),
+    }
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize (vLLM's): a prompt as /v1/completions encodes it, or messages as chat renders them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # for `prompt`; a rendered chat carries its template's own
+    add_generation_prompt: bool = True  # for `messages`
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize (vLLM's): token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---- responses: declared in the OpenAPI document only; the app builds them as dicts ----
@@ -133,6 +220,21 @@ class ChatCompletionResponse(_Out):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+class TokenizeResponse(_Out):
+    """The body of POST /tokenize."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None
+
+
+class DetokenizeResponse(_Out):
+    """The body of POST /detokenize."""
+
+    prompt: str
 
 
 class ErrorDetail(_Out):

@@ -44,6 +44,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kvengine.config import ServerConfig
+from kvengine.engine.engine import Engine
 from kvengine.server.service import Service
 
 logger = logging.getLogger("uvicorn.error")
@@ -154,3 +155,22 @@ def make_server(app: FastAPI, config: ServerConfig, **uvicorn_options: Any) -> G
     options: dict[str, Any] = {"timeout_graceful_shutdown": _BACKSTOP_S, **uvicorn_options}
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, http=protocol, ws="none", **options)
     return GracefulServer(uv_config, app.state.server, config.shutdown_grace_s)
+
+
+def startup_line(engine: Engine, served_model_name: str) -> str:
+    """What a server starts with, in one log line: model, dtype, device, KV pool, prefix cache."""
+    model, cache = engine.model, engine.cache_config
+    pool = engine.pool
+    kv = f"{pool.capacity_bytes / 2**20:.0f} MiB in {pool.num_blocks} blocks of {pool.block_size} tokens"
+    if cache.kv_bits:
+        kv += f", KIVI {cache.kv_bits}-bit"
+    prefix = "off"
+    if cache.prefix_cache:
+        prefix = f"on, eviction {cache.eviction_policy}"
+        if cache.tiers:
+            prefix += f", tiers {cache.tiers} (write-{cache.tier_write})"
+    return (
+        f"Serving {model.name} as {served_model_name!r}: {model.num_layers} layers, "
+        f"dtype {str(model.dtype).removeprefix('torch.')} ({model.dtype_reason}), "
+        f"device {model.hf_model.device}; KV pool {kv}; prefix cache {prefix}"
+    )

@@ -6,7 +6,7 @@ the requests in flight when the server shuts down (`drain`). Each rule is
 checked once: the body's shape by its pydantic model, the server's limits
 here, everything else by what the body becomes (`SamplingParams`, a press
 from the registry, the engine's request), whose InvalidRequestError is a
-400. It uses the engine only through `AsyncEngine`'s public API, and knows
+400; reading a body is body.py's. It uses the engine only through `AsyncEngine`'s public API, and knows
 nothing of HTTP responses or routes (app.py), nor of OpenAI's wire format
 beyond the errors it raises.
 """
@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from kvengine.config import ServerConfig
 from kvengine.engine.async_engine import AsyncEngine
@@ -33,6 +32,7 @@ from kvengine.models import LoadedModel
 from kvengine.press.base import Press
 from kvengine.press.registry import press_from_spec
 from kvengine.server import openai_format as fmt
+from kvengine.server.body import read_body
 from kvengine.server.metrics import ServerMetrics
 from kvengine.server.schemas import ChatMessage, ChatRequest, CompletionRequest
 from kvengine.server.tenancy import tenant_salt
@@ -63,72 +63,81 @@ class Job:
 class Service:
     """The state behind the routes: engine, model, limits, requests in flight."""
 
-    def __init__(self, llm: AsyncEngine, model: LoadedModel, config: ServerConfig) -> None:
+    def __init__(
+        self, llm: AsyncEngine, model: LoadedModel, config: ServerConfig, model_name: str | None = None
+    ) -> None:
         if model.tokenizer is None:
             raise InvalidRequestError("the server needs a model with a tokenizer")
         self.llm = llm
         self.model = model
+        self.model_name = model_name or model.name  # what clients call it: /v1/models, `model` fields
         self.tokenizer = model.tokenizer
+        self.vocab_size = int(model.config.vocab_size)
         self.config = config
         self.num_in_flight = 0
         self.draining = False  # shutting down: new requests are refused (503), those in flight finish
         # The engine also refuses prompts that leave no room for a new token; refused
         # here, such a prompt gets OpenAI's code for it (context_length_exceeded).
         self.max_prompt_tokens = min(config.max_prompt_tokens, model.max_context_len - 1)
-        self.metrics = ServerMetrics(llm.stats, lambda: self.num_in_flight)
+        self.metrics = ServerMetrics(llm.stats, lambda: self.num_in_flight, self.model_name)
         self.max_chars_per_token = _longest_token_chars(model.tokenizer)
 
     def tenant(self, request: Request) -> str:
         return tenant_salt(self.config, request)
 
     async def read_body(self, request: Request, cls: type[B]) -> B:
-        """The request body parsed as `cls`; 413 if too large, 400 if not UTF-8 JSON of that shape.
+        """`body.read_body` under this server's limits: the body parsed as `cls`, else a 4xx."""
+        return await read_body(request, cls, self.config)
 
-        408 unless the whole body arrives within `config.body_timeout_s`: one
-        deadline for the body, not one per read, so a client that sends a
-        byte now and then cannot hold the connection either.
-        """
-        limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise fmt.APIError(413, f"request body over {limit} bytes", code="request_too_large")
-        data = bytearray()
-        timeout_s = self.config.body_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                async for part in request.stream():
-                    data += part
-                    if len(data) > limit:
-                        raise fmt.APIError(413, f"request body over {limit} bytes", code="request_too_large")
-        except TimeoutError:
+    def check_model(self, name: str | None) -> None:
+        """404 unless `name` (a body's `model`) is None or the name this server serves under."""
+        if name is not None and name != self.model_name:
             raise fmt.APIError(
-                408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout"
-            ) from None
-        obj = _parse_json(bytes(data))
-        try:
-            return cls.model_validate(obj)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            param = ".".join(str(p) for p in err["loc"]) or None
-            raise fmt.APIError(400, f"{param or 'body'}: {err['msg']}", param=param) from None
+                404,
+                f"model {name!r} is not served here; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """400 naming the ids outside the model's vocabulary, if any."""
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+            raise fmt.APIError(
+                400,
+                f"{param}: token ids {shown} are outside the vocabulary [0, {self.vocab_size})",
+                param=param,
+            )
+
+    async def prompt_ids(self, body: CompletionRequest) -> list[list[int]]:
+        """Token ids of each prompt of a completion request, in order; 400 for an empty or bad one."""
+        prompts = body.prompts()
+        if len(prompts) > self.config.max_concurrent_requests:
+            raise fmt.APIError(
+                400,
+                f"{len(prompts)} prompts; at most {self.config.max_concurrent_requests} per request",
+                param="prompt",
+            )
+        batch = []
+        for i, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            ids = await self.encode(prompt, param) if isinstance(prompt, str) else list(prompt)
+            if not ids:
+                raise fmt.APIError(400, f"{param}: the prompt is empty", param=param)
+            self.check_token_ids(ids, param)
+            batch.append(ids)
+        return batch
 
     def job(self, body: CompletionRequest | ChatRequest, prompt_ids: list[int], salt: str) -> Job:
         """The request as the engine will run it; 4xx if this server refuses it.
 
         The body's shape was checked when it was parsed. Here are the server's
-        own limits (the model it serves, n, prompt and output lengths); the
+        own limits (the model it serves, prompt and output lengths); the
         rest is checked by what the body becomes: `SamplingParams` and the
         press registry here, the engine when the job is admitted (`admit`).
         """
-        if body.model is not None and body.model != self.model.name:
-            raise fmt.APIError(
-                404,
-                f"model {body.model!r} is not served here; this server serves {self.model.name!r}",
-                param="model",
-                code="model_not_found",
-            )
-        if body.n != 1:
-            raise fmt.APIError(400, "only n=1 is supported", param="n")
+        self.check_model(body.model)
         self._check_stop(body.stop_strings())
         if len(prompt_ids) > self.max_prompt_tokens:
             raise fmt.APIError(
@@ -148,7 +157,13 @@ class Service:
             )
         with _as_400():
             params = SamplingParams(
-                max_tokens, body.temperature, body.top_p, body.top_k, body.seed, body.stop_strings()
+                max_tokens,
+                body.temperature,
+                body.top_p,
+                body.top_k,
+                body.seed,
+                body.stop_strings(),
+                ignore_eos=body.ignore_eos,
             )
         press = None
         if body.kv_press is not None:
@@ -183,15 +198,21 @@ class Service:
                 code="context_length_exceeded",
             )
 
-    async def encode(self, text: str) -> list[int]:
+    async def encode(self, text: str, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt, computed in a worker thread: a long prompt never stalls the event loop."""
-        self._check_chars(len(text), "prompt")
-        return list(await asyncio.to_thread(self.tokenizer.encode, text))
+        self._check_chars(len(text), param)
+        return list(
+            await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        )
 
-    async def render_chat(self, messages: list[ChatMessage]) -> list[int]:
+    async def decode(self, ids: list[int]) -> str:
+        """The text of token ids (special tokens skipped), decoded in a worker thread."""
+        return str(await asyncio.to_thread(self.tokenizer.decode, ids, skip_special_tokens=True))
+
+    async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         """`openai_format.render_chat` in a worker thread (chat templates and tokenizing take time)."""
         self._check_chars(sum(len(m.text()) for m in messages), "messages")
-        return await asyncio.to_thread(fmt.render_chat, self.model, messages)
+        return await asyncio.to_thread(fmt.render_chat, self.model, messages, add_generation_prompt)
 
     async def admit(self, job: Job) -> None:
         """Take a slot (429 when all are taken) and queue the job in the engine (400 if it refuses it).
@@ -213,6 +234,20 @@ class Service:
             raise fmt.APIError(503, f"the engine is {self.llm.state}", "server_error") from None
         except BaseException:
             self.release()
+            raise
+
+    async def admit_all(self, jobs: list[Job]) -> None:
+        """`admit` each job, in order; if one is refused, the ones admitted are aborted and released."""
+        admitted: list[Job] = []
+        try:
+            for job in jobs:
+                await self.admit(job)
+                admitted.append(job)
+        except BaseException:
+            for job in admitted:
+                assert job.seq_id is not None
+                self.llm.abort(job.seq_id)
+                self.release()
             raise
 
     async def run(self, job: Job) -> AsyncGenerator[tuple[str, str | None], None]:
@@ -245,7 +280,7 @@ class Service:
             yield "", "abort"
         finally:
             job.num_cached = info.num_cached_tokens
-            timer.end(job.num_completion, job.num_cached, ran_to_end)
+            timer.end(job.num_completion, ran_to_end)
 
     async def drain(self, grace_s: float) -> int:
         """Shut down gently: refuse new requests, give those in flight `grace_s` to finish, end the rest.
@@ -287,30 +322,6 @@ class Service:
 
     def release(self) -> None:
         self.num_in_flight -= 1
-
-
-def _parse_json(data: bytes) -> Any:
-    """The JSON value of a body; 400 if it is not UTF-8 JSON of valid Unicode text."""
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise fmt.APIError(400, f"request body is not UTF-8 (byte offset {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise fmt.APIError(400, f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise fmt.APIError(400, "request body is nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer with more digits than Python converts
-        raise fmt.APIError(400, f"request body is not valid JSON: {exc}") from None
-    try:
-        # JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text: no tokenizer takes them.
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise fmt.APIError(
-            400, f"request body has a lone UTF-16 surrogate ({exc.reason}); send valid Unicode"
-        ) from None
-    except RecursionError:
-        raise fmt.APIError(400, "request body is nested too deeply") from None
-    return obj
 
 
 def _longest_token_chars(tokenizer: Any) -> int:

@@ -159,7 +159,9 @@ def _measure(config: LoadConfig, launch: LaunchConfig | None, progress: bool) ->
             pool_blocks_in_use_after=settled_blocks_in_use(server.url, config.api_key, before),
             server_rss_peak_mib=peak.max_mib,
             server_hwm_mib=server.hwm_mib(),
-            pool_used_mib_after=_mib(metric(scrape_metrics(server.url, config.api_key), "pool_bytes_used")),
+            pool_used_mib_after=_mib(
+                metric(scrape_metrics(server.url, config.api_key), "kv_pool_used_bytes")
+            ),
         )
     return result, extra
 
