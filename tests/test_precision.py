@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_greedy, tiny_model
+from conftest import tiny_model, use_sdpa
 from test_engine import random_prompt
 
 from kvengine.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -56,22 +56,51 @@ def tiny_bf16() -> LoadedModel:
     return model
 
 
+def _hf_greedy_with_logits(
+    model: LoadedModel, prompt: list[int], n: int
+) -> tuple[list[int], list[torch.Tensor]]:
+    with use_sdpa(model) as hf, torch.inference_mode():
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences[0, len(prompt) :].tolist(), [x[0].float() for x in out.logits]
+
+
 def test_bf16_matches_transformers_bf16(tiny_bf16: LoadedModel) -> None:
-    """Each request token for token equal to transformers' generate on the same bf16 weights.
+    """Each request token for token equal to transformers' generate on the same bf16 weights,
+    except where transformers' own logits tie.
 
     Requests run one at a time: in a shared step, bf16 rounding of the packed
-    matmuls can differ from a single sequence's (one of these 12 prompts then
-    flips a near-tie at its 8th token), which fp32 does not show. That is a
-    batch-shape effect of 16-bit arithmetic, not of the cache.
+    matmuls can differ from a single sequence's. And decode attention reads the
+    cache in place, summing in another order than SDPA does: where transformers'
+    two best bf16 logits are equal or one bf16 step apart (one of these 12
+    prompts has an exact tie at its 8th token), either token is a right answer.
+    The tokens must agree up to such a tie, and ties must stay rare.
     """
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(1, 200, (12,), generator=g).tolist()
     engine = Engine(tiny_bf16, CacheConfig(max_kv_bytes=32 * 2**20), SchedulerConfig(max_step_tokens=1024))
     assert engine.pool.dtype is torch.bfloat16  # the KV cache is 16-bit too
+    ties = 0
     for i, n in enumerate(lengths):
         prompt = random_prompt(n, 300 + i)
         [out] = engine.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True))
-        assert out.output_ids == hf_greedy(tiny_bf16, prompt, 10), n
+        expected, logits = _hf_greedy_with_logits(tiny_bf16, prompt, 10)
+        if out.output_ids == expected:
+            continue
+        step = next(j for j, (a, b) in enumerate(zip(out.output_ids, expected, strict=True)) if a != b)
+        ours, theirs = logits[step][out.output_ids[step]], logits[step][expected[step]]
+        one_bf16_step = float(theirs.abs()) * 2**-7
+        assert float(theirs - ours) <= one_bf16_step, (n, step, float(theirs), float(ours))
+        ties += 1
+    assert ties <= 1
     assert engine.pool.num_used_blocks == 0
 
 

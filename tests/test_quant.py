@@ -251,7 +251,10 @@ def test_byte_accounting_matches_the_tensors_held() -> None:
     pool = QuantizedBlockPool(5, 7, block_size=16, head_dim=64, bits=2, dtype=torch.float16)
     assert pool.packed_bytes_per_block == sum(t[0].nbytes for t in pool.packed)
     assert pool.open_bytes_per_block == 2 * 16 * 64 * 2
-    assert pool.capacity_bytes == pool.k.nbytes + pool.v.nbytes + sum(t.nbytes for t in pool.packed)
+    zero_rows = 2 * 64 * 2  # the zero slot's key and value row, not a block
+    assert pool.capacity_bytes == pool.k.nbytes + pool.v.nbytes - zero_rows + sum(
+        t.nbytes for t in pool.packed
+    )
     # 2-bit codes of 16 x 64 keys and values, float16 scale+zero per key channel and per value token+group
     assert pool.packed_bytes_per_block == 2 * (16 * 64 // 4) + 2 * 64 * 2 + 2 * 16 * 2 * 2
 

@@ -49,6 +49,11 @@ class KVPool(ABC):
     open blocks; `read(slots)` returns rows in the pool's dtype from any block
     in use; `write_blocks` and `read_blocks` do the same for whole blocks.
 
+    Padding. `zero_slot` (one past the last slot of any block) is a slot
+    `read` always returns zeros for, never written: attention pads slot tables
+    with it, so padding entries hold finite values whatever other sequences
+    store (a NaN under a masked score would still poison a softmax).
+
     Accounting, in bytes really held: `bytes_per_block` (a block as
     `allocate` hands it out), `bytes_of(block_ids)`, `bytes_in_use`,
     `capacity_bytes`, `num_free_blocks`, `num_used_blocks`.
@@ -80,10 +85,18 @@ class KVPool(ABC):
         self.head_dim = head_dim
         self.dtype = dtype
         self._open_slots = num_open_blocks * block_size  # first slot past the open range
-        # torch.empty: pages are only touched when a block is written.
-        self.k = torch.empty(self._open_slots, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty(self._open_slots, head_dim, dtype=dtype, device=device)
+        # torch.empty: pages are only touched when a block is written. One more row, all
+        # zeros, is what `zero_slot` reads (padding of attention's slot tables).
+        self.k = torch.empty(self._open_slots + 1, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty(self._open_slots + 1, head_dim, dtype=dtype, device=device)
+        self.k[self._open_slots].zero_()
+        self.v[self._open_slots].zero_()
         self.ref_counts = torch.zeros(num_blocks, dtype=torch.int32)
+
+    @property
+    def zero_slot(self) -> int:
+        """The slot `read` returns zeros for (see the class doc)."""
+        return self.num_blocks * self.block_size
 
     # ---- accounting -------------------------------------------------------
 

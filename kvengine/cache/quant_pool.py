@@ -187,7 +187,10 @@ class QuantizedBlockPool(KVPool):
 
         Each sealed block touched is dequantized once.
         """
-        sealed = slots >= self._open_slots
+        # The zero slot lies past the packed range; its row of zeros is the open store's last.
+        is_zero = slots == self.zero_slot
+        sealed = (slots >= self._open_slots) & ~is_zero
+        slots = torch.where(is_zero, self._open_slots, slots)
         if not bool(sealed.any()):
             return super().read(slots, out)
         k, v = self._read_buffers(slots.numel(), out)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from kvengine.cache.paged import KVPool, SequenceKV
+from kvengine.engine.kernel import PagedDecode
 
 ATTENTION_NAME = "kvengine"
 
@@ -59,15 +60,56 @@ class SeqSpan:
 
 
 @dataclass
+class DecodeBatch:
+    """The sequences decoding one token after a cached context: their tables for every layer.
+
+    Built once per step (`decode_batch`), so that a layer runs no Python loop
+    over sequences and no host sync. A cell's entries past its length hold the
+    pool's zero slot.
+    """
+
+    rows: slice | torch.Tensor  # their columns in the packed batch
+    slots: torch.Tensor  # (L, N, H_kv, T) pool slot of each cached token
+    lens: torch.Tensor  # (L, N, H_kv) tokens each cell holds
+    positions: torch.Tensor | None  # (L, N, H_kv, T) token positions; only for window layers
+
+
+@dataclass
 class ForwardContext:
     """Per-step attention metadata: where new tokens go and what each sequence reads."""
 
     pool: KVPool
     spans: list[SeqSpan]
     new_slots: torch.Tensor  # (L, H_kv, T) pool slot of each new token, per layer and head
+    decode: DecodeBatch | None = None  # the plain decoding spans, attended together
+    kernel: PagedDecode | None = None  # decode attention in place (kernel.py), else gather + SDPA
     # Reused buffers for keys and values read back from the pool: fresh multi-MB
     # tensors in every layer would cost page faults on each decode step.
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def decode_batch(spans: list[SeqSpan], zero_slot: int, with_positions: bool) -> DecodeBatch | None:
+    """The step's `DecodeBatch` (None when no span is a plain decode)."""
+    members = [i for i, span in enumerate(spans) if _is_plain_decode(span)]
+    if not members:
+        return None
+    kvs = [spans[i].kv for i in members]
+    lens = torch.stack([kv.lens for kv in kvs], dim=1)  # (L, N, H)
+    width = int(lens.max())
+    slots = torch.stack([_cut(kv.slots, width) for kv in kvs], dim=1)
+    slots.masked_fill_(torch.arange(width) >= lens[..., None], zero_slot)
+    positions = torch.stack([_cut(kv.positions, width) for kv in kvs], dim=1) if with_positions else None
+    columns = [spans[i].start for i in members]
+    contiguous = columns == list(range(columns[0], columns[0] + len(columns)))
+    rows = slice(columns[0], columns[-1] + 1) if contiguous else torch.tensor(columns)
+    return DecodeBatch(rows, slots, lens, positions)
+
+
+def _cut(table: torch.Tensor, width: int) -> torch.Tensor:
+    """`table` `(L, H, C)` cut or zero-padded to `(L, H, width)`."""
+    if table.shape[-1] >= width:
+        return table[..., :width]
+    return F.pad(table, (0, width - table.shape[-1]))
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("kvengine_forward", default=None)
@@ -120,14 +162,12 @@ def paged_attention(
     ctx.pool.write(slots.reshape(-1), new_k.reshape(-1, head_dim), new_v.reshape(-1, head_dim))
 
     out = query.new_empty(num_tokens, num_heads, head_dim)
-    batched = [span for span in ctx.spans if _is_plain_decode(span)]
-    if len(batched) > 1:
-        rows = torch.tensor([span.start for span in batched])
-        out[rows] = _decode_batch(ctx, layer, query[0, :, rows], batched, scaling, window)
-    else:
-        batched = []
+    if ctx.decode is not None:
+        rows = ctx.decode.rows
+        scale = scaling if scaling is not None else head_dim**-0.5
+        out[rows] = _decode(ctx, ctx.decode, layer, query[0, :, rows].transpose(0, 1), scale, window)
     for span in ctx.spans:
-        if batched and _is_plain_decode(span):
+        if ctx.decode is not None and _is_plain_decode(span):
             continue
         q = query[0, :, span.start : span.end]  # (H_q, T_q, D)
         out[span.start : span.end] = _attend_span(ctx, layer, span, q, new_k, new_v, scaling, window)
@@ -155,11 +195,12 @@ def _attend_span(
         head_lens = None
     else:
         ctx_slots, head_lens = span.kv.context(layer)  # (H_kv, T_k)
+        if head_lens is not None:  # padding reads zeros (see KVPool.zero_slot)
+            pad = torch.arange(ctx_slots.shape[1]) >= head_lens[:, None]
+            ctx_slots = ctx_slots.masked_fill(pad, ctx.pool.zero_slot)
         k, v = ctx.pool.read(ctx_slots.reshape(-1), out=ctx.scratch)
         k = k.view(*ctx_slots.shape, q.shape[-1])
         v = v.view(*ctx_slots.shape, q.shape[-1])
-        if head_lens is not None:
-            _zero_padding(k, v, torch.arange(k.shape[1]) < head_lens[:, None])
         if window is not None:
             positions = span.kv.token_positions(layer)  # (H_kv, T_k)
     return attend(q, k, v, scaling, head_lens, window, positions).transpose(0, 1)
@@ -170,56 +211,33 @@ def _is_plain_decode(span: SeqSpan) -> bool:
     return span.end - span.start == 1 and span.num_cached > 0 and not span.record_queries
 
 
-def _decode_batch(
-    ctx: ForwardContext,
-    layer: int,
-    q: torch.Tensor,
-    spans: list[SeqSpan],
-    scaling: float | None,
-    window: int | None,
+def _decode(
+    ctx: ForwardContext, batch: DecodeBatch, layer: int, q: torch.Tensor, scale: float, window: int | None
 ) -> torch.Tensor:
-    """Attention of N decoding sequences in one SDPA call; q `(H_q, N, D)` -> `(N, H_q, D)`.
+    """Attention of N decoding sequences, q `(N, H_q, D)` -> `(N, H_q, D)`.
 
-    Each sequence's cache is read into a row padded to the longest one and
-    masked past each head's length: one call instead of N gathers and N calls.
-    With a window, the mask compares the positions the caches record.
+    The kernel reads the caches where they lie. Without it, each sequence's
+    cache is read into a row padded to the longest one (padding reads zeros)
+    and masked past each head's length, for one SDPA call; with a window the
+    mask compares the positions the caches record.
     """
-    num_heads, n, head_dim = q.shape
-    num_kv_heads = ctx.new_slots.shape[1]
-    lens = torch.stack([span.kv.lens[layer] for span in spans])  # (N, H_kv)
-    max_len = int(lens.max())
-    slots = torch.zeros(n, num_kv_heads, max_len, dtype=torch.int64)  # slot 0 pads; masked below
-    positions = torch.zeros_like(slots) if window is not None else None
-    for row, span in enumerate(spans):
-        span_slots, _ = span.kv.context(layer)
-        slots[row, :, : span_slots.shape[1]] = span_slots
-        if positions is not None:
-            positions[row, :, : span_slots.shape[1]] = span.kv.token_positions(layer)
+    slots, lens = batch.slots[layer], batch.lens[layer]  # (N, H_kv, T), (N, H_kv)
+    window = window or 0  # 0: no window
+    positions = batch.positions[layer] if window and batch.positions is not None else None
+    if ctx.kernel is not None:
+        return ctx.kernel(q, ctx.pool.k, ctx.pool.v, slots, lens, positions, window, scale)
+    n, num_heads, head_dim = q.shape
+    _, num_kv_heads, max_len = slots.shape
     k, v = ctx.pool.read(slots.reshape(-1), out=ctx.scratch)
     k = k.view(n, num_kv_heads, max_len, head_dim)
     v = v.view(n, num_kv_heads, max_len, head_dim)
     mask = torch.arange(max_len) < lens[..., None]  # (N, H_kv, T)
-    _zero_padding(k, v, mask)
-    if window is not None and positions is not None:  # the query is the last cached token of each head
+    if positions is not None:  # the query is the last cached token of each head
         query_pos = positions.gather(2, (lens - 1)[..., None])  # (N, H_kv, 1)
         mask &= positions > query_pos - window
-    group = num_heads // num_kv_heads
-    q4 = q.transpose(0, 1).reshape(n, num_kv_heads, group, head_dim)  # query heads folded into rows
-    out = F.scaled_dot_product_attention(q4, k, v, attn_mask=mask[:, :, None, :], scale=scaling)
+    q4 = q.reshape(n, num_kv_heads, num_heads // num_kv_heads, head_dim)  # query heads folded into rows
+    out = F.scaled_dot_product_attention(q4, k, v, attn_mask=mask[:, :, None, :], scale=scale)
     return out.reshape(n, num_heads, head_dim)
-
-
-def _zero_padding(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
-    """Zero the padding entries of keys and values read back from the pool (`valid` False).
-
-    Padding slots point at blocks of other sequences or at stale data. Masked
-    scores do not hide them: a NaN or inf there (a poisoned sequence's cache)
-    would still turn this sequence's softmax into NaN. Only pad rows are written.
-    """
-    pad = (~valid).nonzero(as_tuple=True)
-    if pad[0].numel():
-        k[pad] = 0
-        v[pad] = 0
 
 
 def attend(

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvengine.cache.paged import PagedKVCache, SequenceKV
-from kvengine.engine.attention import ATTENTION_NAME, ForwardContext, SeqSpan, forward_context
+from kvengine.engine.attention import ATTENTION_NAME, ForwardContext, SeqSpan, decode_batch, forward_context
+from kvengine.engine.kernel import decode_kernel_for
 from kvengine.errors import OutOfBlocksError
 from kvengine.models import LoadedModel
 from kvengine.press.base import Press, PressInput
@@ -58,6 +59,7 @@ class ModelRunner:
         config = model.hf_model.config
         windows = [(layer, model.adapter.sliding_window(config, layer)) for layer in range(model.num_layers)]
         self._windows = [(layer, window) for layer, window in windows if window is not None]
+        self._kernel = decode_kernel_for(cache.pool.k.device, cache.pool.seals_blocks)
         model.hf_model.set_attn_implementation(ATTENTION_NAME)
 
     def compress(
@@ -103,10 +105,13 @@ class ModelRunner:
 
     def _scratch(self, spans: list[SeqSpan]) -> tuple[torch.Tensor, torch.Tensor]:
         """Buffers for the largest context one layer of these spans reads back (grown, kept)."""
-        # One span read alone, or all decoding spans read together padded to the longest.
-        longest = max(span.kv.max_len for span in spans)
-        decoding = [span.kv.max_len for span in spans if span.end - span.start == 1]
-        rows = max(longest, len(decoding) * max(decoding, default=0)) * self.cache.num_kv_heads
+        # A span with a cache reads it alone; without the kernel, all decoding spans are also
+        # read together, padded to the longest.
+        cached = [span.kv.max_len for span in spans if span.num_cached > 0]
+        decoding = [span.kv.max_len for span in spans if span.num_cached > 0 and span.end - span.start == 1]
+        if self._kernel is not None:
+            decoding = []
+        rows = max(max(cached, default=0), len(decoding) * max(decoding, default=0)) * self.cache.num_kv_heads
         if self._scratch_bufs is None or rows > self._scratch_rows:
             self._scratch_rows = max(rows, 2 * self._scratch_rows)
             pool = self.cache.pool
@@ -177,5 +182,13 @@ class ModelRunner:
             positions.append(torch.arange(item.start_pos, item.start_pos + n))
             tokens.extend(item.token_ids)
             start += n
-        ctx = ForwardContext(self.cache.pool, spans, torch.cat(slots, dim=2), self._scratch(spans))
+        pool = self.cache.pool
+        ctx = ForwardContext(
+            pool,
+            spans,
+            torch.cat(slots, dim=2),
+            decode=decode_batch(spans, pool.zero_slot, with_positions=bool(self._windows)),
+            kernel=self._kernel,
+            scratch=self._scratch(spans),
+        )
         return ctx, tokens, torch.cat(positions)
