@@ -80,15 +80,15 @@ def paged_decode() -> PagedDecode | None:
 
 
 def _load() -> PagedDecode:
-    from torch.utils.cpp_extension import load_inline
+    from torch.utils.cpp_extension import load
 
     if not hasattr(torch.ops.kvengine, "paged_decode"):
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
         log.info("kvengine: building the decode attention kernel in %s (once per machine)", directory)
-        load_inline(
+        load(  # the file as is: only ATen's headers, no Python bindings to compile
             name="kvengine_paged_decode",
-            cpp_sources=[_SOURCE.read_text()],
+            sources=[str(_SOURCE)],
             extra_cflags=_FLAGS,
             build_directory=str(directory),
             is_python_module=False,

@@ -11,7 +11,7 @@
 // lens       (N, H_kv) int64    tokens held per cell; entries past it are ignored
 // positions  (N, H_kv, T) int64 or None: token positions, for a sliding window
 // window     keys at positions <= (query position - window) are not seen; 0: none
-// returns    (N, H_q, D)        in q's dtype; scores in float32, the softmax's sums in float64
+// returns    (N, H_q, D)        in q's dtype; float32 arithmetic, value sums folded in float64
 //
 // The query of a cell is its last cached token (decode appends before
 // attending). Query heads h * G .. h * G + G - 1 share kv-head h (G = H_q / H_kv),
@@ -23,6 +23,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -32,55 +34,130 @@ struct Shape {
   int64_t num_kv_heads, group, head_dim, max_len, pool_rows;
 };
 
+// exp(x) for x <= 0 in plain arithmetic, so that loops over it vectorize (std::exp does not
+// without -ffast-math): Cody-Waite range reduction and a degree-6 polynomial, about 1 ulp in
+// float32 for x in [-87, 0]. Below that (masked scores are -inf) it returns exactly 0.
+inline float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.0f);
+  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : y * scale;
+}
+
+struct Scratch {
+  std::vector<float> q, scores, chunk;  // scaled queries (G, D), scores (G, T), a chunk's sums (G, D)
+  std::vector<double> acc;              // weighted sums of values (G, D)
+  explicit Scratch(const Shape& s)
+      : q(s.group * s.head_dim), scores(s.group * s.max_len), chunk(s.group * s.head_dim), acc(s.group * s.head_dim) {}
+};
+
+constexpr int64_t kChunk = 64;  // values summed in float32 this many at a time, chunks in float64
+
 template <typename scalar_t>
 void attend_cell(const scalar_t* q, const scalar_t* k_pool, const scalar_t* v_pool, const int64_t* slots,
-                 const int64_t* positions, int64_t len, int64_t window, float scale, const Shape& s,
-                 std::vector<float>& qf, std::vector<float>& scores, std::vector<double>& acc, scalar_t* out) {
+                 const int64_t* positions, int64_t len, int64_t window, float scale, const Shape& s, Scratch& w,
+                 scalar_t* out) {
   const int64_t D = s.head_dim, G = s.group, T = s.max_len;
-  for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(q[i]) * scale;
-  std::fill(acc.begin(), acc.end(), 0.0);
+  for (int64_t i = 0; i < G * D; ++i) w.q[i] = static_cast<float>(q[i]) * scale;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t cutoff = (positions != nullptr && window > 0 && len > 0) ? positions[len - 1] - window
                                                                           : std::numeric_limits<int64_t>::min();
-  std::vector<float> row_max(G, neg_inf);
   for (int64_t t = 0; t < len; ++t) {
-    if (positions != nullptr && positions[t] <= cutoff) {
-      for (int64_t g = 0; g < G; ++g) scores[g * T + t] = neg_inf;
-      continue;
-    }
     TORCH_CHECK(slots[t] >= 0 && slots[t] < s.pool_rows, "paged_decode: slot ", slots[t], " outside the pool");
+  }
+  // Scores, four keys at a time: four independent sums per query keep the FMA units busy.
+  int64_t t = 0;
+  for (; t + 4 <= len; t += 4) {
+    const scalar_t* k0 = k_pool + slots[t] * D;
+    const scalar_t* k1 = k_pool + slots[t + 1] * D;
+    const scalar_t* k2 = k_pool + slots[t + 2] * D;
+    const scalar_t* k3 = k_pool + slots[t + 3] * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = w.q.data() + g * D;
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t d = 0; d < D; ++d) {
+        s0 += qg[d] * static_cast<float>(k0[d]);
+        s1 += qg[d] * static_cast<float>(k1[d]);
+        s2 += qg[d] * static_cast<float>(k2[d]);
+        s3 += qg[d] * static_cast<float>(k3[d]);
+      }
+      float* sg = w.scores.data() + g * T + t;
+      sg[0] = s0, sg[1] = s1, sg[2] = s2, sg[3] = s3;
+    }
+  }
+  for (; t < len; ++t) {
     const scalar_t* key = k_pool + slots[t] * D;
     for (int64_t g = 0; g < G; ++g) {
-      const float* qg = qf.data() + g * D;
+      const float* qg = w.q.data() + g * D;
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < D; ++d) dot += qg[d] * static_cast<float>(key[d]);
-      scores[g * T + t] = dot;
-      row_max[g] = std::max(row_max[g], dot);
+      w.scores[g * T + t] = dot;
     }
   }
-  std::vector<double> inv_sum(G, 0.0);
+  if (positions != nullptr) {  // keys outside the window: weight 0
+    for (int64_t u = 0; u < len; ++u)
+      if (positions[u] <= cutoff)
+        for (int64_t g = 0; g < G; ++g) w.scores[g * T + u] = neg_inf;
+  }
+  std::vector<float> inv_sum(G);
   for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores.data() + g * T;
-    double total = 0.0;
-    for (int64_t t = 0; t < len; ++t) {
-      sg[t] = row_max[g] == neg_inf ? 0.0f : std::exp(sg[t] - row_max[g]);
-      total += sg[t];
-    }
-    inv_sum[g] = total > 0.0 ? 1.0 / total : 0.0;
-  }
-  for (int64_t t = 0; t < len; ++t) {
-    const scalar_t* value = v_pool + slots[t] * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float p = scores[g * T + t];
-      if (p == 0.0f) continue;
-      double* ag = acc.data() + g * D;
+    float* sg = w.scores.data() + g * T;
+    float top = neg_inf;
+    for (int64_t t = 0; t < len; ++t) top = std::max(top, sg[t]);
+    if (top == neg_inf) top = 0.0f;  // nothing seen (never for a decode query): all weights 0
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) ag[d] += static_cast<double>(p) * static_cast<double>(value[d]);
+    for (int64_t t = 0; t < len; ++t) {
+      // Weights under e^-40 of the largest are dropped (0): they cannot move a float32 sum,
+      // and their products would be subnormal numbers, which x86 computes very slowly.
+      const float x = sg[t] - top;
+      sg[t] = x < -40.0f ? 0.0f : exp_nonpositive(x);
     }
+    double total = 0.0;  // thousands of terms: summed in float64
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < len; ++t) total += sg[t];
+    inv_sum[g] = total > 0.0 ? static_cast<float>(1.0 / total) : 0.0f;
+  }
+  std::fill(w.acc.begin(), w.acc.end(), 0.0);
+  for (int64_t start = 0; start < len; start += kChunk) {
+    std::fill(w.chunk.begin(), w.chunk.end(), 0.0f);
+    const int64_t stop = std::min(len, start + kChunk);
+    int64_t u = start;
+    for (; u + 2 <= stop; u += 2) {  // two values per pass: half the loads and stores of the sums
+      const scalar_t* v0 = v_pool + slots[u] * D;
+      const scalar_t* v1 = v_pool + slots[u + 1] * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float p0 = w.scores[g * T + u], p1 = w.scores[g * T + u + 1];
+        float* cg = w.chunk.data() + g * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) cg[d] += p0 * static_cast<float>(v0[d]) + p1 * static_cast<float>(v1[d]);
+      }
+    }
+    for (; u < stop; ++u) {
+      const scalar_t* value = v_pool + slots[u] * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float p = w.scores[g * T + u];
+        float* cg = w.chunk.data() + g * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) cg[d] += p * static_cast<float>(value[d]);
+      }
+    }
+    for (int64_t i = 0; i < G * D; ++i) w.acc[i] += w.chunk[i];
   }
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<scalar_t>(static_cast<float>(acc[g * D + d] * inv_sum[g]));
+    for (int64_t d = 0; d < D; ++d)
+      out[g * D + d] = static_cast<scalar_t>(static_cast<float>(w.acc[g * D + d]) * inv_sum[g]);
 }
 
 template <typename scalar_t>
@@ -98,14 +175,13 @@ void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool
   scalar_t* op = out.data_ptr<scalar_t>();
   const float fscale = static_cast<float>(scale);
   at::parallel_for(0, cells, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(s.group * s.head_dim), scores(s.group * s.max_len);
-    std::vector<double> acc(s.group * s.head_dim);  // weighted sums of thousands of values: float64
+    Scratch scratch(s);
     for (int64_t cell = begin; cell < end; ++cell) {
       // Cell (n, h): its query heads are rows h * G .. of sequence n, contiguous in q and out.
       const int64_t offset = cell * s.group * s.head_dim;
       attend_cell<scalar_t>(qp + offset, kp, vp, sp + cell * s.max_len,
-                            pp == nullptr ? nullptr : pp + cell * s.max_len, lp[cell], window, fscale, s, qf,
-                            scores, acc, op + offset);
+                            pp == nullptr ? nullptr : pp + cell * s.max_len, lp[cell], window, fscale, s, scratch,
+                            op + offset);
     }
   });
 }
