@@ -54,6 +54,17 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : y * scale;
 }
 
+// Ask for row `slot` of `pool` ahead of use: the rows of a cache are scattered over blocks, so
+// the hardware prefetcher alone leaves the loop waiting on memory.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* pool, int64_t slot, int64_t head_dim) {
+  const char* row = reinterpret_cast<const char*>(pool + slot * head_dim);
+  for (int64_t byte = 0; byte < head_dim * static_cast<int64_t>(sizeof(scalar_t)); byte += 64)
+    __builtin_prefetch(row + byte);
+}
+
+constexpr int64_t kAhead = 8;  // rows prefetched ahead
+
 struct Scratch {
   std::vector<float> q, scores, chunk;  // scaled queries (G, D), scores (G, T), a chunk's sums (G, D)
   std::vector<double> acc;              // weighted sums of values (G, D)
@@ -78,6 +89,7 @@ void attend_cell(const scalar_t* q, const scalar_t* k_pool, const scalar_t* v_po
   // Scores, four keys at a time: four independent sums per query keep the FMA units busy.
   int64_t t = 0;
   for (; t + 4 <= len; t += 4) {
+    for (int64_t a = t + kAhead; a < std::min(len, t + kAhead + 4); ++a) prefetch_row(k_pool, slots[a], D);
     const scalar_t* k0 = k_pool + slots[t] * D;
     const scalar_t* k1 = k_pool + slots[t + 1] * D;
     const scalar_t* k2 = k_pool + slots[t + 2] * D;
@@ -135,6 +147,7 @@ void attend_cell(const scalar_t* q, const scalar_t* k_pool, const scalar_t* v_po
     const int64_t stop = std::min(len, start + kChunk);
     int64_t u = start;
     for (; u + 2 <= stop; u += 2) {  // two values per pass: half the loads and stores of the sums
+      for (int64_t a = u + kAhead; a < std::min(len, u + kAhead + 2); ++a) prefetch_row(v_pool, slots[a], D);
       const scalar_t* v0 = v_pool + slots[u] * D;
       const scalar_t* v1 = v_pool + slots[u + 1] * D;
       for (int64_t g = 0; g < G; ++g) {
