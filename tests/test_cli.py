@@ -119,6 +119,8 @@ def test_bad_arguments_exit_2_with_one_line(
         (["generate", "--model", "no-such-model"], "no prompt given"),
         (["generate", "hi", "--block-size", "0"], "block_size must be >= 1"),
         (["generate", "--file", "/no/such/file.txt"], "cannot read /no/such/file.txt"),
+        (["serve", "no-such-model"], "unknown model 'no-such-model'"),
+        (["serve", "a-model", "--model", "another"], "two models given"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(
@@ -189,3 +191,20 @@ def test_bad_byte_sizes_name_the_problem(text: str, capsys: pytest.CaptureFixtur
         main(["generate", "x", "--max-kv-bytes", text])
     assert exit_info.value.code == 2
     assert "--max-kv-bytes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "model"),
+    [
+        (["serve"], "smollm2-135m"),
+        (["serve", "/models/dir"], "/models/dir"),
+        (["serve", "w.gguf", "--port", "9"], "w.gguf"),
+        (["serve", "--model", "m"], "m"),
+        (["serve", "m", "--model", "m"], "m"),
+    ],
+)
+def test_serve_takes_the_model_as_an_argument_or_option(argv: list[str], model: str) -> None:
+    from kvengine.cli.serve import model_of
+
+    args = build_parser().parse_args([*argv, "--served-model-name", "alias"])
+    assert model_of(args) == model and args.served_model_name == "alias"

@@ -20,6 +20,7 @@ model without a tokenizer), so no two share a prefix unless asked to.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 
+from kvengine.bench.decode import baseline_config, baseline_note
+from kvengine.bench.llamacpp import LlamaCppBaseline, LlamaCppWorker
 from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams
@@ -88,9 +91,18 @@ def engine_batch(
 
 
 def measure_throughput(
-    model: LoadedModel, concurrency: list[int], prompt_len: int, new_tokens: int, baseline_requests: int
+    model: LoadedModel,
+    concurrency: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    baseline_requests: int,
+    llamacpp: LlamaCppWorker | None = None,
 ) -> dict[str, Any]:
-    """Output tokens/s of transformers one at a time and of the engine at each concurrency."""
+    """Output tokens/s of transformers one at a time and of the engine at each concurrency.
+
+    With `llamacpp`, llama.cpp serves the same prompts as parallel sequences right after the
+    engine at each concurrency: `llamacpp[c]` tokens/s, `llamacpp_match[c]` its tokens == the engine's.
+    """
     doc = document_ids(model, (max(concurrency) + 1) * prompt_len)
     prompts = [doc[i * prompt_len : (i + 1) * prompt_len] for i in range(max(concurrency) + 1)]
     warm = prompts[-1][:16]  # first calls pay one-off costs: not part of any measurement
@@ -100,7 +112,7 @@ def measure_throughput(
     # shared machine hits both systems alike.
     hf_tokens: list[list[int]] = []
     hf_seconds = 0.0
-    result: dict[str, Any] = {"kvengine": {}}
+    result: dict[str, Any] = {"kvengine": {}, "outputs": {}}
     for i in range(max(baseline_requests, len(concurrency))):
         if i < baseline_requests:
             tokens, seconds = hf_generate(model, prompts[i], new_tokens)
@@ -110,13 +122,52 @@ def measure_throughput(
             c = concurrency[i]
             outputs, seconds = engine_batch(model, prompts[:c], new_tokens)
             result["kvengine"][c] = c * new_tokens / seconds
-            result.setdefault("outputs", {})[c] = outputs
+            result["outputs"][c] = outputs
+            if llamacpp is not None:
+                reply = llamacpp.throughput(prompts[:c], new_tokens)
+                result.setdefault("llamacpp", {})[c] = c * new_tokens / reply["seconds"]
+                result.setdefault("llamacpp_match", {})[c] = reply["output_ids"] == outputs
     result["transformers"] = baseline_requests * new_tokens / hf_seconds
     checked = [c for c in concurrency if c >= baseline_requests]
     if checked:  # the engine's tokens for the baseline's prompts, in the first large enough batch
         result["tokens_match"] = result["outputs"][checked[0]][:baseline_requests] == hf_tokens
     del result["outputs"]
     return result
+
+
+def throughput_rows(res: dict[str, Any], cfg: dict[str, Any], llamacpp_cfg: dict[str, Any]) -> list[dict]:
+    """One row per system and concurrency (transformers: one, at concurrency 1)."""
+
+    def row(tps: float, **fields: Any) -> dict:
+        return make_row("throughput", "output_tokens_per_s", tps, "tok/s", **fields, **cfg)
+
+    rows = [row(res["transformers"], system="transformers", concurrency=1)]
+    rows += [row(tps, system="kvengine", concurrency=c) for c, tps in res["kvengine"].items()]
+    for c, tps in res.get("llamacpp", {}).items():
+        match = res["llamacpp_match"][c]
+        rows.append(
+            row(tps, system="llamacpp", concurrency=c, mode="batched", tokens_match=match, **llamacpp_cfg)
+        )
+    return rows
+
+
+def throughput_table(res: dict[str, Any]) -> str:
+    """Markdown: kvengine tok/s per concurrency against each baseline (ratio > 1: kvengine faster)."""
+    hf, lc = res["transformers"], res.get("llamacpp")
+    header = ["requests in flight", "kvengine tok/s", "transformers tok/s (one at a time)", "ratio"]
+    if lc:
+        header += [
+            "llama.cpp tok/s (parallel sequences)",
+            "ratio vs llama.cpp",
+            "llama.cpp tokens = kvengine's",
+        ]
+    table = []
+    for c, tps in res["kvengine"].items():
+        line: list[Any] = [c, f"{tps:.1f}", f"{hf:.1f}", f"{tps / hf:.2f}"]
+        if lc:
+            line += [f"{lc[c]:.1f}", f"{tps / lc[c]:.2f}", res["llamacpp_match"][c]]
+        table.append(line)
+    return markdown_table(header, table)
 
 
 def run_throughput_bench(
@@ -129,40 +180,40 @@ def run_throughput_bench(
     report: Path,
     *,
     command: str = "kvengine bench throughput",
+    llamacpp: LlamaCppBaseline | None = None,
 ) -> list[dict]:
-    """Measure, append JSON rows to `out` and a table to `report` (headed by `command`); returns the rows."""
-    model = load(model_name)
-    res = measure_throughput(model, concurrency, prompt_len, new_tokens, baseline_requests)
-    cfg = dict(model=model.name, prompt_len=prompt_len, new_tokens=new_tokens)
-    hf = res["transformers"]
-    rows = [
-        make_row(
-            "throughput", "output_tokens_per_s", hf, "tok/s", system="transformers", concurrency=1, **cfg
-        )
-    ]
-    table = []
-    for c, tps in res["kvengine"].items():
-        rows.append(
-            make_row(
-                "throughput", "output_tokens_per_s", tps, "tok/s", system="kvengine", concurrency=c, **cfg
-            )
-        )
-        table.append([c, f"{tps:.1f}", f"{hf:.1f}", f"{tps / hf:.2f}"])
+    """Measure, append JSON rows to `out` and a table to `report` (headed by `command`); returns the rows.
+
+    With `llamacpp`, the model is loaded in the dtype of llama.cpp's precision and llama.cpp runs too.
+    """
+    llamacpp_cfg: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        # Started first: a missing or broken llama.cpp venv stops the bench before the model loads.
+        worker = stack.enter_context(LlamaCppWorker(llamacpp, model_name)) if llamacpp else None
+        model = load(model_name, dtype=llamacpp.dtype) if llamacpp else load(model_name)
+        res = measure_throughput(model, concurrency, prompt_len, new_tokens, baseline_requests, worker)
+        if worker is not None:
+            llamacpp_cfg = baseline_config(worker)
+    dtype = str(model.dtype).removeprefix("torch.")
+    rows = throughput_rows(
+        res, dict(model=model.name, dtype=dtype, prompt_len=prompt_len, new_tokens=new_tokens), llamacpp_cfg
+    )
     append_rows(out, rows)
-    body = markdown_table(
-        ["requests in flight", "kvengine tok/s", "transformers tok/s (one at a time)", "ratio"], table
-    )
+    body = throughput_table(res)
     print(body)
-    match = res.get("tokens_match")
-    append_report(
-        report,
-        "Throughput: concurrent requests vs transformers' generate one at a time",
-        command,
-        body,
-        f"Model {model.name}, fp32, {prompt_len}-token prompts, {new_tokens} output tokens each, greedy, "
+    notes = (
+        f"Model {model.name}, {dtype}, {prompt_len}-token prompts, {new_tokens} output tokens each, greedy, "
         f"ignore_eos; transformers served {baseline_requests} requests one after another (SDPA, dynamic cache). "
-        f"kvengine's tokens for those prompts equal transformers': {match}.",
+        f"kvengine's tokens for those prompts equal transformers': {res.get('tokens_match')}."
     )
+    if worker is not None:
+        notes += (
+            " llama.cpp ran right after kvengine at each concurrency, the same prompts as parallel sequences "
+            "of one context (batched prefill, then one batched decode step per token). "
+            + baseline_note(llamacpp_cfg)
+        )
+    title = "Throughput: concurrent requests vs transformers' generate one at a time"
+    append_report(report, title + (" and llama.cpp" if worker else ""), command, body, notes)
     return rows
 
 

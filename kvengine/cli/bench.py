@@ -11,22 +11,28 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvengine.cli.argtypes import name_list, positive_int, positive_int_list, ratio_list
 from kvengine.cli.bench_serve import add_serve_bench_parser, cmd_bench_serve
 from kvengine.cli.common import Parser, add_model_args, kivi_bits, results_dir
 from kvengine.config import DEFAULT_MODEL
 
+if TYPE_CHECKING:
+    from kvengine.bench.llamacpp import LlamaCppBaseline
+
 _BENCH_HELP = """Measure prefill and decode tokens/s of kvengine and of transformers' generate
-(its own dynamic cache, SDPA attention) in the same run, on the same prompts. Rows are appended
-as JSON lines to --out, and a table to --report."""
+(its own dynamic cache, SDPA attention) in the same run, on the same prompts; with --baseline
+llamacpp, also llama.cpp on the same GGUF weights at --llamacpp-precision, its tokens compared with
+kvengine's. Rows are appended as JSON lines to --out, and a table to --report."""
 _PRESSES_HELP = """For each context length, build needle-in-a-haystack examples, prefill each
 context once, compress a copy of its cache with every press at every ratio, and ask for the
 needle. Also runs KIVI packed caches. Writes accuracy, bytes held (fraction of the uncompressed
 cache) and compression time over prefill time as JSON rows and a Markdown table."""
 _THROUGHPUT_HELP = """Serve 1, 4, 16, 32 requests at once (all added together, greedy, no EOS stop)
 and report output tokens/s next to transformers' generate serving requests one at a time, in the
-same run. Rows are appended as JSON lines to --out, and a table to --report."""
+same run; with --baseline llamacpp, also llama.cpp serving the same prompts as parallel sequences.
+Rows are appended as JSON lines to --out, and a table to --report."""
 _PREFIX_HELP = """Time to first token of a request whose --prefix-len-token prefix is in the prefix
 cache, against the same request on a cold cache (fresh engine per repeat). Rows are appended as JSON
 lines to --out, and a table to --report."""
@@ -52,6 +58,40 @@ def _add_output_args(parser: argparse.ArgumentParser, rows_file: str) -> None:
     )
 
 
+def _add_llamacpp_args(parser: argparse.ArgumentParser) -> None:
+    """`--baseline llamacpp` and its options (kvengine/bench/llamacpp.py)."""
+    parser.add_argument(
+        "--baseline",
+        choices=["llamacpp"],
+        default=None,
+        help="also run llama.cpp (its own venv; tools/llamacpp_reference/README.md) on the same weights",
+    )
+    parser.add_argument(
+        "--llamacpp-python",
+        default=None,
+        help="python of the llama.cpp venv (default: .venv-llamacpp/bin/python here or in the source checkout)",
+    )
+    parser.add_argument(
+        "--llamacpp-precision",
+        choices=["f32", "bf16"],
+        default="f32",
+        help="weights and KV cache of llama.cpp; kvengine and transformers load the model in the same dtype",
+    )
+    parser.add_argument(
+        "--llamacpp-threads", type=positive_int, default=None, help="llama.cpp threads (default: torch's)"
+    )
+
+
+def _llamacpp_baseline(args: argparse.Namespace) -> LlamaCppBaseline | None:
+    """The llama.cpp baseline the options ask for, or None without `--baseline llamacpp`."""
+    if args.baseline != "llamacpp":
+        return None
+    from kvengine.bench.llamacpp import LlamaCppBaseline, default_python
+
+    python = Path(args.llamacpp_python).expanduser() if args.llamacpp_python else default_python()
+    return LlamaCppBaseline(python, args.llamacpp_precision, args.llamacpp_threads or 0)
+
+
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """`bench` and its subcommands: decode, presses, throughput, prefix, perplexity, tiers, serve."""
     bench = sub.add_parser("bench", help="benchmarks that write JSON rows and a Markdown report")
@@ -64,6 +104,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--lengths", type=positive_int_list, default=[512, 2048, 4096], help="prompt lengths")
     dec.add_argument("--new-tokens", type=positive_int, default=64, help="tokens decoded per run")
     dec.add_argument("--repeats", type=positive_int, default=3, help="runs per length and system")
+    _add_llamacpp_args(dec)
     _add_output_args(dec, "bench_decode.jsonl")
     _add_presses_bench_parser(bench_sub)
     _add_serving_bench_parsers(bench_sub)
@@ -108,6 +149,7 @@ def _add_serving_bench_parsers(bench_sub: argparse._SubParsersAction) -> None:
     tp.add_argument(
         "--baseline-requests", type=positive_int, default=4, help="requests transformers serves one at a time"
     )
+    _add_llamacpp_args(tp)
     _add_output_args(tp, "bench_throughput.jsonl")
     px = bench_sub.add_parser(
         "prefix", help="time to first token with a cached prefix vs cold", description=_PREFIX_HELP
@@ -200,8 +242,9 @@ def _cmd_bench_decode(args: argparse.Namespace) -> None:
 
     out, report = Path(args.out), Path(args.report)
     run_decode_bench(
-        args.model, args.lengths, args.new_tokens, args.repeats, out, report, command=args.command_line
-    )
+        args.model, args.lengths, args.new_tokens, args.repeats, out, report,
+        command=args.command_line, llamacpp=_llamacpp_baseline(args),
+    )  # fmt: skip
 
 
 def _cmd_bench_presses(args: argparse.Namespace) -> None:
@@ -225,7 +268,7 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> None:
 
     run_throughput_bench(
         args.model, args.concurrency, args.prompt_len, args.new_tokens, args.baseline_requests,
-        Path(args.out), Path(args.report), command=args.command_line,
+        Path(args.out), Path(args.report), command=args.command_line, llamacpp=_llamacpp_baseline(args),
     )  # fmt: skip
 
 
