@@ -174,6 +174,7 @@ def test_serving_benchmarks_run_and_check_their_tokens(tiny_llama: LoadedModel) 
     res = measure_throughput(tiny_llama, [1, 2], prompt_len=16, new_tokens=4, baseline_requests=2)
     assert set(res["kvengine"]) == {1, 2} and res["transformers"] > 0
     assert res["tokens_match"] is True
+    assert set(res["batched"]) == {1, 2} and res["batched_match"] == {1: True, 2: True}
     ttft = measure_prefix_ttft(tiny_llama, prefix_len=64, suffix_len=8, new_tokens=3, repeats=2)
     assert ttft["cached_tokens"] == [64, 64]  # the whole prefix, block-aligned, is reused
     assert ttft["outputs_agree"] == [True]

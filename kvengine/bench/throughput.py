@@ -3,8 +3,9 @@
 Throughput: output tokens/s of the engine with 1, 4, 16, 32 requests in
 flight at once (all added together, greedy, `ignore_eos`), against
 transformers' `generate` (its own dynamic cache, SDPA attention) serving the
-same kind of requests one at a time, measured in the same run, its requests
-interleaved with the engine's runs. The engine's
+same kind of requests one at a time, and against one batched `generate` call
+over the same prompts at each concurrency (left-padded; equal lengths here),
+measured in the same run, interleaved with the engine's runs. The engine's
 tokens for the baseline's prompts are compared with transformers' tokens and
 the agreement is reported next to the speed.
 
@@ -75,6 +76,40 @@ def hf_generate(model: LoadedModel, prompt: list[int], new_tokens: int) -> tuple
     return out[0, len(prompt) :].tolist(), elapsed
 
 
+def hf_batch_generate(
+    model: LoadedModel, prompts: list[list[int]], new_tokens: int
+) -> tuple[list[list[int]], float]:
+    """transformers' greedy tokens for all prompts in one padded batched `generate` call, and its seconds.
+
+    Prompts are left-padded to the longest (the bench's are all one length, so
+    no compute goes to padding: the strongest case for this baseline).
+    """
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+        mask[row, longest - len(prompt) :] = 1
+    hf = model.hf_model
+    saved = hf.config._attn_implementation
+    hf.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = hf.generate(  # type: ignore[operator]
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            elapsed = time.perf_counter() - start
+    finally:
+        hf.set_attn_implementation(saved)
+    return out[:, longest:].tolist(), elapsed
+
+
 def engine_batch(
     model: LoadedModel, prompts: list[list[int]], new_tokens: int, cache: CacheConfig | None = None
 ) -> tuple[list[list[int]], float]:
@@ -123,6 +158,9 @@ def measure_throughput(
             outputs, seconds = engine_batch(model, prompts[:c], new_tokens)
             result["kvengine"][c] = c * new_tokens / seconds
             result["outputs"][c] = outputs
+            batched, seconds = hf_batch_generate(model, prompts[:c], new_tokens)
+            result.setdefault("batched", {})[c] = c * new_tokens / seconds
+            result.setdefault("batched_match", {})[c] = batched == outputs
             if llamacpp is not None:
                 reply = llamacpp.throughput(prompts[:c], new_tokens)
                 result.setdefault("llamacpp", {})[c] = c * new_tokens / reply["seconds"]
@@ -143,6 +181,10 @@ def throughput_rows(res: dict[str, Any], cfg: dict[str, Any], llamacpp_cfg: dict
 
     rows = [row(res["transformers"], system="transformers", concurrency=1)]
     rows += [row(tps, system="kvengine", concurrency=c) for c, tps in res["kvengine"].items()]
+    rows += [
+        row(tps, system="transformers", concurrency=c, mode="batched", tokens_match=res["batched_match"][c])
+        for c, tps in res["batched"].items()
+    ]
     for c, tps in res.get("llamacpp", {}).items():
         match = res["llamacpp_match"][c]
         rows.append(
@@ -153,8 +195,9 @@ def throughput_rows(res: dict[str, Any], cfg: dict[str, Any], llamacpp_cfg: dict
 
 def throughput_table(res: dict[str, Any]) -> str:
     """Markdown: kvengine tok/s per concurrency against each baseline (ratio > 1: kvengine faster)."""
-    hf, lc = res["transformers"], res.get("llamacpp")
+    hf, lc, batched = res["transformers"], res.get("llamacpp"), res["batched"]
     header = ["requests in flight", "kvengine tok/s", "transformers tok/s (one at a time)", "ratio"]
+    header += ["transformers tok/s (batched generate)", "ratio vs batched", "batched tokens = kvengine's"]
     if lc:
         header += [
             "llama.cpp tok/s (parallel sequences)",
@@ -164,6 +207,7 @@ def throughput_table(res: dict[str, Any]) -> str:
     table = []
     for c, tps in res["kvengine"].items():
         line: list[Any] = [c, f"{tps:.1f}", f"{hf:.1f}", f"{tps / hf:.2f}"]
+        line += [f"{batched[c]:.1f}", f"{tps / batched[c]:.2f}", res["batched_match"][c]]
         if lc:
             line += [f"{lc[c]:.1f}", f"{tps / lc[c]:.2f}", res["llamacpp_match"][c]]
         table.append(line)
