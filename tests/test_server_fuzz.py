@@ -88,13 +88,13 @@ def test_bodies_that_reach_the_engine_never_give_a_5xx(schema: schemathesis.Base
     posts = schema.include(method="POST").as_strategy().map(_runnable)
     statuses: list[int] = []
 
-    @_SETTINGS
+    @settings(_SETTINGS, max_examples=100)
     @given(case=posts)
     def run(case: schemathesis.Case) -> None:
         statuses.append(case.call_and_validate(checks=CHECKS).status_code)
 
     run()
-    assert statuses.count(200) >= 10  # the engine really ran generated requests
+    assert statuses.count(200) >= 10, statuses  # the engine really ran generated requests
 
 
 def test_invalid_bodies_are_rejected_with_a_4xx(schema: schemathesis.BaseSchema) -> None:
