@@ -26,11 +26,13 @@ from kvengine.cache.paged import KVPool, PagedKVCache
 from kvengine.cache.prefix import PrefixCache, check_ownership
 from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.engine.intake import Intake
+from kvengine.engine.logprobs import Logprob, token_logprobs
 from kvengine.engine.memory import make_pool, make_prefix_cache, memory_stats
 from kvengine.engine.request import RequestOutput, SamplingParams, Sequence, Status, TokenEvent
 from kvengine.engine.runner import ModelRunner, StepInput
 from kvengine.engine.sampler import sample
 from kvengine.engine.scheduler import Scheduler
+from kvengine.engine.step import step_input, stop_reason
 from kvengine.errors import InvalidRequestError, KVEngineError, StepError
 from kvengine.models import LoadedModel
 from kvengine.press.base import Press, with_budget
@@ -226,7 +228,7 @@ class Engine:
         self.last_step_size = len(batch)
         if not batch:
             return []
-        inputs = [_step_input(seq, n, self.prefix is not None) for seq, n in batch]
+        inputs = [step_input(seq, n, self.prefix is not None) for seq, n in batch]
         logits = self._run(batch, inputs)
         return [] if logits is None else self._postprocess(batch, inputs, logits)
 
@@ -260,11 +262,14 @@ class Engine:
             i for i, (seq, _) in enumerate(batch) if seq.num_computed == seq.num_tokens and not seq.is_context
         ]
         rows = self._drop_non_finite(batch, rows, logits)
+        scored = [batch[i][0] for i in rows if batch[i][0].params.max_tokens == 0]  # the prompt only
+        rows = [i for i in rows if batch[i][0].params.max_tokens > 0]
         ready = [batch[i][0] for i in rows]
         for seq in ready:
             self._compress_while_decoding(seq)
-        tokens = sample(logits[rows], [seq.params for seq in ready], [seq.generator for seq in ready])
-        return self._append_tokens(ready, tokens)
+        ready_logits = logits[rows]
+        tokens = sample(ready_logits, [seq.params for seq in ready], [seq.generator for seq in ready])
+        return self._end_scored(scored) + self._append_tokens(ready, tokens, ready_logits)
 
     def _drop_non_finite(
         self, batch: list[tuple[Sequence, int]], rows: list[int], logits: torch.Tensor
@@ -283,6 +288,8 @@ class Engine:
         self.num_prefill_tokens += min(num_tokens, max(0, len(seq.prompt_ids) - seq.num_computed))
         self.scheduler.on_computed(seq, num_tokens)
         seq.store_queries(item.queries)
+        if item.logits is not None:
+            seq.add_prompt_logprobs(item.start_pos, item.logits)
         if item.press is not None:  # the runner compressed its context after this forward
             assert seq.kv is not None
             self.num_compressions += 1
@@ -300,18 +307,31 @@ class Engine:
         self.runner.compress(seq.kv, seq.queries, press, end_pos=seq.num_computed)
         self.num_decode_compressions += 1
 
-    def _append_tokens(self, seqs: list[Sequence], tokens: list[int]) -> list[TokenEvent]:
-        """Give each sequence its sampled token; finish those that stop."""
+    def _append_tokens(
+        self, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor
+    ) -> list[TokenEvent]:
+        """Give each sequence its sampled token (row i of `logits` gave seqs[i]'s); finish those that stop."""
         now = time.perf_counter()
         events = []
-        for seq, token in zip(seqs, tokens, strict=True):
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             seq.output_ids.append(token)
             seq.first_token_time = seq.first_token_time or now
-            reason = _stop_reason(seq, token, self.model)
+            logprob = None
+            if seq.params.logprobs is not None:
+                logprob = token_logprobs(logits[i : i + 1], [token], seq.params.logprobs)[0]
+                seq.output_logprobs.append(logprob)
+            reason = stop_reason(seq, token, self.model)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-            events.append(TokenEvent(seq.seq_id, token, reason is not None, reason))
+            prompt = _prompt_logprobs(seq) if len(seq.output_ids) == 1 else None
+            events.append(TokenEvent(seq.seq_id, token, reason is not None, reason, logprob, prompt))
         return events
+
+    def _end_scored(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        """Finish requests that only score their prompt (`max_tokens=0`), now that it is computed."""
+        for seq in seqs:
+            self.scheduler.finish(seq, "length")
+        return [TokenEvent(s.seq_id, None, True, "length", prompt_logprobs=_prompt_logprobs(s)) for s in seqs]
 
     # ---- requests out -----------------------------------------------------------------------
 
@@ -362,32 +382,5 @@ class Engine:
         check_ownership(self.pool, [s.kv for s in live if s.kv is not None], self.prefix)
 
 
-def _step_input(seq: Sequence, num_tokens: int, prefix_cache: bool) -> StepInput:
-    """The next `num_tokens` tokens of `seq` for the runner, with its press if they complete its context.
-
-    Sliding-window layers release what no later query sees, unless the prefix cache takes the
-    sequence's blocks (every cell's, from the first token), the context is kept for later
-    presses, or a decoding-time press keeps its own per-head budget.
-    """
-    assert seq.kv is not None
-    ids = seq.token_ids[seq.num_computed : seq.num_computed + num_tokens]
-    compress = seq.awaits_compression and seq.num_computed + num_tokens == seq.context_len
-    return StepInput(
-        seq.kv,
-        ids,
-        seq.num_computed,
-        seq.press if compress else None,
-        keep_queries=seq.keep_queries or seq.decode_press is not None,
-        seal=not seq.keep_queries,
-        free_outside_window=not (
-            seq.keep_queries or seq.decode_press is not None or (prefix_cache and seq.is_plain)
-        ),
-    )
-
-
-def _stop_reason(seq: Sequence, token: int, model: LoadedModel) -> str | None:
-    if not seq.params.ignore_eos and token in model.eos_token_ids:
-        return "stop"
-    if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= model.max_context_len:
-        return "length"
-    return None
+def _prompt_logprobs(seq: Sequence) -> list[Logprob | None] | None:
+    return list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None

@@ -57,6 +57,10 @@ class Intake:
             )
         if context_len is not None and not 0 < context_len <= len(prompt_ids):
             raise InvalidRequestError(f"context_len must be in [1, {len(prompt_ids)}], got {context_len}")
+        if parent is not None and params.prompt_logprobs is not None:
+            raise InvalidRequestError(
+                "prompt_logprobs need the whole prompt computed, not a context's continuation"
+            )
         if not isinstance(cache_salt, str):
             raise InvalidRequestError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
         context_len = context_len if context_len is not None else len(prompt_ids)

@@ -17,6 +17,7 @@ import torch
 
 from kvengine.cache.paged import SequenceKV
 from kvengine.cache.prefix_key import PrefixKey
+from kvengine.engine.logprobs import MAX_LOGPROBS, Logprob, token_logprobs
 from kvengine.errors import InvalidRequestError
 from kvengine.press.base import Press, with_budget
 
@@ -27,6 +28,11 @@ class SamplingParams:
 
     `top_k == 0` and `top_p == 1.0` switch those filters off. `seed` makes a
     sampled sequence reproducible on its own, whatever else shares its batch.
+    `logprobs=k` records each generated token's log-probability and the k
+    most likely tokens at its position; `prompt_logprobs=k` does the same for
+    every prompt token after the first, and allows `max_tokens=0` (score the
+    prompt only). Both are the model's own, before temperature, top-k and
+    top-p (logprobs.py); None records none, k is at most `MAX_LOGPROBS`.
     """
 
     max_tokens: int = 128
@@ -36,12 +42,21 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
             raise InvalidRequestError(f"max_tokens must be an integer, got {self.max_tokens!r}")
-        if self.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        least = 0 if self.prompt_logprobs is not None else 1  # 0: score the prompt, generate nothing
+        if self.max_tokens < least:
+            raise InvalidRequestError(f"max_tokens must be >= {least}, got {self.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (
+                isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS
+            ):
+                raise InvalidRequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
         if not self.temperature >= 0.0:  # also rejects NaN
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -111,6 +126,12 @@ class Sequence:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
+    output_logprobs: list[Logprob] = field(default_factory=list)  # with params.logprobs
+    prompt_logprobs: list[Logprob | None] = field(default_factory=list)  # with params.prompt_logprobs
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and not self.prompt_logprobs:
+            self.prompt_logprobs = [None] * len(self.prompt_ids)  # the first token never gets one
 
     @property
     def token_ids(self) -> list[int]:
@@ -150,7 +171,11 @@ class Sequence:
 
         Plain: every token but the last (its logits are always computed
         again). With a press whose context can be kept: the context and press.
+        None with `prompt_logprobs`: the logits of every prompt position are
+        needed, so none is taken from the cache (its own blocks are still left there).
         """
+        if self.params.prompt_logprobs is not None:
+            return None
         if self.is_plain:
             return PrefixKey(self.token_ids[:-1], self.cache_salt)
         if self.reuses_compressed:
@@ -171,6 +196,18 @@ class Sequence:
             both = q if old is None else torch.cat([old, q], dim=1)
             self.queries[layer] = both[:, -DECODE_QUERY_WINDOW:]
 
+    def add_prompt_logprobs(self, start: int, logits: torch.Tensor) -> None:
+        """Score the prompt tokens that `logits` `(n, V)` of positions `start`.. predict (each the next one).
+
+        Idempotent: a prompt computed again after a preemption gives the same entries.
+        """
+        k = self.params.prompt_logprobs
+        end = min(start + logits.shape[0], len(self.prompt_ids) - 1)  # the last position predicts an output
+        if k is None or end <= start:
+            return
+        targets = self.prompt_ids[start + 1 : end + 1]
+        self.prompt_logprobs[start + 1 : end + 1] = token_logprobs(logits[: end - start], targets, k)
+
     @property
     def awaits_compression(self) -> bool:
         """True until the context is cached and compressed (it is prefilled in one piece)."""
@@ -183,12 +220,20 @@ class Sequence:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """A token produced for a request in one step."""
+    """A token produced for a request in one step.
+
+    `token_id` is None only for a request that ends after its prompt
+    (`max_tokens=0`). `logprob` is set with `SamplingParams.logprobs`;
+    `prompt_logprobs` (one per prompt token, None for the first) comes with a
+    request's first event when it asked for them.
+    """
 
     seq_id: int
-    token_id: int
+    token_id: int | None
     finished: bool
     finish_reason: str | None
+    logprob: Logprob | None = None
+    prompt_logprobs: list[Logprob | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +247,8 @@ class RequestOutput:
     num_cached_tokens: int  # prompt tokens reused from the prefix cache at the last admission
     num_preemptions: int
     ttft_s: float  # time to first token, from `add_request`
+    logprobs: list[Logprob] | None = None  # one per output token, with `SamplingParams.logprobs`
+    prompt_logprobs: list[Logprob | None] | None = None  # with `SamplingParams.prompt_logprobs`
 
     @classmethod
     def of(cls, seq: Sequence) -> RequestOutput:
@@ -214,4 +261,6 @@ class RequestOutput:
             seq.num_cached_tokens,
             seq.num_preemptions,
             first - seq.arrival_time,
+            list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+            list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
         )

@@ -3,7 +3,8 @@
 The runner turns "these sequences get these new tokens" into one forward
 pass: it reserves cache slots for the new tokens, packs all tokens into one
 row with per-token positions, sets the forward context the attention function
-reads, and returns the logits of each sequence's last new token.
+reads, and returns the logits of each sequence's last new token (and, for
+inputs that ask, of every new token: prompt log-probabilities need them).
 
 Presses run here, after the forward pass, and nowhere else: the attention
 function records the queries a press needs, the runner reads each layer's
@@ -43,7 +44,9 @@ class StepInput:
     # Release sliding-window layers' blocks that no later query sees, after the step. Not for
     # a cache whose blocks are shared in full later (the prefix cache's) or compressed later.
     free_outside_window: bool = False
+    all_logits: bool = False  # fill `logits` with every new token's logits, not only the last's
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H_q, n, D)
+    logits: torch.Tensor | None = None  # (n, vocab) float32, with `all_logits`
 
 
 class ModelRunner:
@@ -125,6 +128,7 @@ class ModelRunner:
     def forward(self, batch: list[StepInput]) -> torch.Tensor:
         """Logits `(N, vocab)` (float32) of the last new token of each of the N inputs.
 
+        Inputs with `all_logits` also get every new token's logits in `logits`.
         The new tokens' keys and values are in the cache afterwards, and each
         input with a press is compressed. If the pool cannot hold the new
         tokens, OutOfBlocksError is raised before any sequence changes; if a
@@ -141,15 +145,16 @@ class ModelRunner:
         if any(item.press is not None and not item.kv.is_uniform for item in batch):
             raise NotImplementedError("compressing a cache that a press already compressed")
         ctx, tokens, positions = self._pack(batch)
-        last = torch.tensor([span.end - 1 for span in ctx.spans])
+        keep, last = _kept_positions(batch, ctx.spans)
         # Block tables are updated in `_pack`, outside inference mode: they outlive this step.
         with forward_context(ctx), torch.inference_mode():
             out = self.model.hf_model(
                 input_ids=torch.tensor([tokens]),
                 position_ids=positions[None],
                 use_cache=False,
-                logits_to_keep=last,
+                logits_to_keep=keep,
             )
+        logits = out.logits[0].float()  # (len(keep), vocab)
         # Presses after the forward, outside inference mode: block tables outlive the step.
         for item, span in zip(batch, ctx.spans, strict=True):
             if item.press is not None:
@@ -165,7 +170,10 @@ class ModelRunner:
                     self.cache.release_outside_window(item.kv, layer, window)
             if item.seal:
                 self.cache.seal_full_blocks(item.kv)
-        return out.logits[0].float()
+        for item, row in zip(batch, last, strict=True):
+            if item.all_logits:
+                item.logits = logits[row - len(item.token_ids) + 1 : row + 1]
+        return logits if len(last) == logits.shape[0] else logits[last]
 
     def _pack(self, batch: list[StepInput]) -> tuple[ForwardContext, list[int], torch.Tensor]:
         """Reserve slots for the new tokens; the forward context, packed token ids and positions."""
@@ -192,3 +200,13 @@ class ModelRunner:
             scratch=self._scratch(spans),
         )
         return ctx, tokens, torch.cat(positions)
+
+
+def _kept_positions(batch: list[StepInput], spans: list[SeqSpan]) -> tuple[torch.Tensor, list[int]]:
+    """Packed positions whose logits to compute, and each input's last one as a row of them."""
+    keep: list[int] = []
+    last = []
+    for item, span in zip(batch, spans, strict=True):
+        keep.extend(range(span.start, span.end) if item.all_logits else [span.end - 1])
+        last.append(len(keep) - 1)
+    return torch.tensor(keep), last

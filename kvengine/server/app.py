@@ -35,6 +35,7 @@ from kvengine.engine.async_engine import AsyncEngine
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
 from kvengine.server import openai_format as fmt
+from kvengine.server.logprobs import ChoiceLogprobs
 from kvengine.server.metrics import RequestMetricsMiddleware
 from kvengine.server.openapi import declare_request_bodies, error_responses
 from kvengine.server.schemas import ChatCompletionResponse, ChatRequest, CompletionRequest, CompletionResponse
@@ -71,7 +72,19 @@ async def _respond(
     finally:
         for _ in jobs:
             server.release()
-    return fmt.completion_object(chat, rid, server.model_name, choices, _usage(jobs))
+    out = await asyncio.to_thread(_choices, server, chat, jobs, choices)  # decodes: off the event loop
+    return fmt.completion_object(chat, rid, server.model_name, out, _usage(jobs))
+
+
+def _choices(
+    server: Service, chat: bool, jobs: list[Job], collected: list[tuple[str, str]]
+) -> list[tuple[str, str, dict[str, Any] | None]]:
+    """(text, finish reason, logprobs) of each job: its echoed prompt and logprobs added."""
+    out = []
+    for job, (text, finish) in zip(jobs, collected, strict=True):
+        text, logprobs = job.choice(server.tokenizer, chat, text)
+        out.append((text, finish, logprobs))
+    return out
 
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
@@ -180,11 +193,16 @@ async def _sse(
     name = server.model_name
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     started: set[int] = set()
+    logprobs = [
+        ChoiceLogprobs(server.tokenizer, chat) if j.params.logprobs is not None else None for j in jobs
+    ]
     try:
         async with contextlib.aclosing(_merged(server, jobs)) as events:
             async for index, delta, reason in events:
                 first = index not in started
                 if delta or reason is not None or first:
+                    job, choice_logprobs = jobs[index], logprobs[index]
+                    new = choice_logprobs.next(job.output_ids, job.logprobs) if choice_logprobs else None
                     yield fmt.chunk(
                         chat,
                         rid,
@@ -194,6 +212,7 @@ async def _sse(
                         index=index,
                         first=first,
                         with_usage_field=include_usage,
+                        logprobs=new,
                     )
                     started.add(index)
         if include_usage:

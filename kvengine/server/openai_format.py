@@ -87,12 +87,16 @@ def usage(num_prompt: int, num_completion: int, num_cached: int) -> dict[str, An
 
 
 def completion_object(
-    chat: bool, rid: str, model: str, choices: list[tuple[str, str]], usage_: dict[str, Any]
+    chat: bool,
+    rid: str,
+    model: str,
+    choices: list[tuple[str, str, dict[str, Any] | None]],
+    usage_: dict[str, Any],
 ) -> dict[str, Any]:
-    """The whole response of a non-streaming request; `choices` are (text, finish reason), in order."""
+    """The whole response of a non-streaming request; `choices` are (text, finish reason, logprobs), in order."""
     out = []
-    for index, (text, finish) in enumerate(choices):
-        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish}
+    for index, (text, finish, logprobs) in enumerate(choices):
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -119,11 +123,12 @@ def chunk(
     first: bool = False,
     usage_: dict[str, Any] | None = None,
     with_usage_field: bool = False,
+    logprobs: dict[str, Any] | None = None,
 ) -> str:
     """One server-sent event of choice `index`. `text=None` makes the usage-only chunk (no choices)."""
     choices: list[dict[str, Any]] = []
     if text is not None:
-        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish}
         if chat:
             choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
         else:

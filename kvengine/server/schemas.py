@@ -9,7 +9,7 @@ is a 400 naming it. Fields OpenAI defines that this server does not
 implement yet are declared, so that a client sending them at their "off"
 value (many send defaults) is served; any other value is a 400 naming the
 field (`NOT_SUPPORTED_YET`, checked by `unsupported_field`). Accepted and
-honoured beyond OpenAI's own: `top_k`, `ignore_eos` (vLLM's), `kv_press` and
+honoured beyond OpenAI's own (log-probabilities and echo: see logprobs.py): `top_k`, `ignore_eos` (vLLM's), `kv_press` and
 `kv_compression_ratio` (kvengine's). Accepted as a no-op: `user` (an end-user
 id that only OpenAI's abuse monitoring reads).
 
@@ -85,15 +85,13 @@ class CompletionRequest(_Sampling):
 
     NOT_SUPPORTED_YET: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_Sampling.NOT_SUPPORTED_YET,
-        "logprobs": (None,),
-        "echo": (False,),
         "best_of": (None, 1),
         "suffix": (None, ""),
     }
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-    logprobs: int | None = None
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 (with echo) scores the prompt only
+    logprobs: int | None = Field(None, ge=0, le=5)  # OpenAI's cap for completions
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -130,8 +128,6 @@ class ChatRequest(_Sampling):
 
     NOT_SUPPORTED_YET: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_Sampling.NOT_SUPPORTED_YET,
-        "logprobs": (None, False),
-        "top_logprobs": (None, 0),
         "response_format": (None, {"type": "text"}),
         "tools": (None, []),
         "tool_choice": (None, "none"),
@@ -141,7 +137,7 @@ class ChatRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # needs logprobs: true
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None

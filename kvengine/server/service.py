@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from kvengine.config import ServerConfig
 from kvengine.engine.async_engine import AsyncEngine
 from kvengine.engine.generate import TextStream
+from kvengine.engine.logprobs import Logprob
 from kvengine.engine.request import SamplingParams
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
@@ -33,6 +34,7 @@ from kvengine.press.base import Press
 from kvengine.press.registry import press_from_spec
 from kvengine.server import openai_format as fmt
 from kvengine.server.body import read_body
+from kvengine.server.logprobs import ChoiceLogprobs, logprob_params
 from kvengine.server.metrics import ServerMetrics
 from kvengine.server.schemas import ChatMessage, ChatRequest, CompletionRequest
 from kvengine.server.tenancy import tenant_salt
@@ -51,13 +53,28 @@ class Job:
     params: SamplingParams
     press: Press | None
     cache_salt: str
+    echo: bool = False  # the choice's text starts with the prompt's (completions)
     seq_id: int | None = None  # the engine's, once admitted
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)  # one per output token, if asked for
+    prompt_logprobs: list[Logprob | None] | None = None  # if asked for
     num_completion: int = 0
     num_cached: int = 0
     arrival: float = field(default_factory=time.monotonic)  # accepted: parsed and checked
 
     def usage(self) -> dict[str, Any]:
         return fmt.usage(len(self.prompt_ids), self.num_completion, self.num_cached)
+
+    def choice(self, tokenizer: Any, chat: bool, text: str) -> tuple[str, dict[str, Any] | None]:
+        """The choice's text (after the echoed prompt, if any) and logprobs object, once the job ended."""
+        prompt = str(tokenizer.decode(self.prompt_ids, skip_special_tokens=True)) if self.echo else ""
+        if self.params.logprobs is None:
+            return prompt + text, None
+        out = ChoiceLogprobs(tokenizer, chat, len(prompt)).format(self.output_ids, self.logprobs)
+        if self.echo and self.prompt_logprobs is not None:
+            head = ChoiceLogprobs(tokenizer, chat).format(self.prompt_ids, self.prompt_logprobs)
+            out = {key: head[key] + out[key] for key in out}
+        return prompt + text, out
 
 
 class Service:
@@ -155,6 +172,7 @@ class Service:
                 f"max_tokens must be in [1, {self.config.max_tokens_limit}], got {max_tokens}",
                 param="max_tokens",
             )
+        logprobs, prompt_logprobs = logprob_params(body)
         with _as_400():
             params = SamplingParams(
                 max_tokens,
@@ -164,12 +182,14 @@ class Service:
                 body.seed,
                 body.stop_strings(),
                 ignore_eos=body.ignore_eos,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             )
         press = None
         if body.kv_press is not None:
             with _as_400(param="kv_press"):
                 press = press_from_spec(body.kv_press, body.kv_compression_ratio)
-        return Job(prompt_ids, params, press, salt)
+        return Job(prompt_ids, params, press, salt, echo=isinstance(body, CompletionRequest) and body.echo)
 
     def _check_stop(self, stop: tuple[str, ...]) -> None:
         """400 for stop lists past the limits: they are searched at every token of the output."""
@@ -256,13 +276,18 @@ class Service:
         info = self.llm.info(job.seq_id)  # outlives the request: read once it has ended
         text = TextStream(self.tokenizer, job.params.stop)
         timer = self.metrics.timer(job.arrival)
-        ids: list[int] = []
+        ids = job.output_ids
         ran_to_end = False
         try:
             async with contextlib.aclosing(self.llm.stream(job.seq_id)) as events:
                 async for event in events:
-                    timer.token()
-                    ids.append(event.token_id)
+                    if event.token_id is not None:  # None: a prompt scored, nothing generated
+                        timer.token()
+                        ids.append(event.token_id)
+                    if event.logprob is not None:
+                        job.logprobs.append(event.logprob)
+                    if event.prompt_logprobs is not None:
+                        job.prompt_logprobs = event.prompt_logprobs
                     job.num_completion = len(ids)
                     delta = text.update(ids, event.finished)
                     if text.stopped or event.finished:  # a stop string ends it early: the stream aborts
