@@ -36,6 +36,7 @@ from kvengine.models import LoadedModel
 from kvengine.server import create_app
 
 POISON = 255  # a token whose embedding is NaN: the model's output for its sequence is NaN
+# (so requests here that must succeed decode greedily: sampling could pick POISON as an output token)
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +234,8 @@ def test_prompts_are_tokenized_off_the_event_loop(model: LoadedModel) -> None:
     m = dataclasses.replace(model, tokenizer=tokenizer)  # type: ignore[arg-type]
     engine = _engine(m)
     with _app(m, engine, max_prompt_tokens=200) as client:
-        r = client.post("/v1/completions", json={"prompt": "tokenize me", "max_tokens": 2})
+        # Greedy: a sampled first token may be the poisoned one (1 in 256), and the next step NaN.
+        r = client.post("/v1/completions", json={"prompt": "tokenize me", "max_tokens": 2, "temperature": 0})
         assert r.status_code == 200, r.text
         r = client.post("/v1/completions", json={"prompt": "y" * 300_000, "max_tokens": 2})
         assert r.status_code in (400, 413), r.text
@@ -288,7 +290,8 @@ def test_non_streaming_request_is_aborted_when_its_client_leaves(model: LoadedMo
         assert _wait_until(lambda: engine.pool.num_used_blocks == 0 and not engine.sequences, 5.0)
         assert time.monotonic() - started < 4.0
         assert len(aborted) == 1
-        r = httpx.post(url + "/v1/completions", json={"prompt": "ok", "max_tokens": 2}, timeout=30)
+        ok = {"prompt": "ok", "max_tokens": 2, "temperature": 0}  # greedy: never the poisoned token
+        r = httpx.post(url + "/v1/completions", json=ok, timeout=30)
         assert r.status_code == 200
 
 
