@@ -268,7 +268,12 @@ class Engine:
         for seq in ready:
             self._compress_while_decoding(seq)
         ready_logits = logits[rows]
-        tokens = sample(ready_logits, [seq.params for seq in ready], [seq.generator for seq in ready])
+        tokens = sample(
+            ready_logits,
+            [seq.params for seq in ready],
+            [seq.generator for seq in ready],
+            [(seq.prompt_ids, seq.output_ids) for seq in ready],
+        )
         return self._end_scored(scored) + self._append_tokens(ready, tokens, ready_logits)
 
     def _drop_non_finite(

@@ -26,7 +26,11 @@ from kvengine.press.base import Press, with_budget
 class SamplingParams:
     """How to pick tokens and when to stop. `temperature == 0` means greedy.
 
-    `top_k == 0` and `top_p == 1.0` switch those filters off. `seed` makes a
+    `top_k == 0` and `top_p == 1.0` switch those filters off. Penalties apply
+    first, greedy or not (sampler.py): `presence_penalty` and
+    `frequency_penalty` as OpenAI defines them, over the generated tokens;
+    `repetition_penalty` as transformers and vLLM define it, over prompt and
+    generated tokens (1.0 is off). `seed` makes a
     sampled sequence reproducible on its own, whatever else shares its batch.
     `logprobs=k` records each generated token's log-probability and the k
     most likely tokens at its position; `prompt_logprobs=k` does the same for
@@ -44,6 +48,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: minus this from tokens generated at least once
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times each token's count in the output
+    repetition_penalty: float = 1.0  # transformers' / vLLM's: over prompt and output tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -63,6 +70,13 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:  # also rejects NaN
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise InvalidRequestError(
+                f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}"
+            )
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -71,6 +85,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 def check_decode_budget(press: Press, budget: int, block_size: int) -> None:

@@ -1,7 +1,11 @@
 """Turns logits into next tokens: greedy, or temperature / top-k / top-p sampling.
 
-Filters apply in the order transformers applies them (temperature, top-k,
-top-p). Each sampled sequence draws from its own `torch.Generator`, so a
+Penalties apply first, to greedy and sampled rows alike: the repetition
+penalty (transformers' and vLLM's: a seen token's logit divided by it when
+positive, multiplied when negative; seen = in the prompt or the output), then
+OpenAI's frequency and presence penalties over the output tokens
+(`logit - frequency * count - presence * (count > 0)`). Filters then apply in
+the order transformers applies them (temperature, top-k, top-p). Each sampled sequence draws from its own `torch.Generator`, so a
 seeded request gives the same tokens whatever shares its batch.
 """
 
@@ -33,12 +37,40 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def penalize(
+    logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]
+) -> torch.Tensor:
+    """`logits` `(V,)` with the repetition, frequency and presence penalties of `params` applied."""
+    logits = logits.clone()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+        picked = logits[seen]
+        logits[seen] = torch.where(
+            picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
+        )
+    if output and (params.frequency_penalty or params.presence_penalty):
+        counts = torch.bincount(torch.tensor(output), minlength=logits.shape[-1])[: logits.shape[-1]]
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    histories: list[tuple[list[int], list[int]]] | None = None,
 ) -> list[int]:
-    """One token per row of `logits` `(N, V)`, row i under `params[i]`."""
+    """One token per row of `logits` `(N, V)`, row i under `params[i]`.
+
+    `histories[i]` is row i's (prompt, output) tokens, which penalties need.
+    """
+    penalized = [i for i, p in enumerate(params) if p.penalized]
+    if penalized:
+        if histories is None:
+            raise ValueError("penalties need each row's prompt and output tokens")
+        logits = logits.clone()
+        for i in penalized:
+            logits[i] = penalize(logits[i], params[i], *histories[i])
     greedy = logits.argmax(dim=-1).tolist()
     tokens = []
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):

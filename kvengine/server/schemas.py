@@ -9,7 +9,7 @@ is a 400 naming it. Fields OpenAI defines that this server does not
 implement yet are declared, so that a client sending them at their "off"
 value (many send defaults) is served; any other value is a 400 naming the
 field (`NOT_SUPPORTED_YET`, checked by `unsupported_field`). Accepted and
-honoured beyond OpenAI's own (log-probabilities and echo: see logprobs.py): `top_k`, `ignore_eos` (vLLM's), `kv_press` and
+honoured beyond OpenAI's own (log-probabilities and echo: see logprobs.py): `top_k`, `ignore_eos`, `repetition_penalty` (vLLM's), `kv_press` and
 `kv_compression_ratio` (kvengine's). Accepted as a no-op: `user` (an end-user
 id that only OpenAI's abuse monitoring reads).
 
@@ -49,9 +49,6 @@ class _Sampling(_Body):
     NOT_SUPPORTED_YET: ClassVar[dict[str, tuple[Any, ...]]] = {
         "n": (1,),
         "min_tokens": (0,),
-        "presence_penalty": (0,),
-        "frequency_penalty": (0,),
-        "repetition_penalty": (1,),
         "logit_bias": (None, {}),
     }
 
@@ -69,9 +66,9 @@ class _Sampling(_Body):
     user: str | None = None  # accepted, unused
     n: int = 1
     min_tokens: int = 0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # OpenAI's, over the output tokens
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # OpenAI's, over the output tokens
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)  # vLLM's extra, over prompt and output
     logit_bias: dict[str, float] | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
