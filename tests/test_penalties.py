@@ -120,3 +120,33 @@ def test_the_server_honours_penalties_and_names_bad_ones() -> None:
         ):
             r = client.post("/v1/completions", json={**body, field: value})
             assert r.status_code == 400 and field in r.text, r.text
+
+
+def test_logit_bias_is_added_after_penalties(model: LoadedModel) -> None:
+    prompt = random_prompt(20, 9)
+    plain = _engine_greedy(model, prompt, 6)
+    forced = _engine_greedy(model, prompt, 6, logit_bias=((17, 100.0),))
+    assert plain != [17] * 6 and forced == [17] * 6
+    banned = _engine_greedy(model, prompt, 6, logit_bias=tuple((t, -100.0) for t in set(plain)))
+    assert not set(banned) & set(plain)
+    logits = torch.tensor([0.0, 1.0, 2.0])
+    got = penalize(logits, SamplingParams(logit_bias={0: 5.0, 2: -1.5}), prompt=[], output=[])  # type: ignore[arg-type]
+    assert torch.equal(got, torch.tensor([5.0, 1.0, 0.5]))
+    for bad in ({-1: 1.0}, {3: 101.0}):
+        with pytest.raises(InvalidRequestError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)  # type: ignore[arg-type]
+
+
+def test_the_server_honours_logit_bias_and_names_bad_ones() -> None:
+    import dataclasses
+
+    from test_server import ByteTokenizer, _client
+
+    served = dataclasses.replace(tiny_model("llama"), tokenizer=ByteTokenizer())  # type: ignore[arg-type]
+    body = {"prompt": "bias me", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    with _client(served) as client:
+        r = client.post("/v1/completions", json={**body, "logit_bias": {"65": 100}})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "AAAA", r.text
+        for bad in ({"x": 1}, {"256": 1}, {"65": 150}, {"-3": 1}):
+            r = client.post("/v1/completions", json={**body, "logit_bias": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text

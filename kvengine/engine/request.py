@@ -30,7 +30,7 @@ class SamplingParams:
     first, greedy or not (sampler.py): `presence_penalty` and
     `frequency_penalty` as OpenAI defines them, over the generated tokens;
     `repetition_penalty` as transformers and vLLM define it, over prompt and
-    generated tokens (1.0 is off). `seed` makes a
+    generated tokens (1.0 is off); then `logit_bias` is added. `seed` makes a
     sampled sequence reproducible on its own, whatever else shares its batch.
     `logprobs=k` records each generated token's log-probability and the k
     most likely tokens at its position; `prompt_logprobs=k` does the same for
@@ -51,6 +51,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: minus this from tokens generated at least once
     frequency_penalty: float = 0.0  # OpenAI's: minus this times each token's count in the output
     repetition_penalty: float = 1.0  # transformers' / vLLM's: over prompt and output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, bias in [-100, 100]) added
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -73,6 +74,13 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:  # also rejects NaN
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
+        for token, bias in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bias} for {token}")
         if not 0.0 < self.repetition_penalty <= 100.0:
             raise InvalidRequestError(
                 f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}"
@@ -88,7 +96,12 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+        )
 
 
 def check_decode_budget(press: Press, budget: int, block_size: int) -> None:

@@ -4,7 +4,8 @@ Penalties apply first, to greedy and sampled rows alike: the repetition
 penalty (transformers' and vLLM's: a seen token's logit divided by it when
 positive, multiplied when negative; seen = in the prompt or the output), then
 OpenAI's frequency and presence penalties over the output tokens
-(`logit - frequency * count - presence * (count > 0)`). Filters then apply in
+(`logit - frequency * count - presence * (count > 0)`), then OpenAI's
+`logit_bias` is added. Filters then apply in
 the order transformers applies them (temperature, top-k, top-p). Each sampled sequence draws from its own `torch.Generator`, so a
 seeded request gives the same tokens whatever shares its batch.
 """
@@ -40,7 +41,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def penalize(
     logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]
 ) -> torch.Tensor:
-    """`logits` `(V,)` with the repetition, frequency and presence penalties of `params` applied."""
+    """`logits` `(V,)` with the penalties and the logit bias of `params` applied (token ids < V)."""
     logits = logits.clone()
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
@@ -51,6 +52,9 @@ def penalize(
     if output and (params.frequency_penalty or params.presence_penalty):
         counts = torch.bincount(torch.tensor(output), minlength=logits.shape[-1])[: logits.shape[-1]]
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    if params.logit_bias:
+        tokens, biases = zip(*params.logit_bias, strict=True)
+        logits[torch.tensor(tokens)] += torch.tensor(biases, dtype=logits.dtype)
     return logits
 
 

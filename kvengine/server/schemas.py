@@ -49,7 +49,6 @@ class _Sampling(_Body):
     NOT_SUPPORTED_YET: ClassVar[dict[str, tuple[Any, ...]]] = {
         "n": (1,),
         "min_tokens": (0,),
-        "logit_bias": (None, {}),
     }
 
     model: str | None = None
@@ -69,7 +68,7 @@ class _Sampling(_Body):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # OpenAI's, over the output tokens
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # OpenAI's, over the output tokens
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)  # vLLM's extra, over prompt and output
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -187,12 +187,29 @@ class Service:
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty,
+                logit_bias=self._logit_bias(body.logit_bias),
             )
         press = None
         if body.kv_press is not None:
             with _as_400(param="kv_press"):
                 press = press_from_spec(body.kv_press, body.kv_compression_ratio)
         return Job(prompt_ids, params, press, salt, echo=isinstance(body, CompletionRequest) and body.echo)
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's logit_bias (token id strings -> bias) as SamplingParams takes it; 400 naming it if bad."""
+        vocab = self.model.config.vocab_size
+        pairs = []
+        for key, value in (bias or {}).items():
+            if not key.isdecimal() or int(key) >= vocab:
+                raise fmt.APIError(
+                    400, f"logit_bias: {key!r} is not a token id below {vocab}", param="logit_bias"
+                )
+            if not -100.0 <= value <= 100.0:
+                raise fmt.APIError(
+                    400, f"logit_bias: {value} for {key} is outside [-100, 100]", param="logit_bias"
+                )
+            pairs.append((int(key), float(value)))
+        return tuple(sorted(pairs))
 
     def _check_stop(self, stop: tuple[str, ...]) -> None:
         """400 for stop lists past the limits: they are searched at every token of the output."""
