@@ -169,7 +169,7 @@ def test_client_without_llama_cpp_names_the_recipe(tmp_path: Path) -> None:
         InvalidRequestError, match=r"not usable under .*No module named 'llama_cpp'.*README\.md"
     ):
         worker.__enter__()
-    assert worker._proc is None  # the failed worker was stopped
+    assert worker._worker is not None and worker._worker._proc is None  # the failed worker was stopped
 
 
 def test_client_speaks_the_protocol(tmp_path: Path) -> None:

@@ -417,7 +417,7 @@ def test_baseline_errors_name_the_recipe(tmp_path: Path) -> None:
     worker = KvpressWorker(Path(sys.executable), saved, 1)
     with pytest.raises(InvalidRequestError, match=r"kvpress is not usable under .*kvpress.*README\.md"):
         worker.__enter__()
-    assert worker._proc is None  # the failed worker was stopped
+    assert worker._worker is not None and worker._worker._proc is None  # the failed worker was stopped
 
 
 @pytest.mark.model

@@ -16,18 +16,16 @@ worker's runs with kvengine's and write them.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
 from kvengine.config import default_cache_dir
 from kvengine.errors import InvalidRequestError
 from kvengine.models import registry
+from kvengine.worker import JsonLinesWorker
 
 WORKER = Path(__file__).resolve().parent / "llamacpp_worker.py"  # run by the llama.cpp venv
 RECIPE = "see tools/llamacpp_reference/README.md (bash tools/llamacpp_reference/setup.sh builds the venv)"
@@ -94,9 +92,7 @@ class LlamaCppWorker:
         self.baseline, self.model_name = baseline, model_name
         self.cache_dir = cache_dir or default_cache_dir() / "llamacpp"
         self.ready: dict[str, Any] = {}
-        self._proc: subprocess.Popen[str] | None = None
-        self._stderr: IO[str] | None = None
-        self._next_id = 0
+        self._worker: JsonLinesWorker | None = None
 
     @property
     def versions(self) -> dict[str, str]:
@@ -107,42 +103,15 @@ class LlamaCppWorker:
         if not python.is_file():
             raise InvalidRequestError(f"llama.cpp python {python} does not exist; {RECIPE}")
         source = source_gguf(self.model_name)
-        self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         argv = [str(source), str(self.cache_dir), self.baseline.precision, str(self.baseline.num_threads)]
-        self._proc = subprocess.Popen(
-            # -P: the script's folder (kvengine/bench) must not shadow modules llama_cpp imports.
-            [str(python), "-P", str(WORKER), *argv],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            encoding="utf-8",
-        )
-        try:
-            hello = self._read()
-            if not hello.get("ready"):
-                raise InvalidRequestError(
-                    f"llama.cpp is not usable under {python}: {hello.get('error')}; {RECIPE}"
-                )
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        self.ready = hello
+        self._worker = JsonLinesWorker("llama.cpp", python, WORKER, argv, RECIPE)
+        self.ready = self._worker.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._proc is not None:
-            if self._proc.stdin is not None:
-                self._proc.stdin.close()
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def decode(self, prompt_ids: list[int], new_tokens: int) -> dict[str, Any]:
         """One greedy request of exactly `new_tokens` tokens: `prefill_s`, `decode_tokens_per_s`, `output_ids`."""
@@ -153,37 +122,8 @@ class LlamaCppWorker:
         return self._request({"op": "throughput", "prompts": prompts, "new_tokens": new_tokens})
 
     def _request(self, payload: dict[str, Any]) -> dict[str, Any]:
-        assert self._proc is not None and self._proc.stdin is not None, (
-            "use LlamaCppWorker as a context manager"
-        )
-        request_id, self._next_id = self._next_id, self._next_id + 1
-        self._proc.stdin.write(json.dumps({"id": request_id, **payload}) + "\n")
-        self._proc.stdin.flush()
-        reply = self._read()
-        if reply.get("id") != request_id:
-            raise InvalidRequestError(
-                f"the llama.cpp worker answered request {reply.get('id')}, not {request_id}"
-            )
+        assert self._worker is not None, "use LlamaCppWorker as a context manager"
+        reply = self._worker.reply(self._worker.send(payload))
         if "error" in reply:
             raise InvalidRequestError(f"llama.cpp failed on {payload['op']}: {reply['error']}")
         return reply
-
-    def _read(self) -> dict[str, Any]:
-        assert self._proc is not None and self._proc.stdout is not None
-        line = self._proc.stdout.readline()
-        if not line:
-            raise InvalidRequestError(
-                f"the llama.cpp worker under {self.baseline.python} stopped: {self._stderr_tail()}"
-            )
-        try:
-            return dict(json.loads(line))
-        except (json.JSONDecodeError, TypeError, ValueError):
-            raise InvalidRequestError(
-                f"the llama.cpp worker wrote a line that is not JSON: {line[:200]!r}"
-            ) from None
-
-    def _stderr_tail(self) -> str:
-        if self._stderr is None:
-            return ""
-        self._stderr.seek(0)
-        return self._stderr.read()[-2000:].strip() or "(no message)"

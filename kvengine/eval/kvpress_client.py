@@ -18,16 +18,14 @@ and kvengine-only presses (h2o, scissorhands, per_layer) run on kvengine alone.
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
 from kvengine.press import press_from_spec
+from kvengine.worker import JsonLinesWorker
 
 BASELINES = ("kvpress",)
 WORKER = Path(__file__).resolve().parent / "kvpress_worker.py"  # run by the kvpress venv; imports no kvengine
@@ -92,9 +90,7 @@ class KvpressWorker:
     def __init__(self, python: Path, model: LoadedModel, threads: int) -> None:
         self.python, self.model, self.threads = Path(python), model, threads
         self.versions: dict[str, str] = {}
-        self._proc: subprocess.Popen[str] | None = None
-        self._stderr: IO[str] | None = None
-        self._next_id = 0
+        self._worker: JsonLinesWorker | None = None
 
     def __enter__(self) -> KvpressWorker:
         if not self.python.is_file():
@@ -104,61 +100,16 @@ class KvpressWorker:
             raise InvalidRequestError(
                 f"the kvpress worker script {WORKER} is missing (a broken kvengine install)"
             )
-        self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
-        self._proc = subprocess.Popen(
-            # -P: the script's folder (kvengine/eval) must not shadow modules kvpress imports.
-            [str(self.python), "-P", str(WORKER), str(directory), str(self.threads)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            encoding="utf-8",
+        self._worker = JsonLinesWorker(
+            "kvpress", self.python, WORKER, [str(directory), str(self.threads)], RECIPE
         )
-        try:
-            hello = self._read()
-            if not hello.get("ready"):
-                raise InvalidRequestError(
-                    f"kvpress is not usable under {self.python}: {hello.get('error')}; {RECIPE}"
-                )
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        self.versions = dict(hello.get("versions", {}))
+        self.versions = dict(self._worker.start().get("versions", {}))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._proc is not None:
-            if self._proc.stdin is not None:
-                self._proc.stdin.close()
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
-
-    def _read(self) -> dict[str, Any]:
-        assert self._proc is not None and self._proc.stdout is not None
-        line = self._proc.stdout.readline()
-        if not line:
-            raise InvalidRequestError(
-                f"the kvpress worker under {self.python} stopped: {self._stderr_tail()}"
-            )
-        try:
-            return dict(json.loads(line))
-        except (json.JSONDecodeError, TypeError, ValueError):
-            raise InvalidRequestError(
-                f"the kvpress worker wrote a line that is not JSON: {line[:200]!r}"
-            ) from None
-
-    def _stderr_tail(self) -> str:
-        if self._stderr is None:
-            return ""
-        self._stderr.seek(0)
-        return self._stderr.read()[-2000:].strip() or "(no message)"
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def run(
         self,
@@ -172,24 +123,15 @@ class KvpressWorker:
 
         Consume it to the end before the next call (the replies share one pipe).
         """
-        assert self._proc is not None and self._proc.stdin is not None, (
-            "use KvpressWorker as a context manager"
-        )
-        request_id, self._next_id = self._next_id, self._next_id + 1
+        assert self._worker is not None, "use KvpressWorker as a context manager"
         wire = []
         for spec, ratio in settings:
             kwargs, wrapper_kwargs = press_kwargs(spec, ratio)
             wire.append({"press": spec, "ratio": ratio, "kwargs": kwargs, "wrapper_kwargs": wrapper_kwargs})
-        request = {"id": request_id, "context_ids": context_ids, "question_ids": question_ids}
-        request.update(max_new_tokens=max_new_tokens, settings=wire)
-        self._proc.stdin.write(json.dumps(request) + "\n")
-        self._proc.stdin.flush()
+        request = {"context_ids": context_ids, "question_ids": question_ids}
+        request_id = self._worker.send({**request, "max_new_tokens": max_new_tokens, "settings": wire})
         while True:
-            reply = self._read()
-            if reply.get("id") != request_id:
-                raise InvalidRequestError(
-                    f"the kvpress worker answered request {reply.get('id')}, not {request_id}"
-                )
+            reply = self._worker.reply(request_id)
             if reply.get("done"):
                 return
             yield reply
