@@ -56,24 +56,8 @@ def document_ids(model: LoadedModel, num_tokens: int, seed: int = 0) -> list[int
 
 def hf_generate(model: LoadedModel, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
     """transformers' greedy tokens (exactly `new_tokens`) and the seconds they took."""
-    hf = model.hf_model
-    saved = hf.config._attn_implementation
-    hf.set_attn_implementation("sdpa")
-    try:
-        with torch.inference_mode():
-            start = time.perf_counter()
-            out = hf.generate(  # type: ignore[operator]
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            elapsed = time.perf_counter() - start
-    finally:
-        hf.set_attn_implementation(saved)
-    return out[0, len(prompt) :].tolist(), elapsed
+    [tokens], seconds = hf_batch_generate(model, [prompt], new_tokens)
+    return tokens, seconds
 
 
 def hf_batch_generate(
