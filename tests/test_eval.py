@@ -115,7 +115,7 @@ def test_resume_runs_only_missing_keys(model: LoadedModel, tmp_path: Path) -> No
     [
         (dict(tasks=("haystack",)), "unknown task 'haystack'"),
         (dict(presses=("none", "nopress")), "unknown press 'nopress'"),
-        (dict(kivi=(3,)), "KIVI bit widths"),
+        (dict(kivi=(5,)), "KIVI bit widths"),
         (dict(ratios=(1.0,)), "ratios must be in"),
         (dict(baseline="vllm"), "unknown baseline 'vllm'; known baselines: kvpress"),
     ],

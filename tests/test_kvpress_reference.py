@@ -58,7 +58,7 @@ from kvengine.press import PRESSES, Press, make_press
 FIXTURE = Path(__file__).parent / "data" / "kvpress_reference"
 CACHE = CacheConfig(block_size=8, max_kv_bytes=16 * 2**20)
 # Registered presses with no kvpress counterpart to compare with (reasons in the module docstring).
-NOT_COMPARED = {"random", "h2o", "scissorhands", "none"}
+NOT_COMPARED = {"random", "h2o", "scissorhands", "none", "demote"}
 # kvpress's names of wrapper hyperparameters that kvengine spells differently.
 RENAMED = {"compression_ratios": "ratios"}
 

@@ -33,9 +33,9 @@ def test_unknown_hyperparameter_is_named() -> None:
         make_press("snapkv", ratio=0.5, windw=3)
 
 
-@pytest.mark.parametrize("bits", [1, 3, 16, -2])
-def test_kivi_bits_must_be_2_4_or_8(bits: int) -> None:
-    with pytest.raises(InvalidRequestError, match="kv_bits must be 0 \\(off\\), 2, 4 or 8"):
+@pytest.mark.parametrize("bits", [1, 5, 16, -2])
+def test_kivi_bits_must_be_2_3_4_or_8(bits: int) -> None:
+    with pytest.raises(InvalidRequestError, match="kv_bits must be 0 \\(off\\), 2, 3, 4 or 8"):
         CacheConfig(kv_bits=bits)
 
 
@@ -45,7 +45,7 @@ def test_kivi_bits_must_be_2_4_or_8(bits: int) -> None:
         (["generate", "hi", "--press", "nope"], "unknown press 'nope'"),
         (["generate", "hi", "--press", "knorm", "--ratio", "1.5"], "ratio must be in [0, 1)"),
         (["generate", "hi", "--press", "knorm", "--ratio", "-0.25"], "ratio must be in [0, 1)"),
-        (["generate", "hi", "--kv-bits", "3"], "kv_bits must be 0 (off), 2, 4 or 8"),
+        (["generate", "hi", "--kv-bits", "5"], "kv_bits must be 0 (off), 2, 3, 4 or 8"),
         (["generate", "hi", "--press", "snapkv", "--press-arg", "kernel_size=4"], "kernel_size must be odd"),
     ],
 )

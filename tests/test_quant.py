@@ -286,10 +286,10 @@ def test_4096_token_cache_ratio_vs_16_bit(bits: int, max_ratio: float) -> None:
 
 
 def test_bad_input_raises_clear_errors() -> None:
-    with pytest.raises(InvalidRequestError, match=r"bits must be one of \(2, 4, 8\), got 3"):
-        QuantizedBlockPool(2, 2, block_size=4, head_dim=8, bits=3)
+    with pytest.raises(InvalidRequestError, match=r"bits must be one of \(2, 3, 4, 8\), got 5"):
+        QuantizedBlockPool(2, 2, block_size=4, head_dim=8, bits=5)
     with pytest.raises(InvalidRequestError, match="bits must be one of"):
-        pack_bits(torch.zeros(4, dtype=torch.uint8), 3)
+        pack_bits(torch.zeros(4, dtype=torch.uint8), 1)
     with pytest.raises(
         InvalidRequestError, match=r"head_dim \(48\) must be a multiple of value_group_size \(32\)"
     ):

@@ -176,7 +176,7 @@ def _bad_cases() -> list[tuple[str, dict, bytes, int, str | None]]:
         ("zero max_tokens", {}, j({**ok, "max_tokens": 0}).encode(), 400, "max_tokens"),
         ("negative max_tokens", {}, j({**ok, "max_tokens": -5}).encode(), 400, "max_tokens"),
         ("over max_tokens limit", {}, j({**ok, "max_tokens": 10**6}).encode(), 400, "max_tokens"),
-        ("n=2", {}, j({**ok, "n": 2}).encode(), 400, "n"),
+        ("n=0", {}, j({**ok, "n": 0}).encode(), 400, "n"),
         ("unknown press", {}, j({**ok, "kv_press": "nope"}).encode(), 400, "kv_press"),
         ("bad ratio", {}, j({**ok, "kv_press": "knorm", "kv_compression_ratio": 1.5}).encode(), 400, None),
         ("seed too large for torch", {}, j({**ok, "seed": 2**70}).encode(), 400, "seed"),

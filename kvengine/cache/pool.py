@@ -4,7 +4,7 @@
 scheduler and the prefix cache rely on, and holds the code every pool shares:
 ref counts, the full-precision slots and reading and writing them. Two pools
 implement it: `BlockPool` here (every block in the pool's dtype) and
-`QuantizedBlockPool` (`quant_pool.py`, full blocks packed to 2, 4 or 8 bits).
+`QuantizedBlockPool` (`quant_pool.py`, full blocks packed to 2, 3, 4 or 8 bits).
 Callers use the contract and never ask which pool they hold.
 
 A block is `block_size` consecutive slots and holds tokens of exactly one
@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from kvengine.cache.key_bounds import KeyBounds
 from kvengine.errors import OutOfBlocksError
 
 
@@ -92,6 +93,7 @@ class KVPool(ABC):
         self.k[self._open_slots].zero_()
         self.v[self._open_slots].zero_()
         self.ref_counts = torch.zeros(num_blocks, dtype=torch.int32)
+        self.key_bounds: KeyBounds | None = None  # per-block key min/max, once `track_key_bounds()`
 
     @property
     def zero_slot(self) -> int:
@@ -180,7 +182,25 @@ class KVPool(ABC):
         del free[-num_blocks:]
         ids = torch.tensor(taken, dtype=torch.int64)
         self.ref_counts[ids] = 1
+        if self.key_bounds is not None:
+            self.key_bounds.reset(ids)
         return ids
+
+    def track_key_bounds(self) -> KeyBounds:
+        """Keep per-block key bounds from now on (query-aware block selection needs them).
+
+        Raises ValueError if blocks are in use (their bounds would be missing)
+        or if the pool seals blocks (sealing moves blocks to other ids).
+        """
+        if self.key_bounds is None:
+            if self.seals_blocks:
+                raise ValueError(f"block selection does not work over a {self.label} that seals blocks yet")
+            if self.num_used_blocks:
+                raise ValueError("key bounds must be tracked from an empty pool")
+            self.key_bounds = KeyBounds(
+                self.num_blocks, self.block_size, self.head_dim, self.dtype, self.k.device
+            )
+        return self.key_bounds
 
     # ---- sealing ----------------------------------------------------------
 
@@ -198,6 +218,8 @@ class KVPool(ABC):
         """Store `key`/`value` rows `(N, head_dim)` at flat slot indices `slots` `(N,)` of open blocks."""
         self.k.index_copy_(0, slots, key.to(self.dtype))
         self.v.index_copy_(0, slots, value.to(self.dtype))
+        if self.key_bounds is not None:
+            self.key_bounds.update(slots, key)
 
     def read(
         self, slots: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None

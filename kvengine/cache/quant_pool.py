@@ -1,4 +1,4 @@
-"""A block pool whose full blocks are stored packed to 2, 4 or 8 bits (KIVI).
+"""A block pool whose full blocks are stored packed to 2, 3, 4 or 8 bits (KIVI, optionally rotated).
 
 A `KVPool` (see `pool.py` for the contract) next to the plain `BlockPool`:
 same slot numbering (slot = block id * block_size + offset), same
@@ -13,6 +13,11 @@ in one of two states:
   packed blocks, frees the open ones and returns the packed ids. A sealed block
   is never written or quantized again, so appending tokens never changes what
   is already stored.
+
+A block may also be PINNED (`pin`): an open block that `seal` leaves open,
+in full precision, until it is freed. Demotion (`cache/demote.py`) pins the
+blocks of a head's important tokens and seals the rest: mixed precision in
+one block table, with no third kind of storage.
 
 Open and packed blocks live in separate tensors, so sealing really returns
 full-precision memory. Ids `[0, num_open_blocks)` are open blocks, ids
@@ -52,6 +57,8 @@ class QuantizedBlockPool(KVPool):
         value_group_size: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        key_groups: str = "channel",
+        rotate: bool = False,
     ) -> None:
         if num_open_blocks < 1 or num_packed_blocks < 1:
             raise InvalidRequestError(
@@ -59,12 +66,13 @@ class QuantizedBlockPool(KVPool):
             )
         if not dtype.is_floating_point:
             raise InvalidRequestError(f"the pool's dtype must be a floating point type, got {dtype}")
-        self.layout = KIVILayout(block_size, head_dim, bits, value_group_size)
+        self.layout = KIVILayout(block_size, head_dim, bits, value_group_size, key_groups, rotate)
         num_blocks = num_open_blocks + num_packed_blocks
         super().__init__(num_blocks, num_open_blocks, block_size, head_dim, dtype, device)
         self.num_packed_blocks = num_packed_blocks
         self.bits = bits
         self.packed: PackedBlocks = self.layout.empty(num_packed_blocks, device)
+        self.pinned = torch.zeros(num_blocks, dtype=torch.bool)  # open blocks `seal` leaves open
         # Popping from the end hands out low ids first.
         self._free_open: list[int] = list(range(num_open_blocks - 1, -1, -1))
         self._free_packed: list[int] = list(range(num_blocks - 1, num_open_blocks - 1, -1))
@@ -137,11 +145,22 @@ class QuantizedBlockPool(KVPool):
         return (self._free_open, self._free_packed)
 
     def _put_back(self, freed: torch.Tensor) -> None:
+        self.pinned[freed] = False
         sealed = self.is_sealed(freed)
         self._free_open.extend(freed[~sealed].tolist())
         self._free_packed.extend(freed[sealed].tolist())
 
     # ---- sealing ----------------------------------------------------------
+
+    def pin(self, block_ids: torch.Tensor) -> None:
+        """Keep open blocks in use open: `seal` returns them unchanged until they are freed."""
+        if bool(self.is_sealed(block_ids).any()) or bool((self.ref_counts[block_ids] < 1).any()):
+            raise ValueError("pin of a block that is sealed or free (only open blocks in use stay open)")
+        self.pinned[block_ids] = True
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return int(self.pinned.sum())
 
     def seal(self, block_ids: torch.Tensor) -> torch.Tensor:
         """Quantize full open blocks into packed blocks; returns the packed ids, in order.
@@ -149,11 +168,17 @@ class QuantizedBlockPool(KVPool):
         Each block must be open, distinct, and held by exactly one reference
         (the caller's, which moves to the packed block: others holding the open
         id would be left pointing at a freed block). Every slot of each block
-        must have been written. The open blocks are freed. Raises
+        must have been written. The open blocks are freed. Pinned blocks are
+        left as they are (their ids are returned unchanged). Raises
         OutOfBlocksError (and changes nothing) when too few packed blocks are free.
         """
         if block_ids.numel() == 0:
             return torch.empty(0, dtype=torch.int64)
+        pinned = self.pinned[block_ids.clamp(0, self.num_blocks - 1)] & (block_ids >= 0)
+        if bool(pinned.any()):
+            out = block_ids.clone()
+            out[~pinned] = self.seal(block_ids[~pinned])
+            return out
         if bool(self.is_sealed(block_ids).any()) or bool((block_ids < 0).any()):
             raise ValueError("seal of a block that is not open (sealed blocks are never re-quantized)")
         if block_ids.unique().numel() != block_ids.numel():
@@ -217,3 +242,5 @@ class QuantizedBlockPool(KVPool):
         assert not bool(self.is_sealed(open_free).any()), "a packed block is on the open free list"
         packed_free = torch.tensor(self._free_packed, dtype=torch.int64)
         assert bool(self.is_sealed(packed_free).all()), "an open block is on the packed free list"
+        assert not bool(self.pinned[open_free].any()), "a free block is pinned"
+        assert not bool(self.is_sealed(self.pinned.nonzero().squeeze(1)).any()), "a sealed block is pinned"

@@ -1,4 +1,4 @@
-"""The `kvengine` command line: generate | serve | demo | bench | models | presses | simulate | eval | report.
+"""The `kvengine` command line: generate | serve | cluster | demo | bench | models | presses | simulate | eval | report.
 
 This module builds the top-level parser, holds the small commands (generate, demo, models and
 presses) and `main`, which maps `KVEngineError` to one line on stderr and exit code 2.
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kvengine.cli.argtypes import positive_int
 from kvengine.cli.bench import add_bench_parser, cmd_bench
+from kvengine.cli.cluster import add_cluster_parser, cmd_cluster
 from kvengine.cli.common import (
     CONFIG_HELP,
     EXIT_BAD_INPUT,
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list bundled models and whether they are converted")
     models.add_argument("--cache-dir", default=None, help="where converted weights live")
     add_serve_parser(sub)
+    add_cluster_parser(sub)
     add_simulate_parser(sub)
     add_eval_parser(sub)
     add_report_parser(sub)
@@ -166,8 +168,9 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
 def _cmd_presses(args: argparse.Namespace) -> None:
     from kvengine.press import PRESSES
+    from kvengine.press.methods import METHODS  # methods that are not per-layer presses (quest, duo)
 
-    for name, cls in sorted(PRESSES.items()):
+    for name, cls in sorted({**PRESSES, **METHODS}.items()):
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         fields = ", ".join(
             f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
@@ -175,6 +178,11 @@ def _cmd_presses(args: argparse.Namespace) -> None:
             if not f.name.startswith("_")
         )
         print(f"{name:20s} {doc}\n{'':20s} fields: {fields}")
+    # Storage choices of the cache, not presses: they compose with any press (CacheConfig fields).
+    print(f"{'kivi':20s} Packed low-bit blocks, keys per channel, values per token (KIVI, arXiv:2402.02750).")
+    print(f"{'':20s} cache options: --kv-bits 2|3|4|8, --kv-key-groups channel|token")
+    print(f"{'rotated':20s} KIVI blocks rotated first by a randomized Hadamard transform (QuaRot).")
+    print(f"{'':20s} cache options: --kv-bits 2|3|4|8 --kv-rotate, --kv-key-groups channel|token")
 
 
 _COMMANDS = {
@@ -184,6 +192,7 @@ _COMMANDS = {
     "models": _cmd_models,
     "presses": _cmd_presses,
     "serve": cmd_serve,
+    "cluster": cmd_cluster,
     "simulate": run_simulate_command,
     "eval": run_eval_command,
     "report": run_report_command,

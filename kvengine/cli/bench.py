@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kvengine.bench.rag import add_rag_parser, cmd_bench_rag
+from kvengine.bench.semantic import add_semantic_parser, cmd_bench_semantic
 from kvengine.cli.argtypes import name_list, positive_int, positive_int_list, ratio_list
 from kvengine.cli.bench_serve import add_serve_bench_parser, cmd_bench_serve
 from kvengine.cli.common import Parser, add_model_args, kivi_bits, results_dir
@@ -111,6 +113,58 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_perplexity_parser(bench_sub)
     _add_tiers_bench_parser(bench_sub)
     add_serve_bench_parser(bench_sub)
+    _add_selection_bench_parser(bench_sub)
+    _add_output_args(add_rag_parser(bench_sub), "bench_rag.jsonl")
+    _add_detokenize_parser(bench_sub)
+    _add_output_args(add_semantic_parser(bench_sub), "bench_semantic.jsonl")
+
+
+def _add_detokenize_parser(bench_sub: argparse._SubParsersAction) -> None:
+    """`bench detokenize`: streaming's detokenization cost per token along a long output."""
+    p = bench_sub.add_parser(
+        "detokenize",
+        help="streaming detokenization cost per token along a long output",
+        description="""Stream a --tokens-long output (prose through the model's tokenizer) token by
+token through kvengine's incremental TextStream and through a naive stream that decodes the whole
+output at every token, alternating; report the median microseconds per token at several positions.
+Only the tokenizer's model is loaded; no forward pass runs.""",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    p.add_argument("--tokens", type=positive_int, default=4096, help="output length (at least 128)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="passes per stream")
+    _add_output_args(p, "bench_detokenize.jsonl")
+
+
+def _cmd_bench_detokenize(args: argparse.Namespace) -> None:
+    from kvengine.bench import detokenize
+    from kvengine.models import load
+    from kvengine.results import append_report, append_rows
+
+    if args.tokens < 2 * detokenize.WINDOW:
+        raise SystemExit(f"--tokens must be at least {2 * detokenize.WINDOW}")
+    rows = detokenize.run(load(args.model).tokenizer, args.tokens, args.repeats)
+    append_rows(Path(args.out), rows)
+    table = detokenize.table(rows)
+    append_report(
+        Path(args.report), f"Streaming detokenization, {args.tokens}-token output", args.command_line, table
+    )
+    print(table)
+
+
+def _add_selection_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
+    """`bench selection` (kvengine/bench/selection.py)."""
+    sel = bench_sub.add_parser(
+        "selection",
+        help="decode attention time per step with query-aware block selection (quest) vs full",
+        description="Prefill a needle_hard context per length, then time one decode step's attention over "
+        "every layer with and without quest's block selection, alternating, medians.",
+    )
+    sel.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    sel.add_argument("--lengths", type=positive_int_list, default=[4096], help="context lengths in tokens")
+    sel.add_argument("--ratio", type=float, default=0.875, help="quest's ratio: fraction of blocks not read")
+    sel.add_argument("--batch", type=positive_int, default=1, help="decoding copies of the context per step")
+    sel.add_argument("--repeats", type=positive_int, default=20, help="timed steps per system")
+    _add_output_args(sel, "bench_selection.jsonl")
 
 
 def _add_presses_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
@@ -179,6 +233,10 @@ def _add_perplexity_parser(bench_sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--presses", type=name_list, default=list(d.presses), help="press specs, or none")
     pp.add_argument("--ratios", type=ratio_list, default=list(d.ratios), help="compression ratios")
     pp.add_argument("--kivi", type=kivi_bits, default=[], help="KIVI bit widths (with every press)")
+    pp.add_argument("--kv-rotate", action="store_true", help="KIVI runs rotate keys and values first")
+    pp.add_argument(
+        "--kv-key-groups", choices=("channel", "token"), default="channel", help="KIVI runs' key groups"
+    )
     pp.add_argument("--score-len", type=positive_int, default=d.score_len, help="tokens scored after it")
     pp.add_argument("--text", choices=["prose", "noise"], default=d.text, help="haystack the text comes from")
     pp.add_argument("--seed", type=int, default=d.seed, help="chooses where in the text to start")
@@ -281,13 +339,22 @@ def _cmd_bench_prefix(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+def _cmd_bench_selection(args: argparse.Namespace) -> None:
+    from kvengine.bench.selection import run_selection_bench
+
+    run_selection_bench(
+        args.model, args.lengths, args.ratio, args.batch, args.repeats,
+        Path(args.out), Path(args.report), command=args.command_line,
+    )  # fmt: skip
+
+
 def _cmd_bench_perplexity(args: argparse.Namespace) -> None:
     from kvengine.eval.perplexity import PerplexityConfig, markdown, run_perplexity
     from kvengine.models import load
 
     cfg = PerplexityConfig(
         tuple(args.lengths), tuple(args.presses), tuple(args.ratios), tuple(args.kivi), args.score_len,
-        args.text, args.seed,
+        args.text, args.seed, args.kv_rotate, args.kv_key_groups,
     )  # fmt: skip
     out = Path(args.out)
     rows = run_perplexity(load(args.model, dtype=args.dtype), cfg, out / "perplexity.jsonl")
@@ -305,6 +372,10 @@ _BENCHES = {
     "perplexity": _cmd_bench_perplexity,
     "tiers": _cmd_bench_tiers,
     "serve": cmd_bench_serve,
+    "selection": _cmd_bench_selection,
+    "rag": cmd_bench_rag,
+    "detokenize": _cmd_bench_detokenize,
+    "semantic": cmd_bench_semantic,
 }
 
 

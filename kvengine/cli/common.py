@@ -67,7 +67,9 @@ CONFIG_HELP = {
     "prefix_cache": "keep finished requests' KV blocks for later requests with the same prefix",
     "eviction_policy": "what the prefix cache evicts first: lru, lfu, gdsf or predictive",
     "max_step_tokens": "prefill + decode tokens per forward pass",
-    "kv_bits": "0: keys and values in the model's dtype; 2, 4 or 8: packed KIVI blocks",
+    "kv_bits": "0: keys and values in the model's dtype; 2, 3, 4 or 8: packed KIVI blocks",
+    "kv_rotate": "rotate keys and values (randomized Hadamard, QuaRot-style) before packing them",
+    "kv_key_groups": "packed keys quantized per channel (KIVI) or per token",
     "tiers": "storage below the pool for the prefix cache, comma-separated, fastest first: host,disk,redis",
     "tier_write": "through: store cached blocks at once (other processes see them); back: when evicted",
     "host_tier_bytes": "bytes of the host-memory tier",
@@ -128,6 +130,14 @@ def add_press_args(parser: argparse.ArgumentParser) -> None:
         "--ratio", type=float, default=0.5, help="fraction of the context to evict (default: 0.5)"
     )
     group.add_argument(
+        "--kv-budget",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="bytes the compressed context may hold, as a fraction of its uncompressed cache: "
+        "--ratio 1 - FRACTION (demote: full precision for the best tokens, the rest packed)",
+    )
+    group.add_argument(
         "--press-arg",
         type=_press_arg,
         action="append",
@@ -143,16 +153,21 @@ def press_from_args(args: argparse.Namespace) -> Press | None:
 
     if args.press is None:
         return None
-    return press_from_spec(args.press, args.ratio, **dict(args.press_arg))
+    ratio = args.ratio
+    if args.kv_budget is not None:
+        if not 0.0 < args.kv_budget <= 1.0:
+            raise InvalidRequestError(f"--kv-budget must be in (0, 1], got {args.kv_budget}")
+        ratio = 1.0 - args.kv_budget
+    return press_from_spec(args.press, ratio, **dict(args.press_arg))
 
 
 def kivi_bits(text: str) -> list[int]:
-    """Comma-separated KIVI bit widths (each 2, 4 or 8), or `none` for no KIVI runs."""
+    """Comma-separated KIVI bit widths (each 2, 3, 4 or 8), or `none` for no KIVI runs."""
     if text.strip() == "none":
         return []
     bits = positive_int_list(text)
-    if any(b not in (2, 4, 8) for b in bits):
-        raise argparse.ArgumentTypeError(f"KIVI bit widths are 2, 4 or 8, got {text!r}")
+    if any(b not in (2, 3, 4, 8) for b in bits):
+        raise argparse.ArgumentTypeError(f"KIVI bit widths are 2, 3, 4 or 8, got {text!r}")
     return bits
 
 

@@ -46,7 +46,20 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         "--presses", type=name_list, default=["none", "snapkv", "knorm"], help="press specs, or none"
     )
     ev.add_argument("--ratios", type=ratio_list, default=[0.25, 0.5], help="compression ratios")
-    ev.add_argument("--kivi", type=_kivi_list, default=[], help="KIVI bit widths (2, 4, 8) to run, or none")
+    ev.add_argument(
+        "--kivi", type=_kivi_list, default=[], help="KIVI bit widths (2, 3, 4, 8) to run, or none"
+    )
+    ev.add_argument(
+        "--kv-rotate",
+        action="store_true",
+        help="KIVI runs rotate keys and values (randomized Hadamard) before packing them",
+    )
+    ev.add_argument(
+        "--kv-key-groups",
+        choices=("channel", "token"),
+        default="channel",
+        help="KIVI runs quantize keys per channel (KIVI, default) or per token",
+    )
     ev.add_argument("--examples", type=positive_int, default=2, help="examples per task and length")
     ev.add_argument("--seed", type=int, default=0, help="seed of the generated examples")
     ev.add_argument("--max-tokens", type=positive_int, default=32, help="answer tokens at most")
@@ -92,6 +105,8 @@ def run_eval_command(args: argparse.Namespace) -> None:
         False if args.no_chat else None,
         args.baseline,
         args.kvpress_python,
+        kv_rotate=args.kv_rotate,
+        kv_key_groups=args.kv_key_groups,
     )
     rows = run_eval(load(args.model, dtype=args.dtype), cfg, Path(args.out))
     print(f"{len(rows)} rows appended to {args.out}; `kvengine report {args.out}` renders them")

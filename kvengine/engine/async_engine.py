@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +68,7 @@ class AsyncEngine:
         self._queues: dict[int, asyncio.Queue[_Item]] = {}
         self._infos: dict[int, RequestInfo] = {}
         self._stats = engine.stats()
-        self._pending: list[tuple[list[int], SamplingParams | None, dict[str, Any], asyncio.Future[int]]] = []
+        self._pending: list[tuple[Callable[[], list[int]], asyncio.Future[list[int]]]] = []
         self._aborts: list[int] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -140,18 +140,35 @@ class AsyncEngine:
         Raises InvalidRequestError as `Engine.add_request` does, and
         RuntimeError if the engine is closed or stopped by an error.
         """
+        prompt = list(prompt_ids)
+        (seq_id,) = await self._queue(lambda: [self.engine.add_request(prompt, params, **kwargs)])
+        return seq_id
+
+    async def add_parallel(
+        self, prompt_ids: list[int], params: list[SamplingParams], **kwargs: Any
+    ) -> list[int]:
+        """Queue one request per `params` on one prompt, prefilled once (`Engine.add_parallel`); their ids.
+
+        Raises as `add_request` does; if one is refused, none is queued.
+        """
+        prompt = list(prompt_ids)
+        return await self._queue(lambda: self.engine.add_parallel(prompt, list(params), **kwargs))
+
+    async def _queue(self, add: Callable[[], list[int]]) -> list[int]:
+        """Run `add` on the driver, between steps; the ids it queued."""
         if self._closing or self._error is not None:
             raise RuntimeError("the async engine is closed") from self._error
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((list(prompt_ids), params, kwargs, future))
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._pending.append((add, future))
         self._wake.set()
         try:
             return await future
         except asyncio.CancelledError:
             # The caller went away. Queued still: the driver skips a cancelled future. Queued
-            # already (the result came with the cancellation): nobody will stream it, abort it.
+            # already (the result came with the cancellation): nobody will stream them, abort them.
             if future.done() and not future.cancelled() and future.exception() is None:
-                self.abort(future.result())
+                for seq_id in future.result():
+                    self.abort(seq_id)
             raise
 
     def info(self, seq_id: int) -> RequestInfo:
@@ -289,17 +306,18 @@ class AsyncEngine:
     def _apply_queued(self) -> bool:
         """Add queued requests and apply aborts, on the event loop between steps; True if any."""
         pending, self._pending = self._pending, []
-        for prompt_ids, params, kwargs, future in pending:
+        for add, future in pending:
             if future.cancelled():  # its caller went away while it was queued
                 continue
             try:
-                seq_id = self.engine.add_request(prompt_ids, params, **kwargs)
+                ids = add()
             except Exception as exc:
                 future.set_exception(exc)
                 continue
-            self._queues[seq_id] = asyncio.Queue()
-            self._infos[seq_id] = RequestInfo(seq_id)
-            future.set_result(seq_id)
+            for seq_id in ids:
+                self._queues[seq_id] = asyncio.Queue()
+                self._infos[seq_id] = RequestInfo(seq_id)
+            future.set_result(ids)
         aborts, self._aborts = self._aborts, []
         for seq_id in aborts:
             self._end(seq_id)

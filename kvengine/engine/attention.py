@@ -43,6 +43,7 @@ from transformers import AttentionInterface
 
 from kvengine.cache.paged import KVPool, SequenceKV
 from kvengine.engine.kernel import PagedDecode
+from kvengine.engine.selection import BlockSelection, SelectionStats, dense_selection, select_blocks
 
 ATTENTION_NAME = "kvengine"
 
@@ -83,6 +84,9 @@ class ForwardContext:
     new_slots: torch.Tensor  # (L, H_kv, T) pool slot of each new token, per layer and head
     decode: DecodeBatch | None = None  # the plain decoding spans, attended together
     kernel: PagedDecode | None = None  # decode attention in place (kernel.py), else gather + SDPA
+    # Query-aware block selection for the decode batch (selection.py): which blocks each cell reads.
+    selection: BlockSelection | None = None
+    selection_stats: SelectionStats | None = None  # blocks read and held, added to by every layer
     # Reused buffers for keys and values read back from the pool: fresh multi-MB
     # tensors in every layer would cost page faults on each decode step.
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -219,11 +223,22 @@ def _decode(
     The kernel reads the caches where they lie. Without it, each sequence's
     cache is read into a row padded to the longest one (padding reads zeros)
     and masked past each head's length, for one SDPA call; with a window the
-    mask compares the positions the caches record.
+    mask compares the positions the caches record. With block selection each
+    cell reads only its selected blocks (the same attention over fewer slots).
     """
     slots, lens = batch.slots[layer], batch.lens[layer]  # (N, H_kv, T), (N, H_kv)
     window = window or 0  # 0: no window
     positions = batch.positions[layer] if window and batch.positions is not None else None
+    sel = ctx.selection
+    if sel is not None and ctx.pool.key_bounds is not None:
+        if layer < sel.dense_layers:  # reads every block, and counts them as read
+            slots, lens, positions, read, held = dense_selection(slots, lens, positions, ctx.pool.block_size)
+        else:
+            slots, lens, positions, read, held = select_blocks(
+                sel, ctx.pool.key_bounds, q, slots, lens, ctx.pool.zero_slot, positions
+            )
+        if ctx.selection_stats is not None:
+            ctx.selection_stats.add(read, held)
     if ctx.kernel is not None:
         return ctx.kernel(q, ctx.pool.k, ctx.pool.v, slots, lens, positions, window, scale)
     n, num_heads, head_dim = q.shape

@@ -10,32 +10,32 @@ streams tokens per request.
 
 A step is schedule -> run -> postprocess: the scheduler picks the sequences
 and their new tokens, the runner runs the forward pass (and the presses of
-contexts it completes), and postprocess advances each sequence, compresses
+contexts it completes), and postprocess (postprocess.py) advances each sequence, compresses
 while decoding, samples, and finishes the sequences that stop. Requests are
 checked and made into sequences by `Intake` (intake.py).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from kvengine.cache.paged import KVPool, PagedKVCache
+from kvengine.cache.paged import KVPool, PagedKVCache, SequenceKV
 from kvengine.cache.prefix import PrefixCache, check_ownership
 from kvengine.config import CacheConfig, SchedulerConfig
+from kvengine.engine.constraints import Grammars
 from kvengine.engine.intake import Intake
-from kvengine.engine.logprobs import Logprob, token_logprobs
 from kvengine.engine.memory import make_pool, make_prefix_cache, memory_stats
+from kvengine.engine.postprocess import Postprocess
 from kvengine.engine.request import RequestOutput, SamplingParams, Sequence, Status, TokenEvent
 from kvengine.engine.runner import ModelRunner, StepInput
-from kvengine.engine.sampler import sample
 from kvengine.engine.scheduler import Scheduler
-from kvengine.engine.step import step_input, stop_reason
+from kvengine.engine.step import step_input
 from kvengine.errors import InvalidRequestError, KVEngineError, StepError
 from kvengine.models import LoadedModel
-from kvengine.press.base import Press, with_budget
+from kvengine.press.base import Press
 
 
 class Engine:
@@ -54,23 +54,26 @@ class Engine:
         self.cache = PagedKVCache(pool, model.num_layers, model.num_kv_heads)
         self.runner = ModelRunner(model, self.cache)
         self.intake = Intake(model, self.cache.block_size)
+        self.grammars = Grammars(model.tokenizer, int(model.config.vocab_size))
+        self.shared_prompts: dict[int, set[int]] = {}  # context of `add_parallel` -> its requests left
         self.prefix: PrefixCache | None = None
         if self.cache_config.prefix_cache:
             self.prefix = make_prefix_cache(self.cache_config, self.cache, model.name)
         self.scheduler = Scheduler(scheduler_config, self.cache, model.max_context_len, self.prefix)
         self.sequences: dict[int, Sequence] = {}
+        self.post = Postprocess(model, self.cache, self.runner, self.scheduler)
         self.peak_bytes_in_use = 0
-        self.num_decode_compressions = 0
         self.num_prompt_tokens = 0  # prompt tokens of queued requests, cached ones included
-        self.num_prefill_tokens = 0  # prompt tokens computed by forward passes
-        self.num_compressions = 0  # contexts a press compressed (kept contexts reused are not counted)
-        self.num_compressed_bytes_saved = 0  # uncompressed minus held bytes, summed over compressions
         self.step_errors: dict[int, KVEngineError] = {}  # requests the last step ended with an error
         self.last_step_size = 0  # sequences in the last step's forward pass
 
     @property
     def pool(self) -> KVPool:
         return self.cache.pool
+
+    @property
+    def num_decode_compressions(self) -> int:
+        return self.post.num_decode_compressions
 
     @property
     def num_preemptions(self) -> int:
@@ -148,6 +151,17 @@ class Engine:
         self.scheduler.add_ready_context(seq, kv, parent.num_computed)
         return seq.seq_id
 
+    def add_kv_context(self, context_ids: list[int], kv: SequenceKV) -> int:
+        """A ready context of `context_ids` whose cache `kv` (this pool's blocks, handed over) was filled elsewhere, e.g. by kvengine.rag."""
+        seq = self.intake.context(context_ids, None, False)
+        if not kv.is_uniform or kv.max_len != len(context_ids) or kv.next_pos != len(context_ids):
+            raise InvalidRequestError(
+                f"the cache does not hold positions 0..{len(context_ids) - 1} in every cell"
+            )
+        self.sequences[seq.seq_id] = seq
+        self.scheduler.add_ready_context(seq, kv, len(context_ids))
+        return seq.seq_id
+
     def add_public_prefix(self, token_ids: list[int]) -> None:
         """Let every tenant share the cached blocks of these tokens, e.g. a common system prompt.
 
@@ -167,7 +181,57 @@ class Engine:
             )
         return seq
 
+    def add_parallel(
+        self, prompt_ids: list[int], params: list[SamplingParams], *, cache_salt: str = "", **kwargs: Any
+    ) -> list[int]:
+        """Queue one request per `params` on one prompt, prefilled once (OpenAI's `n`); returns their ids.
+
+        The prompt but its last token is a context, prefilled once; each
+        request continues a fork of it (its blocks shared, each cell's partly
+        filled last block copied), computes the last token itself and samples on
+        its own. The context goes with the last of its requests (`release`).
+        With other arguments of `add_request` (a press), prompt log-probabilities
+        or a one-token prompt, the requests run on their own. If one is
+        refused, none is left queued.
+        """
+        kwargs = {name: value for name, value in kwargs.items() if value is not None}
+        calls: list[tuple[list[int], SamplingParams | None, int | None]] = [
+            (list(prompt_ids), p, None) for p in params
+        ]
+        shared = len(params) > 1 and len(prompt_ids) > 1 and not kwargs
+        if not shared or any(p.prompt_logprobs is not None for p in params):
+            return self._add_all(calls, cache_salt, kwargs)
+        context = self.add_context(list(prompt_ids[:-1]))
+        try:
+            ids = self._add_all([([prompt_ids[-1]], p, context) for p in params], cache_salt, {})
+        except InvalidRequestError:
+            self.abort(context)
+            self.release(context)
+            raise
+        self.shared_prompts[context] = set(ids)
+        return ids
+
+    def _add_all(
+        self,
+        calls: list[tuple[list[int], SamplingParams | None, int | None]],
+        cache_salt: str,
+        kwargs: dict[str, Any],
+    ) -> list[int]:
+        """`add_request` each (prompt, params, parent); if one is refused, the ones added go again."""
+        ids: list[int] = []
+        try:
+            for prompt, p, parent in calls:
+                ids.append(self.add_request(prompt, p, parent=parent, cache_salt=cache_salt, **kwargs))
+        except InvalidRequestError:
+            for seq_id in ids:
+                self.abort(seq_id)
+                self.release(seq_id)
+            raise
+        return ids
+
     def _queue(self, seq: Sequence) -> int:
+        if seq.params.grammar is not None:
+            seq.matcher = self.grammars.matcher(seq.params.grammar)
         self.scheduler.add(seq)  # raises InvalidRequestError if it could never fit in the pool
         if not seq.params.greedy:  # its own generator: its tokens do not depend on its batch
             seq.generator = torch.Generator()
@@ -204,15 +268,10 @@ class Engine:
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise InvalidRequestError(f"{len(prompts)} prompts but {len(per_prompt)} sampling parameters")
-        ids: list[int] = []
-        try:
-            for prompt, p in zip(prompts, per_prompt, strict=True):
-                ids.append(self.add_request(list(prompt), p, cache_salt=cache_salt))
-        except InvalidRequestError:
-            for seq_id in ids:
-                self.abort(seq_id)
-                self.release(seq_id)
-            raise
+        calls: list[tuple[list[int], SamplingParams | None, int | None]] = [
+            (list(prompt), p, None) for prompt, p in zip(prompts, per_prompt, strict=True)
+        ]
+        ids = self._add_all(calls, cache_salt, {})
         self._step_until(lambda: all(self.sequences[i].is_finished for i in ids))
         return [RequestOutput.of(self.release(i)) for i in ids]
 
@@ -230,7 +289,7 @@ class Engine:
             return []
         inputs = [step_input(seq, n, self.prefix is not None) for seq, n in batch]
         logits = self._run(batch, inputs)
-        return [] if logits is None else self._postprocess(batch, inputs, logits)
+        return [] if logits is None else self.post.process(batch, inputs, logits, self.step_errors)
 
     def _run(self, batch: list[tuple[Sequence, int]], inputs: list[StepInput]) -> torch.Tensor | None:
         """The forward pass (and the presses after it): logits, or None if it failed."""
@@ -250,94 +309,6 @@ class Engine:
         self.peak_bytes_in_use = max(self.peak_bytes_in_use, self.pool.bytes_in_use)
         return logits
 
-    def _postprocess(
-        self, batch: list[tuple[Sequence, int]], inputs: list[StepInput], logits: torch.Tensor
-    ) -> list[TokenEvent]:
-        """Advance each sequence past its new tokens, then give a token to those ready for one."""
-        for (seq, n), item in zip(batch, inputs, strict=True):
-            self._advance(seq, n, item)
-        # Ready for a new token: every known token computed (a recomputed sequence
-        # after preemption has its earlier outputs to compute again first).
-        rows = [
-            i for i, (seq, _) in enumerate(batch) if seq.num_computed == seq.num_tokens and not seq.is_context
-        ]
-        rows = self._drop_non_finite(batch, rows, logits)
-        scored = [batch[i][0] for i in rows if batch[i][0].params.max_tokens == 0]  # the prompt only
-        rows = [i for i in rows if batch[i][0].params.max_tokens > 0]
-        ready = [batch[i][0] for i in rows]
-        for seq in ready:
-            self._compress_while_decoding(seq)
-        ready_logits = logits[rows]
-        tokens = sample(
-            ready_logits,
-            [seq.params for seq in ready],
-            [seq.generator for seq in ready],
-            [(seq.prompt_ids, seq.output_ids) for seq in ready],
-        )
-        return self._end_scored(scored) + self._append_tokens(ready, tokens, ready_logits)
-
-    def _drop_non_finite(
-        self, batch: list[tuple[Sequence, int]], rows: list[int], logits: torch.Tensor
-    ) -> list[int]:
-        """`rows` whose logits are all finite; the sequences of the others fail (and only they)."""
-        finite = torch.isfinite(logits[rows]).all(dim=-1).tolist()  # one host sync per step
-        for i, ok in zip(rows, finite, strict=True):
-            if not ok:
-                seq = batch[i][0]
-                self.scheduler.finish(seq, "error")
-                self.step_errors[seq.seq_id] = StepError("the model produced non-finite logits (NaN or inf)")
-        return [i for i, ok in zip(rows, finite, strict=True) if ok]
-
-    def _advance(self, seq: Sequence, num_tokens: int, item: StepInput) -> None:
-        """After a step: the scheduler advances `seq` (see `on_computed`); keep its queries, count a press."""
-        self.num_prefill_tokens += min(num_tokens, max(0, len(seq.prompt_ids) - seq.num_computed))
-        self.scheduler.on_computed(seq, num_tokens)
-        seq.store_queries(item.queries)
-        if item.logits is not None:
-            seq.add_prompt_logprobs(item.start_pos, item.logits)
-        if item.press is not None:  # the runner compressed its context after this forward
-            assert seq.kv is not None
-            self.num_compressions += 1
-            uncompressed = self.cache.blocks_for_tokens(seq.context_len) * self.pool.bytes_per_block
-            self.num_compressed_bytes_saved += max(0, uncompressed - self.cache.bytes_held(seq.kv))
-
-    def _compress_while_decoding(self, seq: Sequence) -> None:
-        """Cut every head back to the decode budget once it has grown a block past it."""
-        if seq.decode_press is None or seq.kv is None:
-            return
-        num_tokens = seq.kv.max_len
-        if num_tokens <= seq.decode_budget + self.cache.block_size:
-            return
-        press = with_budget(seq.decode_press, num_tokens, seq.decode_budget)
-        self.runner.compress(seq.kv, seq.queries, press, end_pos=seq.num_computed)
-        self.num_decode_compressions += 1
-
-    def _append_tokens(
-        self, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor
-    ) -> list[TokenEvent]:
-        """Give each sequence its sampled token (row i of `logits` gave seqs[i]'s); finish those that stop."""
-        now = time.perf_counter()
-        events = []
-        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            seq.output_ids.append(token)
-            seq.first_token_time = seq.first_token_time or now
-            logprob = None
-            if seq.params.logprobs is not None:
-                logprob = token_logprobs(logits[i : i + 1], [token], seq.params.logprobs)[0]
-                seq.output_logprobs.append(logprob)
-            reason = stop_reason(seq, token, self.model)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-            prompt = _prompt_logprobs(seq) if len(seq.output_ids) == 1 else None
-            events.append(TokenEvent(seq.seq_id, token, reason is not None, reason, logprob, prompt))
-        return events
-
-    def _end_scored(self, seqs: list[Sequence]) -> list[TokenEvent]:
-        """Finish requests that only score their prompt (`max_tokens=0`), now that it is computed."""
-        for seq in seqs:
-            self.scheduler.finish(seq, "length")
-        return [TokenEvent(s.seq_id, None, True, "length", prompt_logprobs=_prompt_logprobs(s)) for s in seqs]
-
     # ---- requests out -----------------------------------------------------------------------
 
     def abort(self, seq_id: int) -> None:
@@ -355,7 +326,19 @@ class Engine:
             if any(s.parent is seq and s.status is Status.WAITING for s in self.sequences.values()):
                 raise ValueError(f"context {seq_id} still has requests waiting to continue it")
             self.scheduler.finish(seq, "context")
+        self.shared_prompts.pop(seq_id, None)
+        self._release_shared(seq)
         return self.sequences.pop(seq_id)
+
+    def _release_shared(self, seq: Sequence) -> None:
+        """Release the context of an `add_parallel` request once its last request is released."""
+        children = self.shared_prompts.get(seq.parent.seq_id) if seq.parent is not None else None
+        if children is None or seq.parent is None:
+            return
+        children.discard(seq.seq_id)
+        if not children:
+            self.abort(seq.parent.seq_id)  # a no-op for a ready context; one still prefilling ends
+            self.release(seq.parent.seq_id)
 
     def stats(self) -> dict[str, float]:
         """A snapshot of the engine's gauges and counters, for metrics: its own, then its parts'.
@@ -364,10 +347,7 @@ class Engine:
         """
         return {
             "prompt_tokens_total": self.num_prompt_tokens,
-            "prefill_tokens_total": self.num_prefill_tokens,
-            "compressions_total": self.num_compressions,
-            "compression_bytes_saved_total": self.num_compressed_bytes_saved,
-            "decode_compressions_total": self.num_decode_compressions,
+            **self.post.stats(),
             **self.scheduler.stats(),
             **memory_stats(self.pool, self.prefix),
         }
@@ -385,7 +365,3 @@ class Engine:
         """
         live = [*self.scheduler.running, *self.scheduler.contexts.values()]
         check_ownership(self.pool, [s.kv for s in live if s.kv is not None], self.prefix)
-
-
-def _prompt_logprobs(seq: Sequence) -> list[Logprob | None] | None:
-    return list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None

@@ -105,13 +105,17 @@ class TextStream:
     holds a stop string or the start of one (such text is held back until the
     next token settles it). Once a stop string appears, `stopped` is set,
     `text` ends just before it, and the caller should end the request: nothing
-    after it is ever shown. `final=True` (the request's last token) releases
+    after it is ever shown. Stop strings are looked for only from the
+    `min_tokens`-th token on (what completes one before then does not stop it). `final=True` (the request's last token) releases
     whatever is held back.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = (), min_tokens: int = 0
+    ) -> None:
         self.detokenizer = Detokenizer(tokenizer)
         self.stop = stop
+        self.min_tokens = min_tokens  # stop strings count only once this many tokens are out
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # everything decoded so far, cut before a stop string
         self.emitted = 0  # characters of `text` returned so far
@@ -125,7 +129,7 @@ class TextStream:
         else:
             detok.step(token_ids[len(detok.ids) :])
         text = detok.text
-        for s in self.stop:
+        for s in self.stop if len(token_ids) >= self.min_tokens else ():
             cut = text.find(s, max(0, self.emitted - len(s)))
             if cut != -1:
                 text, final, self.stopped = text[:cut], True, True

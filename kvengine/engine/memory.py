@@ -22,7 +22,13 @@ def make_pool(cache: CacheConfig, scheduler: SchedulerConfig, model: LoadedModel
     """The block pool a `CacheConfig` asks for, sized for `model`."""
     if not cache.kv_bits:
         return BlockPool.with_capacity(cache.max_kv_bytes, cache.block_size, model.head_dim, model.dtype)
-    layout = KIVILayout(cache.block_size, model.head_dim, cache.kv_bits)
+    layout = KIVILayout(
+        cache.block_size,
+        model.head_dim,
+        cache.kv_bits,
+        key_groups=cache.kv_key_groups,
+        rotate=cache.kv_rotate,
+    )
     cells = model.num_layers * model.num_kv_heads
     # Open blocks: the largest prefill one step can write (a compressed context goes
     # in one piece) plus each running sequence's partly filled last block per cell.
@@ -30,7 +36,14 @@ def make_pool(cache: CacheConfig, scheduler: SchedulerConfig, model: LoadedModel
     num_open = cells * (-(-longest_step // cache.block_size) + scheduler.max_num_seqs)
     num_packed = max(1, cache.max_kv_bytes // layout.packed_bytes)
     return QuantizedBlockPool(
-        num_open, num_packed, cache.block_size, model.head_dim, cache.kv_bits, dtype=model.dtype
+        num_open,
+        num_packed,
+        cache.block_size,
+        model.head_dim,
+        cache.kv_bits,
+        dtype=model.dtype,
+        key_groups=cache.kv_key_groups,
+        rotate=cache.kv_rotate,
     )
 
 

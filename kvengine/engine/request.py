@@ -17,6 +17,7 @@ import torch
 
 from kvengine.cache.paged import SequenceKV
 from kvengine.cache.prefix_key import PrefixKey
+from kvengine.engine.constraints import Grammar, GrammarMatcher
 from kvengine.engine.logprobs import MAX_LOGPROBS, Logprob, token_logprobs
 from kvengine.errors import InvalidRequestError
 from kvengine.press.base import Press, with_budget
@@ -32,6 +33,8 @@ class SamplingParams:
     `repetition_penalty` as transformers and vLLM define it, over prompt and
     generated tokens (1.0 is off); then `logit_bias` is added. `seed` makes a
     sampled sequence reproducible on its own, whatever else shares its batch.
+    `min_tokens` holds EOS back until that many tokens are out; `grammar`
+    (a JSON schema) masks every token that would not match it (constraints.py).
     `logprobs=k` records each generated token's log-probability and the k
     most likely tokens at its position; `prompt_logprobs=k` does the same for
     every prompt token after the first, and allows `max_tokens=0` (score the
@@ -52,6 +55,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: minus this times each token's count in the output
     repetition_penalty: float = 1.0  # transformers' / vLLM's: over prompt and output tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, bias in [-100, 100]) added
+    min_tokens: int = 0  # vLLM's: no EOS (and no stop string, in generate.py) before this many outputs
+    grammar: Grammar | None = None  # every output matches it (constraints.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -85,6 +90,14 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}"
             )
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int):
+            raise InvalidRequestError(f"min_tokens must be an integer, got {self.min_tokens!r}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        if self.min_tokens and self.grammar is not None:
+            raise InvalidRequestError("min_tokens cannot be combined with a grammar (response_format)")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -149,6 +162,7 @@ class Sequence:
     decode_press: Press | None = None
     decode_budget: int = 0
     generator: torch.Generator | None = None
+    matcher: GrammarMatcher | None = None  # where its output stands in `params.grammar`
     # Prefix cache: the tenant's salt (part of the key), tokens reused at the last admission.
     cache_salt: str = ""
     num_cached_tokens: int = 0

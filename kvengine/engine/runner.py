@@ -23,12 +23,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvengine.cache.demote import demote_layer
 from kvengine.cache.paged import PagedKVCache, SequenceKV
 from kvengine.engine.attention import ATTENTION_NAME, ForwardContext, SeqSpan, decode_batch, forward_context
 from kvengine.engine.kernel import decode_kernel_for
+from kvengine.engine.selection import BlockSelection, SelectionStats
 from kvengine.errors import OutOfBlocksError
 from kvengine.models import LoadedModel
 from kvengine.press.base import Press, PressInput
+from kvengine.press.demote import DemotePress
 
 
 @dataclass
@@ -63,7 +66,18 @@ class ModelRunner:
         windows = [(layer, model.adapter.sliding_window(config, layer)) for layer in range(model.num_layers)]
         self._windows = [(layer, window) for layer, window in windows if window is not None]
         self._kernel = decode_kernel_for(cache.pool.k.device, cache.pool.seals_blocks)
+        self.selection: BlockSelection | None = None
+        self.selection_stats = SelectionStats()
         model.hf_model.set_attn_implementation(ATTENTION_NAME)
+
+    def select_blocks(self, selection: BlockSelection) -> None:
+        """Decode with query-aware block selection (`kvengine.engine.selection`) from now on.
+
+        The pool then keeps per-block key bounds; it must hold no block yet
+        (ValueError otherwise). `selection_stats` counts blocks read and held.
+        """
+        self.cache.pool.track_key_bounds()
+        self.selection = selection
 
     def compress(
         self, kv: SequenceKV, queries: dict[int, torch.Tensor], press: Press, end_pos: int | None = None
@@ -80,10 +94,18 @@ class ModelRunner:
     def _press(
         self, kv: SequenceKV, queries: dict[int, torch.Tensor], press: Press, end_pos: int | None
     ) -> None:
-        """Keep in each layer of `kv` the tokens `press` keeps (the one path of every press)."""
+        """Keep in each layer of `kv` the tokens `press` keeps (the one path of every press).
+
+        A demote press keeps its important tokens open and packs the rest (`cache/demote.py`).
+        """
         for layer in range(self.model.num_layers):
-            keep = press.keep(self._press_input(kv, layer, queries[layer], end_pos))
-            self.cache.retain(kv, layer, keep)
+            inp = self._press_input(kv, layer, queries[layer], end_pos)
+            if isinstance(press, DemotePress) and self.cache.pool.seals_blocks:
+                demote_layer(
+                    self.cache, kv, layer, press.ranking(inp), press.budget_fraction, press.reserved_tokens
+                )
+                continue
+            self.cache.retain(kv, layer, press.keep(inp))
 
     def _press_input(
         self, kv: SequenceKV, layer: int, queries: torch.Tensor, end_pos: int | None
@@ -197,6 +219,8 @@ class ModelRunner:
             torch.cat(slots, dim=2),
             decode=decode_batch(spans, pool.zero_slot, with_positions=bool(self._windows)),
             kernel=self._kernel,
+            selection=self.selection,
+            selection_stats=self.selection_stats,
             scratch=self._scratch(spans),
         )
         return ctx, tokens, torch.cat(positions)

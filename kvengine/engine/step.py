@@ -36,8 +36,10 @@ def step_input(seq: Sequence, num_tokens: int, prefix_cache: bool) -> StepInput:
 
 
 def stop_reason(seq: Sequence, token: int, model: LoadedModel) -> str | None:
-    """ "stop" (EOS), "length" (max_tokens or the model's context reached), or None to go on."""
+    """ "stop" (EOS, or its grammar complete), "length" (max_tokens or the model's context reached), or None."""
     if not seq.params.ignore_eos and token in model.eos_token_ids:
+        return "stop"
+    if seq.matcher is not None and seq.matcher.is_done:
         return "stop"
     if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= model.max_context_len:
         return "length"

@@ -20,9 +20,11 @@ import torch
 from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams
+from kvengine.engine.selection import SelectionStats
 from kvengine.eval.presses import prefill_context
 from kvengine.models import LoadedModel
 from kvengine.press import press_from_spec
+from kvengine.press.methods import bound_press, is_selection, make_method
 
 Setting = tuple[str, float, int]  # (press, ratio, kivi)
 
@@ -44,6 +46,7 @@ class Measured:
     prefill_s: float
     compress_s: float
     answer_s: float
+    blocks_read: float | None = None  # decode steps' blocks read over blocks held (block selection)
 
 
 def row_seconds(row: dict[str, Any]) -> float:
@@ -72,9 +75,17 @@ def fp_bytes(model: LoadedModel, num_tokens: int) -> int:
 
 
 def _engine(
-    model: LoadedModel, num_questions: int, num_tokens: int, extra_tokens: int, kv_bits: int = 0
+    model: LoadedModel,
+    num_questions: int,
+    num_tokens: int,
+    extra_tokens: int,
+    kv_bits: int = 0,
+    storage: dict[str, Any] | None = None,
 ) -> Engine:
-    """An engine for one context of `num_tokens` and `num_questions` continuations of `extra_tokens`."""
+    """An engine for one context of `num_tokens` and `num_questions` continuations of `extra_tokens`.
+
+    `storage`: more `CacheConfig` options of the packed pool (`kv_rotate`, `kv_key_groups`).
+    """
     scheduler = SchedulerConfig(max_num_seqs=max(4, num_questions), max_step_tokens=num_tokens)
     if not kv_bits:
         return Engine(model, CacheConfig(), scheduler)  # fp pools are allocated lazily: the default is free
@@ -85,26 +96,45 @@ def _engine(
     tokens = num_tokens + num_questions * extra_tokens + (num_questions + 1) * block_size
     return Engine(
         model,
-        CacheConfig(block_size=block_size, max_kv_bytes=2 * fp_bytes(model, tokens), kv_bits=kv_bits),
+        CacheConfig(
+            block_size=block_size,
+            max_kv_bytes=2 * fp_bytes(model, tokens),
+            kv_bits=kv_bits,
+            **(storage or {}),
+        ),
         scheduler,
     )
 
 
 def measure(
-    model: LoadedModel, ids: list[int], rests: list[list[int]], settings: list[Setting], max_new_tokens: int
+    model: LoadedModel,
+    ids: list[int],
+    rests: list[list[int]],
+    settings: list[Setting],
+    max_new_tokens: int,
+    storage: dict[str, Any] | None = None,
 ) -> Iterator[Measured]:
-    """kvengine's answers to the questions `rests` about context `ids`, per setting, fp ones first."""
+    """kvengine's answers to the questions `rests` about context `ids`, per setting, fp ones first.
+
+    Settings with KIVI bits run on a packed pool (with `storage`'s options): press "none" as
+    prefilled, a demote press on a copy of a context kept in full precision until it compresses it.
+    """
     extra = max(len(r) for r in rests) + max_new_tokens  # tokens a question adds to the context
     params = SamplingParams(max_tokens=max_new_tokens)
     fp = [s for s in settings if not s[2]]
     if fp:
         engine = _engine(model, len(rests), len(ids), extra)
+        if any(is_selection(s[0]) for s in fp):
+            engine.pool.track_key_bounds()  # from the first write: a selection answers from this prefill too
         base, prefill_s = prefill_context(engine, ids, keep_queries=any(s[0] != "none" for s in fp))
         full = engine.cache.bytes_held(engine.sequences[base].kv)  # type: ignore[arg-type]
         for spec, ratio, _ in fp:
+            if is_selection(spec):
+                yield _measure_selection(engine, model, base, rests, (spec, ratio), params, prefill_s)
+                continue
             start, context = time.perf_counter(), base
             if spec != "none":
-                context = engine.compress_context(base, press_from_spec(spec, ratio))
+                context = engine.compress_context(base, bound_press(spec, ratio, model))
             compress_s = time.perf_counter() - start if spec != "none" else 0.0
             held = engine.cache.bytes_held(engine.sequences[context].kv)  # type: ignore[arg-type]
             outputs, answer_s = _ask(engine, model, context, rests, params)
@@ -113,8 +143,67 @@ def measure(
             yield Measured(spec, ratio, 0, outputs, held, full, prefill_s, compress_s, answer_s)
         engine.release(base)
     for bits in sorted({s[2] for s in settings if s[2]}):
-        kivi_engine = _engine(model, len(rests), len(ids), extra, bits)
-        context, prefill_s = prefill_context(kivi_engine, ids, keep_queries=False)
-        held = kivi_engine.cache.bytes_held(kivi_engine.sequences[context].kv)  # type: ignore[arg-type]
-        outputs, answer_s = _ask(kivi_engine, model, context, rests, params)
-        yield Measured("none", 0.0, bits, outputs, held, fp_bytes(model, len(ids)), prefill_s, 0.0, answer_s)
+        if ("none", 0.0, bits) in settings:
+            kivi_engine = _engine(model, len(rests), len(ids), extra, bits, storage)
+            context, prefill_s = prefill_context(kivi_engine, ids, keep_queries=False)
+            held = kivi_engine.cache.bytes_held(kivi_engine.sequences[context].kv)  # type: ignore[arg-type]
+            outputs, answer_s = _ask(kivi_engine, model, context, rests, params)
+            full = fp_bytes(model, len(ids))
+            yield Measured("none", 0.0, bits, outputs, held, full, prefill_s, 0.0, answer_s)
+        demoted = [s for s in settings if s[2] == bits and s[0] != "none"]
+        if demoted:
+            yield from _measure_demoted(model, ids, rests, demoted, params, extra, storage)
+
+
+def _measure_demoted(
+    model: LoadedModel,
+    ids: list[int],
+    rests: list[list[int]],
+    settings: list[Setting],
+    params: SamplingParams,
+    extra: int,
+    storage: dict[str, Any] | None,
+) -> Iterator[Measured]:
+    """Demote presses at one KIVI width: one prefill kept in full precision, a demoted copy per setting."""
+    engine = _engine(model, len(rests), len(ids), extra, settings[0][2], storage)
+    base, prefill_s = prefill_context(engine, ids, keep_queries=True)
+    full = fp_bytes(model, len(ids))
+    for spec, ratio, bits in settings:
+        start = time.perf_counter()
+        context = engine.compress_context(base, press_from_spec(spec, ratio))
+        compress_s = time.perf_counter() - start
+        held = engine.cache.bytes_held(engine.sequences[context].kv)  # type: ignore[arg-type]
+        outputs, answer_s = _ask(engine, model, context, rests, params)
+        engine.release(context)
+        yield Measured(spec, ratio, bits, outputs, held, full, prefill_s, compress_s, answer_s)
+    engine.release(base)
+
+
+def _measure_selection(
+    engine: Engine,
+    model: LoadedModel,
+    base: int,
+    rests: list[list[int]],
+    setting: tuple[str, float],
+    params: SamplingParams,
+    prefill_s: float,
+) -> Measured:
+    """A decoding-time selection method (quest) answering from the prefilled context `base` itself.
+
+    Nothing is compressed: the whole cache is kept and each decode step reads
+    the selected blocks. Bytes held count the per-block key bounds on top of
+    the cache; `blocks_read` is over the answers' decode steps.
+    """
+    spec, ratio = setting
+    kv = engine.sequences[base].kv
+    assert kv is not None and engine.pool.key_bounds is not None
+    num_blocks = int((kv.block_table >= 0).sum())
+    held = engine.cache.bytes_held(kv) + num_blocks * engine.pool.key_bounds.bytes_per_block
+    engine.runner.selection = make_method(spec, ratio).selection
+    engine.runner.selection_stats = stats = SelectionStats()
+    try:
+        outputs, answer_s = _ask(engine, model, base, rests, params)
+    finally:
+        engine.runner.selection = None
+    full = engine.cache.bytes_held(kv)
+    return Measured(spec, ratio, 0, outputs, held, full, prefill_s, 0.0, answer_s, stats.read_fraction)

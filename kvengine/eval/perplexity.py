@@ -62,6 +62,8 @@ class PerplexityConfig:
     Press "none" runs once, at ratio 0; every other press at every ratio;
     each KIVI width repeats all of these with a packed cache. `text` names
     the haystack the text comes from; `seed` chooses where it starts.
+    `kv_rotate` and `kv_key_groups` shape the packed blocks of the KIVI runs
+    (`CacheConfig`).
     """
 
     lengths: tuple[int, ...] = (1024, 2048)
@@ -71,6 +73,8 @@ class PerplexityConfig:
     score_len: int = 256
     text: str = "prose"
     seed: int = 0
+    kv_rotate: bool = False
+    kv_key_groups: str = "channel"
 
     def __post_init__(self) -> None:
         if not self.lengths or not self.presses:
@@ -81,13 +85,19 @@ class PerplexityConfig:
             )
         if not self.ratios or not all(0.0 <= r < 1.0 for r in self.ratios):
             raise InvalidRequestError(f"ratios must be in [0, 1), got {self.ratios}")
-        if any(b not in (2, 4, 8) for b in self.kivi):
-            raise InvalidRequestError(f"KIVI bit widths are 2, 4 or 8, got {self.kivi}")
+        if any(b not in (2, 3, 4, 8) for b in self.kivi):
+            raise InvalidRequestError(f"KIVI bit widths are 2, 3, 4 or 8, got {self.kivi}")
+        CacheConfig(kv_bits=2, **self.storage)  # bad storage options fail here
         if self.text not in HAYSTACKS:
             raise InvalidRequestError(f"unknown text {self.text!r}; known texts: {', '.join(HAYSTACKS)}")
         for spec in self.presses:
             if spec != "none":
                 press_from_spec(spec, self.ratios[0])  # bad names fail before any prefill
+
+    @property
+    def storage(self) -> dict[str, Any]:
+        """The `CacheConfig` options of the KIVI runs' packed pools, besides the width."""
+        return {"kv_rotate": self.kv_rotate, "kv_key_groups": self.kv_key_groups}
 
     def settings(self) -> list[Setting]:
         """(press, ratio, kivi) of every run at one length; the full-precision "none" comes first."""
@@ -146,8 +156,12 @@ def _check_fits(model: LoadedModel, ids: list[int], context_len: int) -> None:
         )
 
 
-def _engine(model: LoadedModel, ids: list[int], context_len: int, kivi: int) -> Engine:
-    cache = CacheConfig(block_size=KIVI_BLOCK_SIZE, kv_bits=kivi) if kivi else CacheConfig()
+def _engine(
+    model: LoadedModel, ids: list[int], context_len: int, kivi: int, storage: dict[str, Any] | None = None
+) -> Engine:
+    cache = (
+        CacheConfig(block_size=KIVI_BLOCK_SIZE, kv_bits=kivi, **(storage or {})) if kivi else CacheConfig()
+    )
     # One step for the context and one for the scored tokens: a press sees the context whole.
     step_tokens = max(context_len, len(ids) - context_len)
     return Engine(model, cache, SchedulerConfig(max_num_seqs=2, max_step_tokens=step_tokens))
@@ -187,17 +201,23 @@ def _measured(
 
 
 def measure_perplexity(
-    model: LoadedModel, ids: list[int], context_len: int, press: Press | None = None, kivi: int = 0
+    model: LoadedModel,
+    ids: list[int],
+    context_len: int,
+    press: Press | None = None,
+    kivi: int = 0,
+    storage: dict[str, Any] | None = None,
 ) -> Measured:
     """Perplexity of `ids[context_len + 1:]` given `ids[:context_len]` compressed by `press` (see the module).
 
-    `kivi` is the KIVI bit width of the cache (0: the model's dtype). A fresh
+    `kivi` is the KIVI bit width of the cache (0: the model's dtype), `storage`
+    more options of its packed blocks (`kv_rotate`, `kv_key_groups`). A fresh
     engine prefills the context with the press inline. Raises
     InvalidRequestError when the text does not fit the model's context or
     leaves nothing to score.
     """
     _check_fits(model, ids, context_len)
-    engine = _engine(model, ids, context_len, kivi)
+    engine = _engine(model, ids, context_len, kivi, storage)
     start = time.perf_counter()
     context = engine.add_context(ids[:context_len], press)
     engine.run()
@@ -205,7 +225,11 @@ def measure_perplexity(
 
 
 def measure_settings(
-    model: LoadedModel, ids: list[int], context_len: int, settings: list[Setting]
+    model: LoadedModel,
+    ids: list[int],
+    context_len: int,
+    settings: list[Setting],
+    storage: dict[str, Any] | None = None,
 ) -> Iterator[tuple[Setting, Measured]]:
     """`measure_perplexity` of every setting, yielded as each is measured.
 
@@ -224,7 +248,7 @@ def measure_settings(
     for spec, ratio, bits in settings:
         press = None if spec == "none" else press_from_spec(spec, ratio)
         if bits:
-            yield (spec, ratio, bits), measure_perplexity(model, ids, context_len, press, bits)
+            yield (spec, ratio, bits), measure_perplexity(model, ids, context_len, press, bits, storage)
             continue
         if press is None:
             yield (spec, ratio, bits), _measured(engine, base, ids, context_len, prefill_s, release=False)
@@ -259,12 +283,13 @@ def run_perplexity(
         for length in cfg.lengths:
             ids = text_ids(model, cfg.text, length + cfg.score_len + 1, cfg.seed)
             base: Measured | None = None
-            for (spec, ratio, bits), m in measure_settings(model, ids, length, settings):
+            for (spec, ratio, bits), m in measure_settings(model, ids, length, settings, cfg.storage):
                 bar.set_postfix_str(f"@{length} {spec} {ratio} kivi={bits}")
                 base = base or m
                 row = make_row(
                     "perplexity", "perplexity", m.perplexity, "ppl", model=model.name, text=cfg.text,
                     seed=cfg.seed, length=length, score_len=cfg.score_len, press=spec, ratio=ratio, kivi=bits,
+                    **(cfg.storage if bits else {}),
                 )  # fmt: skip
                 row.update(
                     mean_nll=m.mean_nll,
@@ -290,6 +315,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         c = r["config"]
         storage = f"KIVI {c['kivi']}-bit" if c["kivi"] else "fp"
+        storage += " rotated" if c.get("kv_rotate") else ""
+        storage += " token-grouped keys" if c.get("kv_key_groups", "channel") != "channel" else ""
         change = r["value"] / base[c["length"]] - 1 if c["length"] in base else float("nan")
         held = r["kv_bytes"] / r["kv_bytes_full"]
         table.append(

@@ -45,6 +45,7 @@ def summary_table(summaries: list[Summary]) -> str:
         "KV bytes / full",
         "KV MiB",
         "s / example",
+        "blocks read / step",
     ]
     lines = [
         [
@@ -57,6 +58,7 @@ def summary_table(summaries: list[Summary]) -> str:
             f"{s.kv_fraction:.3f}",
             f"{s.kv_mib:.2f}",
             f"{s.seconds:.2f}",
+            "-" if s.blocks_read is None else f"{s.blocks_read:.3f}",
         ]
         for s in summaries
     ]

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from kvengine.config import CacheConfig
 from kvengine.engine.generate import encode_prompt
 from kvengine.errors import InvalidRequestError
 from kvengine.eval.kvpress_client import BASELINES, RECIPE, KvpressWorker, is_shared
@@ -44,7 +45,8 @@ from kvengine.eval.tasks import (
     uses_depth,
 )
 from kvengine.models import LoadedModel
-from kvengine.press import press_from_spec
+from kvengine.press.demote import is_demote_spec
+from kvengine.press.methods import method_or_press
 from kvengine.results import append_rows, make_row
 
 
@@ -54,7 +56,11 @@ class EvalConfig:
 
     `tasks` holds task names, "ruler" (all RULER tasks) or paths of JSONL task
     files (their examples ignore `lengths`). Press "none" runs once, at ratio 0;
-    every other press runs at every ratio; each KIVI width runs without press.
+    every other press runs at every ratio; each KIVI width runs without press,
+    and with each demote press ("demote" or "demote:SCORER") at every ratio
+    (a demote press needs KIVI widths: its demoted tokens are packed).
+    `kv_rotate` and `kv_key_groups` shape the packed blocks of every KIVI run
+    (`CacheConfig`); rows of other storage belong in another results file.
     `baseline` "kvpress" also runs the presses kvpress has through kvpress,
     with the python of a venv that has it (`kvpress_python`, needed when it runs).
     """
@@ -70,6 +76,8 @@ class EvalConfig:
     chat: bool | None = None  # None: the chat template when the model has one
     baseline: str | None = None
     kvpress_python: Path | None = None  # no default: a venv with kvpress is the caller's to name
+    kv_rotate: bool = False
+    kv_key_groups: str = "channel"
 
     def __post_init__(self) -> None:
         if not self.tasks or not self.presses or not self.lengths:
@@ -79,8 +87,11 @@ class EvalConfig:
             raise InvalidRequestError(f"lengths must be >= 1, got {self.lengths}")
         if not self.ratios or not all(0.0 <= r < 1.0 for r in self.ratios):
             raise InvalidRequestError(f"ratios must be in [0, 1), got {self.ratios}")
-        if any(b not in (2, 4, 8) for b in self.kivi):
-            raise InvalidRequestError(f"KIVI bit widths are 2, 4 or 8, got {self.kivi}")
+        if any(b not in (2, 3, 4, 8) for b in self.kivi):
+            raise InvalidRequestError(f"KIVI bit widths are 2, 3, 4 or 8, got {self.kivi}")
+        if any(is_demote_spec(s) for s in self.presses) and not self.kivi:
+            raise InvalidRequestError("demote keeps demoted tokens packed: give KIVI bit widths (kivi) too")
+        CacheConfig(kv_bits=2, **self.storage)  # bad storage options fail here
         if self.num_examples < 1 or self.max_new_tokens < 1:
             raise InvalidRequestError("num_examples and max_new_tokens must be >= 1")
         if self.baseline is not None and self.baseline not in BASELINES:
@@ -89,14 +100,24 @@ class EvalConfig:
             )
         for spec in self.presses:
             if spec != "none":
-                press_from_spec(spec, self.ratios[0])  # bad names fail before any prefill
+                method_or_press(spec, self.ratios[0])  # bad names fail before any prefill
 
     def settings(self) -> list[Setting]:
         """(press, ratio, kivi) of every kvengine run an example gets, in run order."""
         out: list[Setting] = []
         for spec in self.presses:
+            if is_demote_spec(spec):
+                continue
             out += [("none", 0.0, 0)] if spec == "none" else [(spec, r, 0) for r in self.ratios]
-        return out + [("none", 0.0, bits) for bits in self.kivi]
+        demote = [s for s in self.presses if is_demote_spec(s)]
+        for bits in self.kivi:
+            out += [("none", 0.0, bits), *((s, r, bits) for s in demote for r in self.ratios)]
+        return out
+
+    @property
+    def storage(self) -> dict[str, Any]:
+        """The `CacheConfig` options of the packed pools of KIVI runs, besides the width."""
+        return {"kv_rotate": self.kv_rotate, "kv_key_groups": self.kv_key_groups}
 
     def baseline_settings(self) -> list[Setting]:
         """The settings the baseline engine also runs: its presses, without KIVI (none when no baseline)."""
@@ -238,7 +259,7 @@ def evaluate_example(
     """
     ids, rests = _encode(model, example, index, cfg)
     row = _RowMaker(model, example, index, cfg)
-    for m in measure(model, ids, rests, settings, cfg.max_new_tokens):
+    for m in measure(model, ids, rests, settings, cfg.max_new_tokens, cfg.storage):
         yield row("kvengine", m)
     if baseline:
         assert worker is not None, "baseline settings need a kvpress worker"
@@ -286,4 +307,8 @@ class _RowMaker:
             compress_s=m.compress_s,
             answer_s=m.answer_s,
         )
+        if m.kivi:
+            row["storage"] = self.cfg.storage
+        if m.blocks_read is not None:
+            row["blocks_read_fraction"] = m.blocks_read
         return row

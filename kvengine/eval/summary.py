@@ -74,9 +74,11 @@ class Summary:
     kv_fraction: float  # bytes held / uncompressed bytes, mean over examples
     kv_mib: float
     seconds: float  # prefill + compression + answers, per example
+    blocks_read: float | None = None  # blocks read per decode step / held (block selection only)
 
 
 def _summary(task: str, setting: Setting, rows: list[dict[str, Any]]) -> Summary:
+    read = [r["blocks_read_fraction"] for r in rows if r.get("blocks_read_fraction") is not None]
     return Summary(
         task,
         setting,
@@ -85,6 +87,7 @@ def _summary(task: str, setting: Setting, rows: list[dict[str, Any]]) -> Summary
         statistics.mean(r["kv_bytes"] / r["kv_bytes_full"] for r in rows),
         statistics.mean(r["kv_bytes"] for r in rows) / 2**20,
         statistics.mean(row_seconds(r) for r in rows),
+        statistics.mean(read) if read else None,
     )
 
 

@@ -32,6 +32,7 @@ from kvengine.config import DEFAULT_MODEL, ModelConfig, default_cache_dir
 from kvengine.errors import InvalidRequestError, ModelNotFoundError
 from kvengine.models import convert, registry
 from kvengine.models.adapters import ADAPTERS, ArchAdapter, adapter_for
+from kvengine.models.own_attention import keep_own_attention
 from kvengine.models.precision import resolve_dtype
 from kvengine.models.registry import BundledModel, bundled_names
 
@@ -70,11 +71,14 @@ class LoadedModel:
         """Wrap an already-built model; puts it in eval mode with gradients off, in place.
 
         Device and dtype are left as they are. Raises UnsupportedModelError if
-        the model's family has no adapter.
+        the model's family has no adapter. The model's own forward passes and
+        `generate` keep its attention implementation even after an engine ran
+        on it (`own_attention.py`).
         """
         adapter = adapter_for(hf_model.config)
         hf_model.eval()
         hf_model.requires_grad_(False)
+        keep_own_attention(hf_model)
         return cls(name=name, hf_model=hf_model, tokenizer=tokenizer, adapter=adapter)
 
     @property

@@ -2,6 +2,8 @@
 
 from kvengine.press import (
     adakv,  # noqa: F401  (registers)
+    demote,  # noqa: F401  (registers)
+    duo,  # noqa: F401  (registers a method)
     expected_attention,  # noqa: F401  (registers)
     h2o,  # noqa: F401  (registers)
     keydiff,  # noqa: F401  (registers)
@@ -9,6 +11,7 @@ from kvengine.press import (
     none,  # noqa: F401  (registers)
     per_layer,  # noqa: F401  (registers)
     pyramidkv,  # noqa: F401  (registers)
+    quest,  # noqa: F401  (registers a method)
     random,  # noqa: F401  (registers)
     scissorhands,  # noqa: F401  (registers)
     snapkv,  # noqa: F401  (registers)

@@ -35,11 +35,13 @@ from kvengine.engine.async_engine import AsyncEngine
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
 from kvengine.server import openai_format as fmt
+from kvengine.server import semantic_cache as semantic
+from kvengine.server.job import Job
 from kvengine.server.logprobs import ChoiceLogprobs
 from kvengine.server.metrics import RequestMetricsMiddleware
 from kvengine.server.openapi import declare_request_bodies, error_responses
 from kvengine.server.schemas import ChatCompletionResponse, ChatRequest, CompletionRequest, CompletionResponse
-from kvengine.server.service import Job, Service
+from kvengine.server.service import Service
 from kvengine.server.tenancy import public_prefix_ids
 from kvengine.server.tokenize import TOKEN_BODIES, add_token_routes
 
@@ -73,17 +75,32 @@ async def _respond(
         for _ in jobs:
             server.release()
     out = await asyncio.to_thread(_choices, server, chat, jobs, choices)  # decodes: off the event loop
-    return fmt.completion_object(chat, rid, server.model_name, out, _usage(jobs))
+    return fmt.completion_object(chat, rid, server.model_name, _best(jobs, out, body.n), _usage(jobs))
 
 
-def _choices(
-    server: Service, chat: bool, jobs: list[Job], collected: list[tuple[str, str]]
-) -> list[tuple[str, str, dict[str, Any] | None]]:
+_Choice = tuple[str, str, dict[str, Any] | None]  # text, finish reason, logprobs object
+
+
+def _choices(server: Service, chat: bool, jobs: list[Job], collected: list[tuple[str, str]]) -> list[_Choice]:
     """(text, finish reason, logprobs) of each job: its echoed prompt and logprobs added."""
     out = []
     for job, (text, finish) in zip(jobs, collected, strict=True):
         text, logprobs = job.choice(server.tokenizer, chat, text)
         out.append((text, finish, logprobs))
+    return out
+
+
+def _best(jobs: list[Job], choices: list[_Choice], n: int) -> list[_Choice]:
+    """The `n` choices of each prompt with the highest log-probability per token (`best_of`), in order."""
+    if len(jobs) == n * len({j.group for j in jobs}):
+        return choices
+    out: list[_Choice] = []
+    for group in dict.fromkeys(j.group for j in jobs):
+        ranked = sorted(
+            (i for i, j in enumerate(jobs) if j.group == group),
+            key=lambda i: -sum(lp.logprob for lp in jobs[i].logprobs) / max(1, len(jobs[i].logprobs)),
+        )
+        out.extend(choices[i] for i in sorted(ranked[:n]))
     return out
 
 
@@ -136,11 +153,12 @@ async def _merged(server: Service, jobs: list[Job]) -> AsyncGenerator[tuple[int,
 
 
 def _usage(jobs: list[Job]) -> dict[str, Any]:
-    """The usage of a request: its jobs' tokens, summed."""
+    """The usage of a request: its jobs' tokens, summed; a prompt's tokens once, however many choices."""
+    firsts = {j.group: j for j in reversed(jobs)}.values()
     return fmt.usage(
-        sum(len(j.prompt_ids) for j in jobs),
+        sum(len(j.prompt_ids) for j in firsts),
         sum(j.num_completion for j in jobs),
-        sum(j.num_cached for j in jobs),
+        sum(j.num_cached for j in firsts),
     )
 
 
@@ -191,7 +209,9 @@ async def _sse(
     sent even if empty (a chat's carries the assistant role).
     """
     name = server.model_name
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    options = body.stream_options
+    include_usage = options is not None and options.include_usage
+    continuous = options is not None and options.continuous_usage_stats  # vLLM's: usage on every chunk
     started: set[int] = set()
     logprobs = [
         ChoiceLogprobs(server.tokenizer, chat) if j.params.logprobs is not None else None for j in jobs
@@ -211,7 +231,8 @@ async def _sse(
                         reason,
                         index=index,
                         first=first,
-                        with_usage_field=include_usage,
+                        usage_=_usage(jobs) if continuous else None,
+                        with_usage_field=include_usage or continuous,
                         logprobs=new,
                     )
                     started.add(index)
@@ -243,6 +264,7 @@ def create_app(
     Each of `config.public_prefixes` is registered with the engine here.
     """
     server = Service(engine, model, config, served_model_name)
+    semantic.attach(server)  # the opt-in semantic response cache and its metrics
     for text in config.public_prefixes:
         for ids in public_prefix_ids(model, text):
             engine.add_public_prefix(ids)
@@ -311,8 +333,9 @@ def _add_routes(app: FastAPI, server: Service) -> None:
         salt = server.tenant(request)
         body = await server.read_body(request, CompletionRequest)
         server.check_model(body.model)
-        jobs = [server.job(body, ids, salt) for ids in await server.prompt_ids(body)]
-        return await _respond(server, False, body, jobs, request)
+        prompts = await server.prompt_ids(body)
+        jobs = [job for i, ids in enumerate(prompts) for job in server.jobs(body, ids, salt, group=i)]
+        return await semantic.respond(server, False, body, jobs, request, _respond)
 
     @app.post("/v1/chat/completions", responses={**_ok(ChatCompletionResponse), **errors})
     async def chat_completions(request: Request) -> Any:
@@ -320,7 +343,7 @@ def _add_routes(app: FastAPI, server: Service) -> None:
         body = await server.read_body(request, ChatRequest)
         server.check_model(body.model)
         ids = await server.render_chat(body.messages)
-        return await _respond(server, True, body, [server.job(body, ids, salt)], request)
+        return await semantic.respond(server, True, body, server.jobs(body, ids, salt), request, _respond)
 
 
 def _ok(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:

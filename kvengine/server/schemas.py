@@ -9,7 +9,9 @@ is a 400 naming it. Fields OpenAI defines that this server does not
 implement yet are declared, so that a client sending them at their "off"
 value (many send defaults) is served; any other value is a 400 naming the
 field (`NOT_SUPPORTED_YET`, checked by `unsupported_field`). Accepted and
-honoured beyond OpenAI's own (log-probabilities and echo: see logprobs.py): `top_k`, `ignore_eos`, `repetition_penalty` (vLLM's), `kv_press` and
+honoured beyond OpenAI's own (log-probabilities and echo: see logprobs.py):
+`top_k`, `ignore_eos`, `repetition_penalty`, `min_tokens` and
+`stream_options.continuous_usage_stats` (vLLM's), `kv_press` and
 `kv_compression_ratio` (kvengine's). Accepted as a no-op: `user` (an end-user
 id that only OpenAI's abuse monitoring reads).
 
@@ -41,15 +43,20 @@ def unsupported_field(body: BaseModel) -> str | None:
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
+
+
+class SemanticCacheOptions(_Body):
+    """kvengine's opt-in to the semantic response cache (kvengine/server/semantic_cache.py)."""
+
+    max_error: float = Field(gt=0.0, lt=1.0)  # at most this share of cached answers may be wrong
+    allow_sampled: bool = False  # let a request with temperature > 0 use it too
 
 
 class _Sampling(_Body):
     """Fields shared by both endpoints."""
 
-    NOT_SUPPORTED_YET: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "n": (1,),
-        "min_tokens": (0,),
-    }
+    NOT_SUPPORTED_YET: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0)
@@ -62,9 +69,10 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     kv_press: str | None = None  # a press spec from the registry, e.g. "snapkv" or "adakv:snapkv"
     kv_compression_ratio: float = Field(0.5, ge=0.0, lt=1.0)
+    semantic_cache: SemanticCacheOptions | None = None  # kvengine's: reuse answers (kvengine/semantic)
     user: str | None = None  # accepted, unused
-    n: int = 1
-    min_tokens: int = 0
+    n: int = Field(1, ge=1, le=128)  # choices per prompt, sampled from one prefill (they share its blocks)
+    min_tokens: int = Field(0, ge=0)  # vLLM's extra: no EOS or stop string before this many tokens
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # OpenAI's, over the output tokens
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # OpenAI's, over the output tokens
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)  # vLLM's extra, over prompt and output
@@ -81,7 +89,6 @@ class CompletionRequest(_Sampling):
 
     NOT_SUPPORTED_YET: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_Sampling.NOT_SUPPORTED_YET,
-        "best_of": (None, 1),
         "suffix": (None, ""),
     }
 
@@ -89,7 +96,7 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 (with echo) scores the prompt only
     logprobs: int | None = Field(None, ge=0, le=5)  # OpenAI's cap for completions
     echo: bool = False
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=128)  # sample this many, return the n most likely per token
     suffix: str | None = None
 
     def prompts(self) -> list[str | list[int]]:
@@ -119,12 +126,25 @@ class ChatMessage(_Body):
         return "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(max_length=64)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None  # always strict here: every output matches the schema
+
+
+class ResponseFormat(_Body):
+    """OpenAI's `response_format`: text, any JSON object, or a JSON schema, enforced token by token."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatRequest(_Sampling):
     """POST /v1/chat/completions: a conversation rendered with the model's chat template."""
 
     NOT_SUPPORTED_YET: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_Sampling.NOT_SUPPORTED_YET,
-        "response_format": (None, {"type": "text"}),
         "tools": (None, []),
         "tool_choice": (None, "none"),
     }
@@ -134,7 +154,7 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)  # needs logprobs: true
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 

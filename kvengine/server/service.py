@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncGenerator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -26,15 +25,14 @@ from pydantic import BaseModel
 from kvengine.config import ServerConfig
 from kvengine.engine.async_engine import AsyncEngine
 from kvengine.engine.generate import TextStream
-from kvengine.engine.logprobs import Logprob
 from kvengine.engine.request import SamplingParams
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
-from kvengine.press.base import Press
 from kvengine.press.registry import press_from_spec
 from kvengine.server import openai_format as fmt
 from kvengine.server.body import read_body
-from kvengine.server.logprobs import ChoiceLogprobs, logprob_params
+from kvengine.server.job import Job, as_400, grammar_of, max_tokens_of
+from kvengine.server.logprobs import logprob_params
 from kvengine.server.metrics import ServerMetrics
 from kvengine.server.schemas import ChatMessage, ChatRequest, CompletionRequest
 from kvengine.server.tenancy import tenant_salt
@@ -43,38 +41,6 @@ B = TypeVar("B", bound=BaseModel)
 
 _DRAIN_POLL_S = 0.05  # how often a shutdown checks whether the requests in flight have ended
 _ENDING_S = 5.0  # how long a shutdown waits for the final events of the requests it ended
-
-
-@dataclass
-class Job:
-    """One accepted request: what to run, and what it cost once it ran."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    press: Press | None
-    cache_salt: str
-    echo: bool = False  # the choice's text starts with the prompt's (completions)
-    seq_id: int | None = None  # the engine's, once admitted
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[Logprob] = field(default_factory=list)  # one per output token, if asked for
-    prompt_logprobs: list[Logprob | None] | None = None  # if asked for
-    num_completion: int = 0
-    num_cached: int = 0
-    arrival: float = field(default_factory=time.monotonic)  # accepted: parsed and checked
-
-    def usage(self) -> dict[str, Any]:
-        return fmt.usage(len(self.prompt_ids), self.num_completion, self.num_cached)
-
-    def choice(self, tokenizer: Any, chat: bool, text: str) -> tuple[str, dict[str, Any] | None]:
-        """The choice's text (after the echoed prompt, if any) and logprobs object, once the job ended."""
-        prompt = str(tokenizer.decode(self.prompt_ids, skip_special_tokens=True)) if self.echo else ""
-        if self.params.logprobs is None:
-            return prompt + text, None
-        out = ChoiceLogprobs(tokenizer, chat, len(prompt)).format(self.output_ids, self.logprobs)
-        if self.echo and self.prompt_logprobs is not None:
-            head = ChoiceLogprobs(tokenizer, chat).format(self.prompt_ids, self.prompt_logprobs)
-            out = {key: head[key] + out[key] for key in out}
-        return prompt + text, out
 
 
 class Service:
@@ -146,6 +112,31 @@ class Service:
             batch.append(ids)
         return batch
 
+    def jobs(
+        self, body: CompletionRequest | ChatRequest, prompt_ids: list[int], salt: str, group: int = 0
+    ) -> list[Job]:
+        """The choices of one prompt: `n` jobs (`best_of` of them, for completions to rank).
+
+        Choice i samples with `seed + i` when a seed is given, so each is
+        reproducible and no two are the same draw.
+        """
+        job = self.job(body, prompt_ids, salt)
+        best_of = body.best_of if isinstance(body, CompletionRequest) and body.best_of else body.n
+        if best_of < body.n:
+            raise fmt.APIError(400, f"best_of ({best_of}) must be >= n ({body.n})", param="best_of")
+        if best_of > body.n and body.stream:
+            raise fmt.APIError(400, "best_of > n cannot be streamed", param="best_of")
+        ranked = best_of > body.n and job.params.logprobs is None  # log-probabilities to rank by
+        out = []
+        for i in range(best_of):
+            seed = None if body.seed is None else (body.seed + i) % 2**63
+            params = replace(job.params, seed=seed, logprobs=0 if ranked else job.params.logprobs)
+            choice = replace(
+                job, params=params, group=group, hide_logprobs=ranked, output_ids=[], logprobs=[]
+            )
+            out.append(choice)
+        return out
+
     def job(self, body: CompletionRequest | ChatRequest, prompt_ids: list[int], salt: str) -> Job:
         """The request as the engine will run it; 4xx if this server refuses it.
 
@@ -173,7 +164,7 @@ class Service:
                 param="max_tokens",
             )
         logprobs, prompt_logprobs = logprob_params(body)
-        with _as_400():
+        with as_400():
             params = SamplingParams(
                 max_tokens,
                 body.temperature,
@@ -188,10 +179,12 @@ class Service:
                 frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty,
                 logit_bias=self._logit_bias(body.logit_bias),
+                min_tokens=body.min_tokens,
+                grammar=grammar_of(body),
             )
         press = None
         if body.kv_press is not None:
-            with _as_400(param="kv_press"):
+            with as_400(param="kv_press"):
                 press = press_from_spec(body.kv_press, body.kv_compression_ratio)
         return Job(prompt_ids, params, press, salt, echo=isinstance(body, CompletionRequest) and body.echo)
 
@@ -254,35 +247,48 @@ class Service:
         self._check_chars(sum(len(m.text()) for m in messages), "messages")
         return await asyncio.to_thread(fmt.render_chat, self.model, messages, add_generation_prompt)
 
-    async def admit(self, job: Job) -> None:
-        """Take a slot (429 when all are taken) and queue the job in the engine (400 if it refuses it).
+    async def admit(self, jobs: list[Job]) -> None:
+        """Take a slot per job (429 when too few are free) and queue them in the engine (400 if it refuses).
 
-        Call before the response starts, so that a refused request gets its
-        status code; `run` then streams it and `release` gives the slot back.
+        `jobs` are one prompt's choices (one `group`): several share the
+        prompt's blocks (`AsyncEngine.add_parallel`). Call before the response
+        starts, so that a refused request gets its status code; `run` then
+        streams each job and `release` gives its slot back.
         """
-        self.acquire()
+        for taken in range(len(jobs)):
+            try:
+                self.acquire()
+            except fmt.APIError:
+                for _ in range(taken):
+                    self.release()
+                raise
+        first = jobs[0]
         try:
-            with _as_400():
-                job.seq_id = await self.llm.add_request(
-                    job.prompt_ids, job.params, press=job.press, cache_salt=job.cache_salt
+            with as_400():
+                ids = await self.llm.add_parallel(
+                    first.prompt_ids, [j.params for j in jobs], press=first.press, cache_salt=first.cache_salt
                 )
         except RuntimeError:
-            self.release()
+            for _ in jobs:
+                self.release()
             if self.llm.state == "running":
                 raise
             # The engine's driver is closed or has failed: no request can run here.
             raise fmt.APIError(503, f"the engine is {self.llm.state}", "server_error") from None
         except BaseException:
-            self.release()
+            for _ in jobs:
+                self.release()
             raise
+        for job, seq_id in zip(jobs, ids, strict=True):
+            job.seq_id = seq_id
 
     async def admit_all(self, jobs: list[Job]) -> None:
-        """`admit` each job, in order; if one is refused, the ones admitted are aborted and released."""
+        """`admit` each prompt's jobs, in order; if one is refused, the ones admitted are aborted and released."""
         admitted: list[Job] = []
         try:
-            for job in jobs:
-                await self.admit(job)
-                admitted.append(job)
+            for group in _groups(jobs):
+                await self.admit(group)
+                admitted.extend(group)
         except BaseException:
             for job in admitted:
                 assert job.seq_id is not None
@@ -294,7 +300,7 @@ class Service:
         """(new text, finish reason or None) of an admitted job as it runs; closing it aborts the request."""
         assert job.seq_id is not None, "admit the job first"
         info = self.llm.info(job.seq_id)  # outlives the request: read once it has ended
-        text = TextStream(self.tokenizer, job.params.stop)
+        text = TextStream(self.tokenizer, job.params.stop, job.params.min_tokens)
         timer = self.metrics.timer(job.arrival)
         ids = job.output_ids
         ran_to_end = False
@@ -381,16 +387,12 @@ def _longest_token_chars(tokenizer: Any) -> int:
         return 1 << 20
 
 
-def max_tokens_of(body: CompletionRequest | ChatRequest) -> int | None:
-    if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
-        return body.max_completion_tokens
-    return body.max_tokens
-
-
-@contextlib.contextmanager
-def _as_400(param: str | None = None) -> Iterator[None]:
-    """InvalidRequestError raised inside, answered as a 400 naming `param` (or the error's own)."""
-    try:
-        yield
-    except InvalidRequestError as exc:
-        raise fmt.APIError(400, str(exc), param=param or exc.param) from None
+def _groups(jobs: list[Job]) -> list[list[Job]]:
+    """`jobs` cut into runs of one prompt's choices (the same `group`), in order."""
+    out: list[list[Job]] = []
+    for job in jobs:
+        if out and out[-1][0].group == job.group:
+            out[-1].append(job)
+        else:
+            out.append([job])
+    return out

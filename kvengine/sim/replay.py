@@ -83,15 +83,10 @@ def replay(
     for i, (request, path) in enumerate(_progress(list(zip(requests, paths, strict=True)), progress)):
         if isinstance(evictor, Belady):
             evictor.advance(i)
-        match = tree.match_prefix(path)
-        hit_blocks += match.num_tokens
-        hit_tokens += min(match.num_tokens * BLOCK_TOKENS, request.input_length)
-        tree.lock(match.last_node)
-        need = len(path) - match.num_tokens - (capacity_blocks - tree.num_cached_blocks)
-        if need > 0:
-            evicted += len(tree.evict(need))
-        tree.insert(path, path)  # the block ids themselves serve as values
-        tree.unlock(match.last_node)
+        hits, dropped = serve_blocks(tree, path, capacity_blocks)
+        hit_blocks += hits
+        hit_tokens += min(hits * BLOCK_TOKENS, request.input_length)
+        evicted += dropped
     return SimResult(
         policy=policy,
         capacity_blocks=capacity_blocks,
@@ -102,6 +97,24 @@ def replay(
         hit_blocks=hit_blocks,
         evicted_blocks=evicted,
     )
+
+
+def serve_blocks(tree: RadixCache, path: tuple[int, ...], capacity_blocks: int) -> tuple[int, int]:
+    """One request through a cache of `capacity_blocks`: (blocks hit, blocks evicted).
+
+    Looks `path` up, locks what matched, evicts what it must, inserts the
+    path (at most `capacity_blocks` long) and unlocks: the engine's order.
+    """
+    path = path[:capacity_blocks]
+    match = tree.match_prefix(path)
+    tree.lock(match.last_node)
+    evicted = 0
+    need = len(path) - match.num_tokens - (capacity_blocks - tree.num_cached_blocks)
+    if need > 0:
+        evicted = len(tree.evict(need))
+    tree.insert(path, path)  # the block ids themselves serve as values
+    tree.unlock(match.last_node)
+    return match.num_tokens, evicted
 
 
 def _progress(items: list[_T], enabled: bool) -> Iterable[_T]:

@@ -7,23 +7,24 @@ import random
 from kvengine.errors import InvalidRequestError
 from kvengine.eval.tasks.example import Example, Tokenizer
 from kvengine.eval.tasks.haystack import HAYSTACKS
+from kvengine.eval.tasks.needle_hard import needle_hard_context
 from kvengine.eval.tasks.ruler import NEEDLE_TASKS, needle_context
 from kvengine.eval.tasks.words import common_words, frequent_words
 
 WORD_TASKS = {"cwe": common_words, "fwe": frequent_words}
 RULER_TASKS = (*NEEDLE_TASKS, *WORD_TASKS)
+OTHER_TASKS = ("needle_hard",)  # not RULER's: "ruler" does not include them
 MIN_LENGTH = 128  # below this the word tasks' counts stop separating the answers from the rest
 
 
 def expand_task_names(names: list[str]) -> list[str]:
     """Task names with "ruler" standing for every RULER task; unknown names fail listing the known ones."""
+    known = (*RULER_TASKS, *OTHER_TASKS)
     out: list[str] = []
     for name in names:
         for task in RULER_TASKS if name == "ruler" else (name,):
-            if task not in RULER_TASKS:
-                raise InvalidRequestError(
-                    f"unknown task {task!r}; known tasks: ruler, {', '.join(RULER_TASKS)}"
-                )
+            if task not in known:
+                raise InvalidRequestError(f"unknown task {task!r}; known tasks: ruler, {', '.join(known)}")
             if task not in out:
                 out.append(task)
     return out
@@ -76,6 +77,9 @@ def make_example(
         if task in WORD_TASKS:
             context, num_tokens, questions = WORD_TASKS[task](tokenizer, length, rng)
             return Example(task, context, questions, length, num_tokens, None, example_seed)
+        if task == "needle_hard":  # its own haystack (see needle_hard.py): `haystack` does not apply
+            context, num_tokens, questions = needle_hard_context(tokenizer, length, depth, rng)
+            return Example(task, context, questions, length, num_tokens, depth, example_seed)
         context, num_tokens, questions = needle_context(task, tokenizer, length, depth, rng, haystack)
     except InvalidRequestError:
         raise  # already names the problem (a missing prose package: its install command)

@@ -1,0 +1,231 @@
+"""`kvengine bench rag`: time to first token and accuracy of chunk reuse on a RAG workload, side by side.
+
+The workload (kvengine/rag/workload.py): documents of real prose with a
+planted access code each, questions over 4-6 of them in random order. Systems,
+run one after another on every question (their order rotating per question,
+so a slow spell of the shared machine hits all of them alike):
+
+- "full": the whole prompt prefilled, no cache (the reference);
+- "prefix": the prefix cache only, warmed with every document at the start
+  of a prompt (template + document), as if each had been asked about alone;
+- "reuse": chunks from the chunk store, re-rotated, nothing recomputed;
+- "blend-R": CacheBlend with R% of each moved chunk's tokens recomputed.
+
+The chunk store is filled before the timed questions (chunks are computed
+once, ahead of use, as CacheBlend assumes); the time to fill it is reported.
+TTFT is from the call to the first token (chunk reads, assembly, recompute
+and the suffix's prefill included). Rows are JSON lines; a Markdown table
+goes to the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvengine.errors import InvalidRequestError
+from kvengine.results import append_report, append_rows, make_row, markdown_table
+
+if TYPE_CHECKING:
+    from kvengine.engine.engine import Engine
+    from kvengine.models import LoadedModel
+    from kvengine.rag.blend import BlendConfig
+
+
+_HELP = """Time to first token and accuracy of RAG prompts (questions over 4-6 of a pool of documents
+of real prose with a planted access code each, in random order) for full recompute, the prefix cache
+only, chunk reuse without recompute and CacheBlend at each --ratios, systems alternating per question.
+Rows are appended as JSON lines to --out, and a table to --report."""
+
+
+def systems(ratios: list[float]) -> dict[str, tuple[str, BlendConfig]]:
+    """System label -> (engine it runs on, its blend config)."""
+    from kvengine.rag.blend import BlendConfig
+
+    out = {"full": ("plain", BlendConfig("full")), "prefix": ("prefix", BlendConfig("full"))}
+    out["reuse"] = ("chunks", BlendConfig("reuse"))
+    for r in ratios:
+        out[f"blend-{round(r * 100)}"] = ("chunks", BlendConfig("blend", r))
+    return out
+
+
+def run_rag_bench(
+    model: LoadedModel, args: argparse.Namespace, out: Path, report: Path, command: str
+) -> list[dict[str, Any]]:
+    """Run every system on every question; append rows to `out` and a table to `report`; return the rows."""
+    from kvengine.engine.request import SamplingParams
+    from kvengine.rag import build_rag_prompt, rag_generate
+    from kvengine.rag.chunks import ChunkStore
+    from kvengine.rag.workload import SYSTEM, build_documents, build_questions
+
+    tok = model.tokenizer
+    if tok is None:
+        raise InvalidRequestError(f"bench rag needs a model with a tokenizer; {model.name} has none")
+    docs = build_documents(tok, args.documents, args.min_doc_tokens, args.max_doc_tokens, args.seed)
+    questions = build_questions(docs, args.questions, args.min_docs, args.max_docs, args.seed)
+    prompts = [
+        build_rag_prompt(tok, [docs[i].text for i in q.documents], q.question, system=SYSTEM)
+        for q in questions
+    ]
+    engines = _engines(model, args.max_kv_mib)
+    start = time.perf_counter()
+    ChunkStore(engines["chunks"]).ensure([p.chunk(i) for p in prompts for i in range(len(p.spans))], "")
+    ChunkStore(engines["chunks"]).ensure([prompts[0].token_ids[: prompts[0].spans[0][0]]], "")
+    fill_s = time.perf_counter() - start
+    head = prompts[0].token_ids[: prompts[0].spans[0][0]]
+    # The prefix baseline's cache: each document once at the start of a prompt, as if asked about alone
+    # before (only those that open some prompt can be hit, so only those are computed).
+    for first in sorted({q.documents[0] for q in questions}):
+        ids = head + list(tok.encode(docs[first].text, add_special_tokens=False))
+        engines["prefix"].generate([ids], SamplingParams(max_tokens=1))
+    table = systems(args.ratios)
+    results: dict[str, list[tuple[float, bool, int]]] = {name: [] for name in table}
+    params = SamplingParams(max_tokens=args.new_tokens)
+    for qi, (q, prompt) in enumerate(zip(questions, prompts, strict=True)):
+        names = list(table)
+        for name in names[qi % len(names) :] + names[: qi % len(names)]:
+            engine_name, blend = table[name]
+            res = rag_generate(engines[engine_name], prompt, params, blend=blend)
+            text = str(tok.decode(res.output.output_ids, skip_special_tokens=True))
+            results[name].append((res.ttft_s, q.is_correct(text), res.num_recomputed_tokens))
+    rows = _rows(results, args, len(prompts[0].token_ids), fill_s, [len(p.token_ids) for p in prompts])
+    append_rows(out, rows)
+    append_report(report, "RAG chunk reuse (CacheBlend)", command, _markdown(rows), _notes(fill_s, prompts))
+    return rows
+
+
+def _engines(model: LoadedModel, max_kv_mib: int) -> dict[str, Engine]:
+    from kvengine.config import CacheConfig
+    from kvengine.engine.engine import Engine
+
+    big = max_kv_mib * 2**20
+    return {
+        "plain": Engine(model, CacheConfig(max_kv_bytes=big // 4)),
+        "prefix": Engine(model, CacheConfig(prefix_cache=True, max_kv_bytes=big)),
+        "chunks": Engine(model, CacheConfig(prefix_cache=True, max_kv_bytes=big)),
+    }
+
+
+def _rows(
+    results: dict[str, list[tuple[float, bool, int]]],
+    args: argparse.Namespace,
+    _: int,
+    fill_s: float,
+    lens: list[int],
+) -> list[dict[str, Any]]:
+    full_ttft = statistics.median(t for t, _, _ in results["full"])
+    config = dict(
+        documents=args.documents, questions=args.questions, doc_tokens=[args.min_doc_tokens, args.max_doc_tokens],
+        docs_per_prompt=[args.min_docs, args.max_docs], prompt_tokens_median=statistics.median(lens),
+        new_tokens=args.new_tokens, threads=getattr(args, "threads", None),
+        store_fill_s=round(fill_s, 2), seed=args.seed,
+    )  # fmt: skip
+    rows = []
+    for name, runs in results.items():
+        ttft = statistics.median(t for t, _, _ in runs)
+        acc = sum(ok for _, ok, _ in runs) / len(runs)
+        recomputed = statistics.mean(n for _, _, n in runs)
+        for metric, value, unit in (
+            ("ttft_median", ttft, "s"),
+            ("speedup_vs_full", full_ttft / ttft, "x"),
+            ("accuracy", acc, "fraction"),
+            ("recomputed_tokens_mean", recomputed, "tokens"),
+        ):
+            rows.append(make_row("rag", metric, value, unit, system=name, **config))
+    return rows
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    by: dict[str, dict[str, float]] = {}
+    for row in rows:
+        by.setdefault(row["config"]["system"], {})[row["metric"]] = row["value"]
+    n = rows[0]["config"]["questions"]
+    body = [
+        (
+            name,
+            f"{m['accuracy']:.3f}",
+            f"{m['ttft_median']:.2f}",
+            f"{m['speedup_vs_full']:.2f}",
+            f"{m['recomputed_tokens_mean']:.0f}",
+        )
+        for name, m in by.items()
+    ]
+    header = (
+        "system",
+        f"accuracy ({n} questions)",
+        "TTFT median (s)",
+        "TTFT speed-up vs full",
+        "tokens recomputed in assembly",
+    )
+    return markdown_table(header, body)
+
+
+def _notes(fill_s: float, prompts: list[Any]) -> str:
+    lens = sorted(len(p.token_ids) for p in prompts)
+    return (
+        f"Prompts of {lens[0]}-{lens[-1]} tokens. Filling the chunk store (every document once, alone, at "
+        f"position 0) took {fill_s:.1f} s before the timed questions. Systems alternate per question on a "
+        "machine shared with other jobs; TTFT is the median over questions."
+    )
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"recompute ratios must be in [0, 1], got {text!r}")
+    return values
+
+
+def add_rag_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`bench rag`'s parser with its options (the caller adds --out / --report)."""
+    from kvengine.config import DEFAULT_MODEL
+    from kvengine.models.precision import DTYPE_CHOICES
+
+    positive_int, ratio_list = _positive_int, _ratios
+    p: argparse.ArgumentParser = bench_sub.add_parser(
+        "rag", help="RAG chunk reuse (CacheBlend): TTFT and accuracy per mode", description=_HELP
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    p.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="weights and KV precision (auto: as elsewhere)"
+    )
+    p.add_argument("--documents", type=positive_int, default=50, help="documents in the pool")
+    p.add_argument("--min-doc-tokens", type=positive_int, default=300)
+    p.add_argument("--max-doc-tokens", type=positive_int, default=800)
+    p.add_argument("--questions", type=positive_int, default=20, help="questions (prompts) to time")
+    p.add_argument("--min-docs", type=positive_int, default=4, help="fewest documents per prompt")
+    p.add_argument("--max-docs", type=positive_int, default=6, help="most documents per prompt")
+    p.add_argument("--ratios", type=ratio_list, default=[0.05, 0.15, 0.30], help="blend recompute ratios")
+    p.add_argument("--new-tokens", type=positive_int, default=24, help="output tokens per question")
+    p.add_argument("--max-kv-mib", type=positive_int, default=2048, help="KV pool of each caching engine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch threads (1: steady on a machine shared with others)",
+    )
+    return p
+
+
+def cmd_bench_rag(args: argparse.Namespace) -> None:
+    import torch
+
+    from kvengine.models import load
+
+    torch.set_num_threads(args.threads)
+    model = load(args.model, dtype=args.dtype)
+    rows = run_rag_bench(model, args, Path(args.out), Path(args.report), args.command_line)
+    print(_markdown(rows))

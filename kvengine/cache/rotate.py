@@ -1,0 +1,74 @@
+"""A fixed random orthogonal rotation of key/value rows: the randomized Hadamard transform.
+
+QuaRot (Ashkboos et al. 2024, arXiv:2404.00456) and TurboQuant (Zandieh et
+al. 2025, arXiv:2504.19874) rotate keys and values by a random orthogonal
+matrix before low-bit quantization: a channel that holds an outlier is spread
+over all channels, so a min-max group no longer stretches its scale over one
+large value. The rotation here is
+
+    R x = H (s * x) / sqrt(D),
+
+with `s` a fixed vector of random signs (one per channel, from a seed) and H
+the Sylvester-Hadamard matrix of order D, applied as a fast Walsh-Hadamard
+transform (D log D additions). H / sqrt(D) is symmetric and orthogonal, so
+the inverse is `s * (H y) / sqrt(D)`. D must be a power of two.
+
+This module is the rotation only: which storage applies it, and when it is
+undone, is `quant.py`'s business.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from kvengine.errors import InvalidRequestError
+
+
+def check_rotatable(head_dim: int) -> None:
+    """Raise InvalidRequestError unless `head_dim` is a power of two (what a Hadamard transform needs)."""
+    if head_dim < 1 or head_dim & (head_dim - 1):
+        raise InvalidRequestError(
+            f"kv_rotate needs a head_dim that is a power of two (a Hadamard transform), got {head_dim}; "
+            "turn kv_rotate off for this model"
+        )
+
+
+@functools.cache
+def random_signs(head_dim: int, seed: int = 0) -> torch.Tensor:
+    """The fixed signs `(head_dim,)` float32 (+1 or -1) of the rotation with this seed."""
+    check_rotatable(head_dim)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (head_dim,), generator=gen).float() * 2 - 1
+
+
+def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """`x @ H` for rows `(..., D)`, H the unnormalized Sylvester-Hadamard matrix (D a power of two)."""
+    d = x.shape[-1]
+    check_rotatable(d)
+    lead = x.shape[:-1]
+    y = x.reshape(-1, d)
+    h = 1
+    while h < d:
+        # Butterflies between the two halves of each run of 2h channels.
+        pairs = y.view(-1, d // (2 * h), 2, h)
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2).view(-1, d)
+        h *= 2
+    return y.view(*lead, d)
+
+
+def rotate(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """`R x` for rows `(..., D)`, computed in float32 (float64 stays float64)."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    signs = random_signs(x.shape[-1], seed).to(device=x.device, dtype=xf.dtype)
+    return walsh_hadamard(xf * signs) / math.sqrt(x.shape[-1])
+
+
+def unrotate(y: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """`R^T y`, the inverse of `rotate` for the same seed."""
+    yf = y if y.dtype == torch.float64 else y.float()
+    signs = random_signs(y.shape[-1], seed).to(device=y.device, dtype=yf.dtype)
+    return walsh_hadamard(yf) * signs / math.sqrt(y.shape[-1])

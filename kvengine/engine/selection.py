@@ -1,0 +1,160 @@
+"""Query-aware block selection while decoding (Quest, Tang et al. 2024, arXiv:2406.10774).
+
+Every decode step, each (sequence, kv-head) cell attends only to some of its
+blocks: its first `sink_blocks` (attention sinks), its last `recent_blocks`
+(the one holding the new token among them) and, of the others, those whose
+upper-bound score for this step's queries is highest, up to `budget` blocks
+in all (or `fraction` of the cell's blocks). The score of a block is
+`sum_d max(q_d * min_d, q_d * max_d)` over the per-channel key bounds the
+pool keeps per block (`kvengine.cache.key_bounds`); it bounds `q . k` for
+every key of the block. Query heads of one kv-head share its selection:
+their bounds are summed.
+
+Nothing is evicted: the whole cache stays in the pool, and another step (or
+another question) may select other blocks. Selection only builds a smaller
+slot table per (layer, cell) for the same attention (`select_blocks`); the
+kernel already reads ragged per-head slot lists.
+
+This module decides which blocks are read; it does not read them, and it
+does not keep the bounds up to date (the pool does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kvengine.cache.key_bounds import KeyBounds
+from kvengine.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """How many blocks each cell reads per decode step: `budget` blocks or `fraction` of its blocks.
+
+    Give one of `budget` (blocks, sinks and recent ones included) and
+    `fraction` (of a cell's blocks, rounded up; never below what the sinks
+    and recent blocks need). The first `dense_layers` layers read every block
+    (Quest leaves the first two layers dense, where attention is spread out).
+    """
+
+    budget: int = 0
+    fraction: float = 0.0
+    sink_blocks: int = 1
+    recent_blocks: int = 2
+    dense_layers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "sink_blocks", "recent_blocks", "dense_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidRequestError(f"block selection: {name} must be an integer >= 0, got {value!r}")
+        if self.recent_blocks < 1:
+            raise InvalidRequestError(
+                "block selection: recent_blocks must be >= 1 (the block of the new token)"
+            )
+        if (self.budget > 0) == (self.fraction > 0):
+            raise InvalidRequestError(
+                f"block selection: give one of budget (blocks) or fraction, got budget={self.budget}, "
+                f"fraction={self.fraction}"
+            )
+        if not 0.0 <= self.fraction <= 1.0:
+            raise InvalidRequestError(f"block selection: fraction must be in (0, 1], got {self.fraction}")
+        if self.budget and self.budget < self.reserved_blocks:
+            raise InvalidRequestError(
+                f"block selection: a budget of {self.budget} blocks is below the {self.reserved_blocks} "
+                f"that {self.sink_blocks} sink and {self.recent_blocks} recent blocks need"
+            )
+
+    @property
+    def reserved_blocks(self) -> int:
+        """Blocks every cell reads whatever the scores: sinks and recent blocks."""
+        return self.sink_blocks + self.recent_blocks
+
+    def blocks_to_read(self, num_blocks: int) -> int:
+        """Blocks a cell of `num_blocks` blocks reads per step (all of them if that many or fewer)."""
+        k = self.budget if self.budget else math.ceil(self.fraction * num_blocks)
+        return min(num_blocks, max(k, self.reserved_blocks))
+
+
+@dataclass
+class SelectionStats:
+    """Blocks read and blocks held over the decode steps of a run, summed over layers and cells.
+
+    Kept as tensors so that a layer adds to them without a host sync.
+    """
+
+    blocks_read: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    blocks_held: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def add(self, read: torch.Tensor, held: torch.Tensor) -> None:
+        self.blocks_read += read
+        self.blocks_held += held
+
+    @property
+    def read_fraction(self) -> float:
+        """Blocks read per step over blocks the cache holds (1.0 before any step)."""
+        held = int(self.blocks_held)
+        return int(self.blocks_read) / held if held else 1.0
+
+
+def dense_selection(
+    slots: torch.Tensor, lens: torch.Tensor, positions: torch.Tensor | None, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """What `select_blocks` returns for a layer that reads every block (a dense layer)."""
+    held = (-(-lens // block_size)).sum()
+    return slots, lens, positions, held, held
+
+
+def select_blocks(
+    selection: BlockSelection,
+    bounds: KeyBounds,
+    q: torch.Tensor,
+    slots: torch.Tensor,
+    lens: torch.Tensor,
+    zero_slot: int,
+    positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The slot table of the selected blocks of N decoding cells, for one layer.
+
+    q `(N, H_q, D)` this step's queries; slots `(N, H_kv, T)` each cell's
+    cached tokens in cache order (zero slot past its length), lens
+    `(N, H_kv)`, positions `(N, H_kv, T)` or None. Returns (slots, lens,
+    positions) of the selected blocks in cache order (zero slot past the new
+    lengths), the blocks read and the blocks held (scalar tensors).
+    """
+    bs = bounds.block_size
+    n, num_kv_heads, width = slots.shape
+    num_blocks = -(-width // bs)
+    cell_blocks = -(-lens // bs)  # (N, H_kv)
+    k = selection.blocks_to_read(num_blocks)
+    held = cell_blocks.sum()
+    if k >= num_blocks:
+        return slots, lens, positions, held, held
+    pad = num_blocks * bs - width
+    blocked = F.pad(slots, (0, pad), value=zero_slot).view(n, num_kv_heads, num_blocks, bs)
+    block_ids = blocked[..., 0] // bs  # (N, H_kv, B); padding maps to the bounds' zero row
+    group = q.shape[1] // num_kv_heads
+    qg = q.view(n, num_kv_heads, group, q.shape[-1])
+    scores = bounds.upper_bound(qg, block_ids).sum(2)  # (N, H_kv, B): query heads of a kv-head summed
+    j = torch.arange(num_blocks, device=slots.device)
+    valid = j < cell_blocks[..., None]
+    forced = (j < selection.sink_blocks) | (j >= cell_blocks[..., None] - selection.recent_blocks)
+    scores = scores.masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
+    chosen = scores.topk(k, dim=-1).indices.sort(dim=-1).values  # (N, H_kv, k): past-the-end ones last
+    # Only a cell's last block may be partly filled, and it is always chosen, and last: the chosen
+    # blocks' tokens form a prefix of the new table.
+    counts = (lens[..., None] - chosen * bs).clamp(0, bs)  # (N, H_kv, k)
+    new_lens = counts.sum(-1)
+    index = chosen[..., None].expand(-1, -1, -1, bs)
+    new_slots = blocked.gather(2, index).flatten(2)
+    new_slots.masked_fill_(torch.arange(k * bs, device=slots.device) >= new_lens[..., None], zero_slot)
+    new_positions = None
+    if positions is not None:
+        blocked_pos = F.pad(positions, (0, pad)).view(n, num_kv_heads, num_blocks, bs)
+        new_positions = blocked_pos.gather(2, index).flatten(2)
+    read = (counts > 0).sum()
+    return new_slots, new_lens, new_positions, read, held

@@ -1,0 +1,143 @@
+"""Assembling a prompt's cache from reused chunks: re-rotation, then selective recompute (CacheBlend).
+
+Modes (`BLEND_MODES`):
+
+- "full": nothing reused, the whole prompt is prefilled (the reference);
+- "reuse": each chunk's cached keys are re-rotated to where it lands and used
+  as they are; only tokens no chunk covers are computed;
+- "blend": CacheBlend (Yao et al., 2024, "CacheBlend: Fast Large Language
+  Model Serving for RAG with Cached Knowledge Fusion"): the whole context is
+  run through the first `select_layer + 1` layers, whose fresh keys and values
+  replace the reused ones there; in each reused chunk the `recompute_ratio`
+  share of tokens whose keys and values deviate most from the reused ones at
+  layer `select_layer` is chosen, and only those (and uncovered tokens) are
+  computed again through every layer over the mixed cache.
+
+A piece placed at position 0 is a true prefix (same tokens, same positions):
+it is exact, and never chosen for recompute.
+
+This module only computes tensors; reading chunks is chunks.py, and handing
+the result to the engine is api.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvengine.errors import InvalidRequestError
+from kvengine.models import LoadedModel
+from kvengine.rag.dense import prefill_layers, recompute
+from kvengine.rag.rotation import rerotate
+
+BLEND_MODES = ("full", "reuse", "blend")
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """How a prompt's chunks are reused: `mode`, the share recomputed, the layer that selects."""
+
+    mode: str = "blend"
+    recompute_ratio: float = 0.15
+    select_layer: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in BLEND_MODES:
+            raise InvalidRequestError(f"unknown blend mode {self.mode!r}; known: {', '.join(BLEND_MODES)}")
+        if not 0.0 <= self.recompute_ratio <= 1.0:  # also rejects NaN
+            raise InvalidRequestError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
+        if (
+            isinstance(self.select_layer, bool)
+            or not isinstance(self.select_layer, int)
+            or self.select_layer < 0
+        ):
+            raise InvalidRequestError(f"select_layer must be an integer >= 0, got {self.select_layer!r}")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Cached keys and values `(L, H_kv, n, D)` computed at positions 0..n-1, placed at `start`."""
+
+    start: int
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def end(self) -> int:
+        return self.start + int(self.keys.shape[2])
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """A context's cache `(L, H_kv, T, D)` and how it was made."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    num_reused: int  # tokens whose cache came from a piece and was kept at every layer above selection
+    num_recomputed: int  # tokens computed through every layer (uncovered ones included)
+
+
+def place(
+    model: LoadedModel, pieces: list[Piece], num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pieces' keys re-rotated to their places in a `(L, H_kv, num_tokens, D)` cache; and what they cover."""
+    num_layers, num_kv_heads, dim = model.num_layers, model.num_kv_heads, model.head_dim
+    keys = torch.zeros(num_layers, num_kv_heads, num_tokens, dim, dtype=model.dtype)
+    values = torch.zeros_like(keys)
+    covered = torch.zeros(num_tokens, dtype=torch.bool)
+    ropes = [model.adapter.rope(model.hf_model, layer) for layer in range(num_layers)]
+    for piece in pieces:
+        if piece.end > num_tokens or bool(covered[piece.start : piece.end].any()):
+            raise InvalidRequestError(f"a chunk at [{piece.start}, {piece.end}) overlaps another or the end")
+        for layer in range(num_layers):
+            keys[layer, :, piece.start : piece.end] = rerotate(piece.keys[layer], piece.start, ropes[layer])
+        values[:, :, piece.start : piece.end] = piece.values.to(model.dtype)
+        covered[piece.start : piece.end] = True
+    return keys, values, covered
+
+
+def assemble(model: LoadedModel, token_ids: list[int], pieces: list[Piece], config: BlendConfig) -> Assembled:
+    """The cache of `token_ids` (positions 0..T-1) made from `pieces` as `config` says ("reuse" or "blend")."""
+    if config.mode == "full":
+        raise InvalidRequestError("mode 'full' reuses nothing: prefill the prompt instead of assembling it")
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    keys, values, covered = place(model, pieces, len(token_ids))
+    chosen = ~covered
+    if config.mode == "blend" and config.recompute_ratio > 0:
+        chosen |= _select(model, ids, keys, values, pieces, config)
+    index = chosen.nonzero().flatten()
+    recompute(model, ids, keys, values, index)
+    return Assembled(keys, values, int(covered.sum()) - int((chosen & covered).sum()), index.numel())
+
+
+def _select(
+    model: LoadedModel,
+    ids: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pieces: list[Piece],
+    config: BlendConfig,
+) -> torch.Tensor:
+    """CacheBlend's choice: per moved piece, the tokens deviating most at `select_layer`.
+
+    Also writes the fresh keys and values of the first `select_layer + 1`
+    layers (computed for every token to choose) into the cache.
+    """
+    num_layers = min(config.select_layer + 1, model.num_layers)
+    fresh_k, fresh_v = prefill_layers(model, ids, torch.arange(ids.numel()), num_layers)
+    top = num_layers - 1
+    deviation = (fresh_k[top].float() - keys[top].float()).square().sum(dim=(0, 2))
+    deviation += (fresh_v[top].float() - values[top].float()).square().sum(dim=(0, 2))  # (T,)
+    keys[:num_layers] = fresh_k.to(keys.dtype)
+    values[:num_layers] = fresh_v.to(values.dtype)
+    chosen = torch.zeros(ids.numel(), dtype=torch.bool)
+    for piece in pieces:
+        n = piece.end - piece.start
+        k = min(n, math.ceil(config.recompute_ratio * n))
+        if piece.start == 0 or k == 0:
+            continue  # a prefix in place is exact
+        worst = deviation[piece.start : piece.end].topk(k).indices + piece.start
+        chosen[worst] = True
+    return chosen
