@@ -101,3 +101,41 @@ def test_stream_options_put_usage_on_chunks(served: LoadedModel) -> None:
         assert done == sorted(done) and done[-1] == 5  # the usage so far, on every chunk
         assert not events[-1]["choices"] and events[-1]["usage"]["completion_tokens"] == 5
         assert events[-1]["usage"]["prompt_tokens"] == len(b"count")
+
+
+# OpenAI's own request fields (its API reference, 2026): each is honoured (above) or a 400 naming it.
+OPENAI_COMPLETIONS = [
+    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
+    "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user",
+]  # fmt: skip
+OPENAI_CHAT = [
+    "messages", "model", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+    "max_completion_tokens", "max_tokens", "metadata", "modalities", "n", "parallel_tool_calls", "prediction",
+    "presence_penalty", "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier", "seed",
+    "service_tier", "stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools",
+    "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("route", "cls", "names"),
+    [
+        ("/v1/completions", CompletionRequest, OPENAI_COMPLETIONS),
+        ("/v1/chat/completions", ChatRequest, OPENAI_CHAT),
+    ],
+    ids=["completions", "chat"],
+)
+def test_openai_fields_are_honoured_or_named_in_a_400(
+    served: LoadedModel, route: str, cls: type, names: list[str]
+) -> None:
+    from test_server import _client
+
+    ok = {"prompt": "hi"} if cls is CompletionRequest else {"messages": [{"role": "user", "content": "hi"}]}
+    refused = set(cls.NOT_SUPPORTED_YET)  # type: ignore[attr-defined]
+    with _client(served) as client:
+        for name in names:
+            if name in HONOURED and name not in refused:
+                continue
+            r = client.post(route, json={**ok, "max_tokens": 2, name: {"x": 1}})
+            assert r.status_code == 400, (name, r.text)
+            assert r.json()["error"]["param"].split(".")[0] == name, (name, r.text)
