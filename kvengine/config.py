@@ -56,7 +56,10 @@ class CacheConfig:
     each sequence's partly filled last blocks come on top. `kv_rotate`
     rotates keys and values by a fixed randomized Hadamard transform before
     they are packed (QuaRot / TurboQuant; needs a power-of-two head_dim), and
-    `kv_key_groups` "token" groups keys per token instead of per channel
+    `select_blocks` (Quest, engine/selection.py) has each head read only
+    that fraction of its blocks per decode step, the highest by an upper
+    bound of their keys' scores, plus a sink block and the two most recent;
+    the whole cache is kept. `kv_key_groups` "token" groups keys per token instead of per channel
     (KIVI's); both are storage choices of the packed blocks (`cache/quant.py`).
 
     With `prefix_cache`, the full blocks of finished requests stay in a radix
@@ -86,6 +89,7 @@ class CacheConfig:
     kv_bits: int = 0  # 0: keys and values in the model's dtype; 2, 3, 4 or 8: packed KIVI blocks
     kv_rotate: bool = False  # rotate keys and values (randomized Hadamard) before packing them
     kv_key_groups: str = "channel"  # packed keys grouped per "channel" (KIVI) or per "token"
+    select_blocks: float = 0.0  # Quest: each head reads this fraction of its blocks per decode step (0: all)
     prefix_cache: bool = False
     eviction_policy: str = "lru"
     tiers: str = ""  # e.g. "host,disk,redis"; needs prefix_cache
@@ -132,6 +136,12 @@ class CacheConfig:
             )
         if (self.kv_rotate or self.kv_key_groups != "channel") and not self.kv_bits:
             raise InvalidRequestError("kv_rotate and kv_key_groups shape packed blocks: set kv_bits too")
+        if not 0.0 <= self.select_blocks <= 1.0:
+            raise InvalidRequestError(f"select_blocks must be in [0, 1], got {self.select_blocks}")
+        if self.select_blocks and self.kv_bits:
+            raise InvalidRequestError(
+                "select_blocks (quest) does not run over packed blocks yet: use kv_bits=0"
+            )
         if self.block_size < 1:
             raise InvalidRequestError(f"block_size must be >= 1, got {self.block_size}")
         if self.max_kv_bytes < 1:

@@ -19,7 +19,7 @@ CONFIGS = [
     CacheConfig(
         prefix_cache=True, eviction_policy="lfu", tiers="host,disk", tier_write="back",
         host_tier_bytes=2**21, disk_tier_dir="/tmp/kv-blocks", disk_tier_bytes=2**22,
-        redis_url="redis://cache:6380/1", tier_secret_file="/etc/kvengine/tier-secret",
+        redis_url="redis://cache:6380/1", tier_secret_file="/etc/kvengine/tier-secret", select_blocks=0.25,
     ),
     SchedulerConfig(max_num_seqs=3, max_step_tokens=64),
 ]  # fmt: skip

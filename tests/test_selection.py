@@ -274,3 +274,20 @@ def test_eval_measures_quest_from_the_shared_prefill(tiny_llama: LoadedModel) ->
     assert selected.blocks_read is not None and selected.blocks_read < 0.3
     # The whole cache is held, plus one bounds row pair per block (1/block_size of it).
     assert everything.kv_bytes == pytest.approx(full.kv_bytes * (1 + 1 / 16))
+
+
+def test_the_cache_config_turns_quest_on(tiny_llama: LoadedModel) -> None:
+    """`CacheConfig(select_blocks=...)`: everything read equals transformers; a fraction reads that share."""
+    prompt = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    whole = Engine(tiny_llama, CacheConfig(block_size=4, max_kv_bytes=2**22, select_blocks=1.0))
+    assert whole.generate([prompt], params)[0].output_ids == hf_greedy(tiny_llama, prompt, 6)
+    part = Engine(tiny_llama, CacheConfig(block_size=4, max_kv_bytes=2**22, select_blocks=0.25))
+    assert len(part.generate([prompt], params)[0].output_ids) == 6
+    assert 0.24 < part.runner.selection_stats.read_fraction < 0.30  # ceil(0.25 * ~51) of ~51 blocks
+    for bad, message in (
+        (dict(select_blocks=1.5), "select_blocks must be in"),
+        (dict(select_blocks=0.5, kv_bits=4), "packed blocks"),
+    ):
+        with pytest.raises(InvalidRequestError, match=message):
+            CacheConfig(**bad)  # type: ignore[arg-type]

@@ -70,6 +70,7 @@ CONFIG_HELP = {
     "kv_bits": "0: keys and values in the model's dtype; 2, 3, 4 or 8: packed KIVI blocks",
     "kv_rotate": "rotate keys and values (randomized Hadamard, QuaRot-style) before packing them",
     "kv_key_groups": "packed keys quantized per channel (KIVI) or per token",
+    "select_blocks": "quest: each head reads this fraction of its blocks per decode step (0: all)",
     "tiers": "storage below the pool for the prefix cache, comma-separated, fastest first: host,disk,redis",
     "tier_write": "through: store cached blocks at once (other processes see them); back: when evicted",
     "host_tier_bytes": "bytes of the host-memory tier",

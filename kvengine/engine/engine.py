@@ -32,6 +32,7 @@ from kvengine.engine.postprocess import Postprocess
 from kvengine.engine.request import RequestOutput, SamplingParams, Sequence, Status, TokenEvent
 from kvengine.engine.runner import ModelRunner, StepInput
 from kvengine.engine.scheduler import Scheduler
+from kvengine.engine.selection import BlockSelection
 from kvengine.engine.step import step_input
 from kvengine.errors import InvalidRequestError, KVEngineError, StepError
 from kvengine.models import LoadedModel
@@ -53,6 +54,8 @@ class Engine:
         pool = make_pool(self.cache_config, scheduler_config, model)
         self.cache = PagedKVCache(pool, model.num_layers, model.num_kv_heads)
         self.runner = ModelRunner(model, self.cache)
+        if self.cache_config.select_blocks:
+            self.runner.select_blocks(BlockSelection(fraction=self.cache_config.select_blocks))
         self.intake = Intake(model, self.cache.block_size)
         self.grammars = Grammars(model.tokenizer, int(model.config.vocab_size))
         self.shared_prompts: dict[int, set[int]] = {}  # context of `add_parallel` -> its requests left
