@@ -13,23 +13,13 @@ from typing import Any
 import pytest
 from conftest import tiny_model
 from fastapi.testclient import TestClient
+from test_server import ByteTokenizer
 
 from kvengine.config import CacheConfig, ServerConfig
 from kvengine.engine.async_engine import AsyncEngine
 from kvengine.engine.engine import Engine
 from kvengine.models import LoadedModel
 from kvengine.server import create_app
-
-
-class ByteTokenizer:
-    chat_template = None
-    eos_token_id = None
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,11 @@ def prose(num_words: int, offset: int) -> list[str]:
 
     The last sentence may be partial, as with `noise`.
     """
-    sentences = prose_sentences()
+    return take_words(prose_sentences(), num_words, offset)
+
+
+def take_words(sentences: Sequence[Sequence[str]], num_words: int, offset: int) -> list[str]:
+    """`sentences` (each a list of words) joined from sentence `offset` on, wrapping, cut after `num_words` words."""
     out: list[str] = []
     i = offset
     while num_words > 0:

@@ -29,7 +29,7 @@ import random
 import re
 
 from kvengine.eval.tasks.example import Question, Tokenizer
-from kvengine.eval.tasks.haystack import fit, with_inserts
+from kvengine.eval.tasks.haystack import fit, take_words, with_inserts
 
 ROOMS = (
     "archive room",
@@ -73,15 +73,7 @@ def reference_sentences() -> tuple[tuple[str, ...], ...]:
 
 def reference_prose(num_words: int, offset: int) -> list[str]:
     """Consecutive sentences from sentence `offset` on (wrapping around), cut after `num_words` words."""
-    sentences = reference_sentences()
-    out: list[str] = []
-    i = offset
-    while num_words > 0:
-        words = sentences[i % len(sentences)][:num_words]
-        out.append(" ".join(words))
-        num_words -= len(words)
-        i += 1
-    return out
+    return take_words(reference_sentences(), num_words, offset)
 
 
 def _code(rng: random.Random, other: str = "") -> str:
