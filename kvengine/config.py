@@ -8,6 +8,7 @@ authenticates tier blobs) are resolved here and nowhere else.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,9 @@ DEFAULT_MODEL = "smollm2-135m"
 TIER_NAMES = ("host", "disk", "redis")  # the storage tiers of cache/tiers/, fastest first
 TIER_SECRET_ENV = "KVENGINE_TIER_SECRET"
 MIN_TIER_SECRET_BYTES = 16
+# Devices a model may run on: "auto" (a CUDA GPU if torch sees one, else the CPU) or a torch device name.
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps, xpu, xpu:N"
 
 
 def default_cache_dir() -> Path:
@@ -30,19 +34,38 @@ def default_cache_dir() -> Path:
     return Path(xdg) / "kvengine"
 
 
+WEIGHTS_CHOICES = ("model", "int8", "int4")  # how linear layers hold their weights (ModelConfig.weights)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which model to load and where converted weights are cached."""
+    """Which model to load, where converted weights are cached, in what precision and on which device."""
 
     name: str = DEFAULT_MODEL
     cache_dir: Path | None = None  # None: default_cache_dir()
     dtype: str = "auto"  # "auto": bfloat16 where the hardware computes it natively, else float32
+    device: str = "auto"  # "auto": a CUDA GPU if torch sees one, else the CPU (models/device.py)
+    weights: str = "model"  # "model": as loaded, in `dtype`; "int8" / "int4": weight-only (engine/weights.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidRequestError(
                 f"dtype must be one of auto, float32, bfloat16, float16, got {self.dtype!r}"
             )
+        check_device_name(self.device)
+        if self.weights not in WEIGHTS_CHOICES:
+            raise InvalidRequestError(
+                f"weights must be one of {', '.join(WEIGHTS_CHOICES)}, got {self.weights!r}"
+            )
+
+
+def check_device_name(name: str) -> None:
+    """Raise InvalidRequestError unless `name` is a device kvengine knows (`DEVICE_CHOICES`).
+
+    Whether this machine has that device is checked at load (`models.device.resolve_device`).
+    """
+    if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
+        raise InvalidRequestError(f"device must be one of {DEVICE_CHOICES}, got {name!r}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random models of each family, the bundled model, HF references."""
+"""Shared fixtures: tiny random models of each family, the bundled model, HF references.
+
+`pytest --device cuda` (tools/gpu_check.sh) puts the tiny and bundled models, and so the engines
+built on them, on that device; the default is the CPU.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,25 @@ import torch
 import transformers
 
 from kvengine.models import LoadedModel
+from kvengine.models.device import resolve_device
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per worker: two workers with two threads each on two cores thrash.
     torch.set_num_threads(1)
+
+DEVICE = torch.device("cpu")  # where test models run: `--device`, set in pytest_configure
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device", default="cpu", help="device the tiny and bundled test models run on (cpu, cuda, ...)"
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global DEVICE
+    DEVICE = resolve_device(config.getoption("--device"))
+
 
 TINY = dict(
     vocab_size=256,
@@ -38,7 +57,7 @@ FAMILIES = {
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides: object) -> LoadedModel:
-    """A random model of `family` with 3 layers and GQA (4 query heads, 2 kv-heads), fp32."""
+    """A random model of `family` with 3 layers and GQA (4 query heads, 2 kv-heads), fp32, on `DEVICE`."""
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
     config = config_cls(**{**TINY, **extra, **overrides})
@@ -46,7 +65,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides: object) -> Loa
     # Random init gives near-uniform logits; sharpen them so greedy decoding has clear winners.
     with torch.no_grad():
         hf.lm_head.weight.mul_(8.0)
-    return LoadedModel.from_hf(hf, name=f"tiny-{family}")
+    return LoadedModel.from_hf(hf.to(DEVICE), name=f"tiny-{family}")
 
 
 @pytest.fixture(params=list(FAMILIES))
@@ -64,7 +83,8 @@ def bundled() -> LoadedModel:
     """The bundled SmolLM2-135M (converted once into the user's cache directory)."""
     from kvengine.models import load
 
-    return load("smollm2-135m", dtype="float32", progress=False)  # float32 whatever the CPU: exact references
+    # float32 whatever the hardware: exact references
+    return load("smollm2-135m", dtype="float32", device=DEVICE, progress=False)
 
 
 class use_sdpa:
@@ -86,8 +106,8 @@ def hf_greedy(model: LoadedModel, prompt: list[int], max_new_tokens: int) -> lis
     """Greedy continuation by transformers' `generate` with its own dynamic cache."""
     with use_sdpa(model) as hf, torch.inference_mode():
         out = hf.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            torch.tensor([prompt], device=hf.device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=hf.device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=list(model.eos_token_ids) or None,
@@ -99,7 +119,7 @@ def hf_greedy(model: LoadedModel, prompt: list[int], max_new_tokens: int) -> lis
 def hf_logits(model: LoadedModel, tokens: list[int]) -> torch.Tensor:
     """Logits `(T, V)` of a full forward pass with transformers' SDPA attention."""
     with use_sdpa(model) as hf, torch.inference_mode():
-        return hf(torch.tensor([tokens]), use_cache=False).logits[0].float()
+        return hf(torch.tensor([tokens], device=hf.device), use_cache=False).logits[0].float()
 
 
 @pytest.fixture

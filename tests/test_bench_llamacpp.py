@@ -126,7 +126,10 @@ def test_worker_answers_decode_and_throughput() -> None:
 
 def test_worker_start_errors_are_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert llamacpp_worker.main(["model.gguf", "/tmp", "f16", "2"]) == 3
-    assert capsys.readouterr().out == '{"error": "ValueError: unknown precision \'f16\'; known: f32, bf16"}\n'
+    assert (
+        capsys.readouterr().out
+        == '{"error": "ValueError: unknown precision \'f16\'; known: f32, bf16, q8_0, q4_1"}\n'
+    )
     assert llamacpp_worker.main(["model.gguf"]) == 2
     assert "usage: llamacpp_worker.py" in capsys.readouterr().out
 

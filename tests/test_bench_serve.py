@@ -53,12 +53,13 @@ def model() -> LoadedModel:
 
 
 @contextmanager
-def live_server(model: LoadedModel, engine: Engine) -> Iterator[str]:
-    """A real uvicorn server on a free loopback port, in a background thread."""
+def live_server(model: LoadedModel, engine: Engine, api_keys: tuple[str, ...] = ()) -> Iterator[str]:
+    """A real uvicorn server on a free loopback port, in a background thread; with `api_keys`,
+    each key is a tenant with its own prefix-cache salt."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = create_app(AsyncEngine(engine), model, ServerConfig(port=port))
+    app = create_app(AsyncEngine(engine), model, ServerConfig(port=port, api_keys=api_keys))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -188,6 +189,10 @@ kvengine_requests_total{status="error"} 1
         dict(prompt_len_range=(8, 3)),
         dict(workload="bursty"),
         dict(url="ftp://127.0.0.1"),
+        dict(api_keys=("k0", "k0")),  # one key twice
+        dict(api_keys=("k0", "")),
+        dict(api_keys=("k0", "k1", "k2"), num_clients=2),  # a key no client would send
+        dict(api_keys=("k0", "k1", "k2"), num_clients=4, num_groups=2),  # a tenant without a group
     ],
 )
 def test_bad_config_is_refused(bad: dict) -> None:
@@ -234,3 +239,78 @@ def test_launch_runs_and_stops_the_bundled_server(bundled: LoadedModel, tmp_path
     assert [r.error for r in result.requests if not r.ok] == [] and len(result.requests) == 6
     metrics = {row["metric"]: row["value"] for row in rows}
     assert metrics["server_hwm_mib"] >= metrics["server_rss_idle_mib"] > 0
+
+
+KEYS = ("sk-tenant-zero", "sk-tenant-one", "sk-tenant-two")
+
+
+def test_tenants_take_keys_round_robin_and_share_each_prefix_in_pairs() -> None:
+    config = LoadConfig(workload="shared-prefix", api_keys=KEYS, **{**SMALL, "num_groups": 5})  # type: ignore[arg-type]
+    assert [config.tenant_of(i) for i in range(4)] == [0, 1, 2, 0]
+    owners = {g: [t for t in range(3) if g in config.tenant_groups(t)] for g in range(5)}
+    assert all(len(tenants) == 2 for tenants in owners.values())  # every prefix: two tenants
+    prefix_of: dict[int, set[str]] = {}
+    for client in range(4):
+        workload = make_workload(config, client)
+        for _ in range(20):
+            spec = workload.next_request()
+            assert spec.group in config.tenant_groups(config.tenant_of(client))
+            words = spec.body["prompt"].split()
+            prefix_of.setdefault(spec.group, set()).add(" ".join(words[: SMALL["shared_prefix_len"]]))  # type: ignore[index]
+    assert all(len(texts) == 1 for texts in prefix_of.values())  # a group's text is the same everywhere
+    chats = LoadConfig(workload="multi-turn", api_keys=KEYS, **SMALL)  # type: ignore[arg-type]
+    assert chats.num_tenants == 3  # two groups are enough where no prefix is shared
+    one = LoadConfig(workload="shared-prefix", **SMALL)  # type: ignore[arg-type]
+    assert one.num_tenants == 1 and one.tenant_groups(0) == [0, 1]
+
+
+def _tenant_run(model: LoadedModel, tmp_path: Path, server_keys: tuple[str, ...]) -> dict[str, list[dict]]:
+    """Shared-prefix load from three tenants through the CLI; the JSON rows by metric."""
+    engine = Engine(model, CacheConfig(block_size=4, max_kv_bytes=2**22, prefix_cache=True))
+    with live_server(model, engine, server_keys) as url:
+        argv = ["bench", "serve", "--url", url, "--workload", "shared-prefix", "--clients", "4"]
+        argv += ["--max-requests", "36", "--prompt-len-range", "3,8", "--max-tokens-range", "2,4"]
+        argv += ["--shared-prefix-len", "30", "--num-groups", "3", "--out", str(tmp_path)]
+        for key in KEYS:
+            argv += ["--api-key", key]
+        assert main(argv) == 0
+    rows: dict[str, list[dict]] = {}
+    for line in (tmp_path / "bench_serve.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["metric"], []).append(row)
+    return rows
+
+
+def test_tenants_are_reported_apart_and_never_hit_each_others_prefixes(
+    model: LoadedModel, tmp_path: Path
+) -> None:
+    rows = _tenant_run(model, tmp_path, server_keys=KEYS)
+    requests = [
+        json.loads(line) for line in (tmp_path / "bench_serve_requests.jsonl").read_text().splitlines()
+    ]
+    assert len(requests) == 36 and all(r["ok"] for r in requests)
+    assert {r["tenant"] for r in requests} == {0, 1, 2}
+    for name in ("bench_serve.jsonl", "bench_serve_requests.jsonl", "bench_serve.md"):
+        assert not any(key in (tmp_path / name).read_text() for key in KEYS)  # indices, never keys
+    per_tenant = {row["config"]["tenant"]: row["value"] for row in rows["tenant_num_requests"]}
+    assert per_tenant == {t: sum(r["tenant"] == t for r in requests) for t in range(3)}
+    hits = {row["config"]["tenant"]: row["value"] for row in rows["tenant_prefix_hit_rate"]}
+    for t in range(3):  # each tenant's own repeats of its two prefixes hit
+        mine = [r for r in requests if r["tenant"] == t]
+        assert hits[t] == pytest.approx(
+            sum(r["cached_tokens"] for r in mine) / sum(r["prompt_tokens"] for r in mine)
+        )
+        assert hits[t] > 0.2
+    # A tenant's first request with a prefix another tenant already sent finds nothing cached.
+    assert rows["cross_tenant_first_uses"][0]["value"] >= 1
+    assert rows["cross_tenant_first_use_hit_rate"][0]["value"] == 0.0
+    assert "Tenant isolation:" in (tmp_path / "bench_serve.md").read_text()
+
+
+def test_the_isolation_check_sees_hits_across_tenants_when_there_is_no_salt(
+    model: LoadedModel, tmp_path: Path
+) -> None:
+    # A server without API keys gives every caller the same salt: the same check must see hits.
+    rows = _tenant_run(model, tmp_path, server_keys=())
+    assert rows["cross_tenant_first_uses"][0]["value"] >= 1
+    assert rows["cross_tenant_first_use_hit_rate"][0]["value"] > 0.5

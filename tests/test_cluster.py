@@ -95,8 +95,15 @@ def test_another_tenant_is_not_steered_by_the_first_ones_cache(url: str) -> None
     no_match = [
         _count(m, "routing_decisions_total", replica="all", reason="no_match") for m in (before, after)
     ]
-    assert hits[1] == hits[0] and no_match[1] == no_match[0] + 1  # routed by load, not by A's prefix
-    assert other.headers["x-kvengine-replica"] != home  # the emptier replica, when loads tie
+    by_load = [
+        _count(m, "routing_decisions_total", replica="all", reason="load_fallback") for m in (before, after)
+    ]
+    # Routed by load, not by A's prefix: "no_match", or "load_fallback" where Ray found the chosen
+    # replica busy (on a loaded machine) and sent the request to the other one.
+    assert hits[1] == hits[0]
+    assert (no_match[1] - no_match[0]) + (by_load[1] - by_load[0]) == 1
+    if no_match[1] == no_match[0] + 1:
+        assert other.headers["x-kvengine-replica"] != home  # the emptier replica, when loads tie
     assert other.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
 

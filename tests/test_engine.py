@@ -21,7 +21,7 @@ def random_prompt(length: int, seed: int, vocab: int = 256) -> list[int]:
 
 
 def runner_for(model: LoadedModel, block_size: int = 4) -> ModelRunner:
-    pool = BlockPool(4096, block_size, model.head_dim)
+    pool = BlockPool(4096, block_size, model.head_dim, device=model.device)
     return ModelRunner(model, PagedKVCache(pool, model.num_layers, model.num_kv_heads))
 
 

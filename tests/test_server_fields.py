@@ -44,6 +44,8 @@ HONOURED = {
     "echo": "test_logprobs::test_echo_logprobs_on_token_prompts_match_transformers",
     "response_format": "test_structured_output::test_the_server_enforces_response_format",
     "semantic_cache": "test_semantic_server::test_repeat_is_served_from_the_cache_with_the_computed_answer",
+    "kv_chunks": "test_rag_server::test_kv_chunks_give_the_tokens_of_the_python_api",
+    "kv_blend": "test_rag_server::test_kv_chunks_give_the_tokens_of_the_python_api",
 }
 
 

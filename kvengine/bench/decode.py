@@ -59,8 +59,8 @@ def time_transformers(model: LoadedModel, prompt: list[int], new_tokens: int) ->
         with torch.inference_mode():
             start = time.perf_counter()
             out = hf.generate(  # type: ignore[operator]
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                torch.tensor([prompt], device=hf.device),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=hf.device),
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
@@ -141,7 +141,9 @@ def make_rows(
     for (system, n), runs in results.items():
         prefill_s, decode_tps = medians(runs)
         dtype = str(model.dtype).removeprefix("torch.")
-        cfg: dict[str, Any] = dict(system=system, model=model.name, dtype=dtype, prompt_len=n)
+        cfg: dict[str, Any] = dict(
+            system=system, model=model.name, dtype=dtype, weights=model.weights, prompt_len=n
+        )
         cfg.update(config, **extra.get(system, {}))
         if system != "kvengine":
             cfg["tokens_match"] = tokens_match(runs, results["kvengine", n][0][2])
@@ -185,10 +187,12 @@ def run_decode_bench(
     *,
     command: str = "kvengine bench decode",
     llamacpp: LlamaCppBaseline | None = None,
+    device: str = "auto",
 ) -> list[dict]:
     """Measure, append JSON rows to `out` and a table to `report` (headed by `command`); returns the rows.
 
     With `llamacpp`, the model is loaded in the dtype of llama.cpp's precision and llama.cpp runs too.
+    The model runs on `device` (`models.device`).
     """
     systems: dict[str, Timer] = {"transformers": time_transformers, "kvengine": time_kvengine}
     extra: dict[str, dict[str, Any]] = {}
@@ -197,7 +201,12 @@ def run_decode_bench(
             worker = stack.enter_context(LlamaCppWorker(llamacpp, model_name))
             systems["llamacpp"] = llamacpp_timer(worker)
             extra["llamacpp"] = baseline_config(worker)
-        model = load(model_name, dtype=llamacpp.dtype) if llamacpp else load(model_name)
+        model = load(
+            model_name,
+            dtype=llamacpp.dtype if llamacpp else "auto",
+            device=device,
+            weights=llamacpp.weights if llamacpp else "model",
+        )
         doc = make_needle_example(model, max(lengths) + 64, depth=0.5, seed=0).context
         doc_ids = model.tokenizer.encode(doc) if model.tokenizer else []
         prompts = {n: doc_ids[:n] for n in lengths}
@@ -206,9 +215,11 @@ def run_decode_bench(
     append_rows(out, rows)
     body = table(results, lengths, llamacpp is not None)
     print(body)
-    dtype = str(model.dtype).removeprefix("torch.")
+    dtype = str(model.dtype).removeprefix("torch.") + (
+        "" if model.weights == "model" else f" (weights {model.weights})"
+    )
     notes = (
-        f"Model {model.name}, {dtype}, batch 1, greedy, {new_tokens} new tokens, median of {repeats} "
+        f"Model {model.name}, {dtype} on {model.device}, batch 1, greedy, {new_tokens} new tokens, median of {repeats} "
         "alternating runs; ratio > 1 means kvengine is faster."
     )
     if llamacpp:

@@ -30,8 +30,10 @@ from kvengine.worker import JsonLinesWorker
 WORKER = Path(__file__).resolve().parent / "llamacpp_worker.py"  # run by the llama.cpp venv
 RECIPE = "see tools/llamacpp_reference/README.md (bash tools/llamacpp_reference/setup.sh builds the venv)"
 VENV_PYTHON = Path(".venv-llamacpp") / "bin" / "python"
-# Each precision of the baseline and the dtype kvengine loads the model in to match it.
-PRECISIONS = {"f32": torch.float32, "bf16": torch.bfloat16}
+# Each precision of the baseline and the dtype kvengine loads the model in to match it; q8_0 and
+# q4_1 are matched by kvengine's weight-only int8 / int4 (groups of 32, the same layouts) over float32.
+PRECISIONS = {"f32": torch.float32, "bf16": torch.bfloat16, "q8_0": torch.float32, "q4_1": torch.float32}
+WEIGHTS = {"q8_0": "int8", "q4_1": "int4"}
 
 
 def default_python() -> Path:
@@ -63,6 +65,11 @@ class LlamaCppBaseline:
     def dtype(self) -> torch.dtype:
         """The dtype kvengine (and transformers) load the model in, to match llama.cpp's precision."""
         return PRECISIONS[self.precision]
+
+    @property
+    def weights(self) -> str:
+        """How kvengine holds the linear weights to match: "int8" for q8_0, "int4" for q4_1, else "model"."""
+        return WEIGHTS.get(self.precision, "model")
 
     @property
     def num_threads(self) -> int:

@@ -41,7 +41,9 @@ import time
 from typing import Any
 
 # llama.cpp file type (for the export) and ggml tensor type (for the KV cache) of each precision.
-PRECISIONS = {"f32": (0, 0), "bf16": (32, 30)}  # LLAMA_FTYPE_ALL_F32 / MOSTLY_BF16, GGML_TYPE_F32 / BF16
+# LLAMA_FTYPE_ALL_F32 / MOSTLY_BF16 / MOSTLY_Q8_0 / MOSTLY_Q4_1, GGML_TYPE_F32 / BF16 (the
+# quantized ones keep an F32 KV cache)
+PRECISIONS = {"f32": (0, 0), "bf16": (32, 30), "q8_0": (7, 0), "q4_1": (3, 0)}
 MAX_UBATCH = 512  # llama.cpp's default physical batch
 
 

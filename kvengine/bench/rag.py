@@ -82,7 +82,7 @@ def run_rag_bench(
         ids = head + list(tok.encode(docs[first].text, add_special_tokens=False))
         engines["prefix"].generate([ids], SamplingParams(max_tokens=1))
     table = systems(args.ratios)
-    results: dict[str, list[tuple[float, bool, int]]] = {name: [] for name in table}
+    results: dict[str, list[tuple[float, float, bool, int]]] = {name: [] for name in table}
     params = SamplingParams(max_tokens=args.new_tokens)
     for qi, (q, prompt) in enumerate(zip(questions, prompts, strict=True)):
         names = list(table)
@@ -90,10 +90,23 @@ def run_rag_bench(
             engine_name, blend = table[name]
             res = rag_generate(engines[engine_name], prompt, params, blend=blend)
             text = str(tok.decode(res.output.output_ids, skip_special_tokens=True))
-            results[name].append((res.ttft_s, q.is_correct(text), res.num_recomputed_tokens))
+            results[name].append((res.ttft_s, res.ttft_cpu_s, q.is_correct(text), res.num_recomputed_tokens))
+        append_rows(out, _question_rows(qi, results))  # as it goes: a run cut short keeps what it measured
     rows = _rows(results, args, len(prompts[0].token_ids), fill_s, [len(p.token_ids) for p in prompts])
     append_rows(out, rows)
     append_report(report, "RAG chunk reuse (CacheBlend)", command, _markdown(rows), _notes(fill_s, prompts))
+    return rows
+
+
+def _question_rows(qi: int, results: dict[str, list[tuple[float, float, bool, int]]]) -> list[dict[str, Any]]:
+    """One row per system for question `qi` (its last results): TTFT, CPU TTFT, right or not, recomputed tokens."""
+    rows = []
+    for name, runs in results.items():
+        ttft, cpu, ok, recomputed = runs[-1]
+        rows.append(
+            make_row("rag", "question_ttft", ttft, "s", system=name, question=qi, ttft_cpu_s=cpu, correct=ok,
+                     recomputed_tokens=recomputed)
+        )  # fmt: skip
     return rows
 
 
@@ -110,13 +123,14 @@ def _engines(model: LoadedModel, max_kv_mib: int) -> dict[str, Engine]:
 
 
 def _rows(
-    results: dict[str, list[tuple[float, bool, int]]],
+    results: dict[str, list[tuple[float, float, bool, int]]],
     args: argparse.Namespace,
     _: int,
     fill_s: float,
     lens: list[int],
 ) -> list[dict[str, Any]]:
-    full_ttft = statistics.median(t for t, _, _ in results["full"])
+    full_ttft = statistics.median(t for t, _, _, _ in results["full"])
+    full_cpu = statistics.median(c for _, c, _, _ in results["full"])
     config = dict(
         documents=args.documents, questions=args.questions, doc_tokens=[args.min_doc_tokens, args.max_doc_tokens],
         docs_per_prompt=[args.min_docs, args.max_docs], prompt_tokens_median=statistics.median(lens),
@@ -125,12 +139,15 @@ def _rows(
     )  # fmt: skip
     rows = []
     for name, runs in results.items():
-        ttft = statistics.median(t for t, _, _ in runs)
-        acc = sum(ok for _, ok, _ in runs) / len(runs)
-        recomputed = statistics.mean(n for _, _, n in runs)
+        ttft = statistics.median(t for t, _, _, _ in runs)
+        cpu = statistics.median(c for _, c, _, _ in runs)
+        acc = sum(ok for _, _, ok, _ in runs) / len(runs)
+        recomputed = statistics.mean(n for _, _, _, n in runs)
         for metric, value, unit in (
             ("ttft_median", ttft, "s"),
             ("speedup_vs_full", full_ttft / ttft, "x"),
+            ("ttft_cpu_median", cpu, "s"),
+            ("cpu_speedup_vs_full", full_cpu / cpu, "x"),
             ("accuracy", acc, "fraction"),
             ("recomputed_tokens_mean", recomputed, "tokens"),
         ):
@@ -149,6 +166,8 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
             f"{m['accuracy']:.3f}",
             f"{m['ttft_median']:.2f}",
             f"{m['speedup_vs_full']:.2f}",
+            f"{m['ttft_cpu_median']:.2f}",
+            f"{m['cpu_speedup_vs_full']:.2f}",
             f"{m['recomputed_tokens_mean']:.0f}",
         )
         for name, m in by.items()
@@ -158,6 +177,8 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
         f"accuracy ({n} questions)",
         "TTFT median (s)",
         "TTFT speed-up vs full",
+        "TTFT CPU median (s)",
+        "CPU speed-up vs full",
         "tokens recomputed in assembly",
     )
     return markdown_table(header, body)
@@ -168,7 +189,8 @@ def _notes(fill_s: float, prompts: list[Any]) -> str:
     return (
         f"Prompts of {lens[0]}-{lens[-1]} tokens. Filling the chunk store (every document once, alone, at "
         f"position 0) took {fill_s:.1f} s before the timed questions. Systems alternate per question on a "
-        "machine shared with other jobs; TTFT is the median over questions."
+        "machine shared with other jobs; TTFT is the median over questions, in wall time and in this "
+        "process's CPU time (one torch thread: CPU time does not grow when other jobs take the cores)."
     )
 
 

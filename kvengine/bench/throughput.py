@@ -218,7 +218,9 @@ def run_throughput_bench(
     with contextlib.ExitStack() as stack:
         # Started first: a missing or broken llama.cpp venv stops the bench before the model loads.
         worker = stack.enter_context(LlamaCppWorker(llamacpp, model_name)) if llamacpp else None
-        model = load(model_name, dtype=llamacpp.dtype) if llamacpp else load(model_name)
+        model = (
+            load(model_name, dtype=llamacpp.dtype, weights=llamacpp.weights) if llamacpp else load(model_name)
+        )
         res = measure_throughput(model, concurrency, prompt_len, new_tokens, baseline_requests, worker)
         if worker is not None:
             llamacpp_cfg = baseline_config(worker)

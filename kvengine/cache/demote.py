@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 
 from kvengine.cache.paged import PagedKVCache, SequenceKV
+from kvengine.cache.pool import HOST
 from kvengine.cache.quant_pool import QuantizedBlockPool
 from kvengine.errors import InvalidRequestError
 
@@ -121,7 +122,7 @@ def demote_layer(
     plan = plan_demotion(
         num_tokens, num_reserved, budget, bs, pool.open_bytes_per_block, pool.packed_bytes_per_block
     )
-    order = scores.float().argsort(dim=1, descending=True, stable=True)  # (H_kv, T)
+    order = scores.float().argsort(dim=1, descending=True, stable=True).to(HOST)  # (H_kv, T)
     important = order[:, : plan.num_important].sort(dim=1).values
     demoted = order[:, plan.num_important : plan.num_important + plan.num_demoted].sort(dim=1).values
     cache.retain(seq, layer, list(torch.cat([demoted, important], dim=1)))
@@ -132,6 +133,6 @@ def demote_layer(
         pool.pin(table[:, num_packed : num_packed + num_open].flatten())
     if num_packed:
         table[:, :num_packed] = pool.seal(table[:, :num_packed].flatten()).view(num_heads, num_packed)
-        pos = torch.arange(plan.num_demoted)
+        pos = torch.arange(plan.num_demoted, device=HOST)
         seq.slots[layer, :, : plan.num_demoted] = table[:, pos // bs] * bs + pos % bs
     return plan

@@ -13,6 +13,10 @@ blocks no later query can see (`release_outside_window`), a token's index in
 its cell is no longer its position: sliding windows compare `positions`.
 Keys are cached after RoPE, so evicting tokens never renumbers the ones that
 stay.
+
+Block tables are bookkeeping and live on the host (`pool.HOST`) whatever the
+pool's device: the scheduler reads them every step, and the attention context
+copies one step's tables to the device once per step (`engine/attention.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvengine.cache.pool import KVPool, block_slots
+from kvengine.cache.pool import HOST, KVPool, block_slots
 
 
 def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -39,7 +43,7 @@ def _grow(table: torch.Tensor, min_size: int, fill: int) -> torch.Tensor:
     if size >= min_size:
         return table
     new_size = max(min_size, 2 * size)
-    grown = torch.full((*table.shape[:-1], new_size), fill, dtype=table.dtype)
+    grown = torch.full((*table.shape[:-1], new_size), fill, dtype=table.dtype, device=table.device)
     grown[..., :size] = table
     return grown
 
@@ -49,12 +53,13 @@ class SequenceKV:
 
     def __init__(self, num_layers: int, num_kv_heads: int) -> None:
         shape = (num_layers, num_kv_heads)
-        self.block_table = torch.full((*shape, 4), -1, dtype=torch.int64)  # (L, H, max_blocks)
-        self.num_blocks = torch.zeros(shape, dtype=torch.int64)  # (L, H)
-        self.lens = torch.zeros(shape, dtype=torch.int64)  # (L, H) cached tokens per cell
+        self.block_table = torch.full((*shape, 4), -1, dtype=torch.int64, device=HOST)  # (L, H, max_blocks)
+        self.num_blocks = torch.zeros(shape, dtype=torch.int64, device=HOST)  # (L, H)
+        self.lens = torch.zeros(shape, dtype=torch.int64, device=HOST)  # (L, H) cached tokens per cell
         # Slot 0 pads unused entries: always a valid index, masked by `lens`.
-        self.slots = torch.zeros((*shape, 16), dtype=torch.int64)  # (L, H, capacity)
-        self.positions = torch.zeros((*shape, 16), dtype=torch.int64)  # (L, H, capacity) of each token
+        self.slots = torch.zeros((*shape, 16), dtype=torch.int64, device=HOST)  # (L, H, capacity)
+        # (L, H, capacity): the position of each token
+        self.positions = torch.zeros((*shape, 16), dtype=torch.int64, device=HOST)
         self.next_pos = 0  # position of the next token appended: one past the last one so far
 
     @property
@@ -125,17 +130,17 @@ class PagedKVCache:
         new_num_blocks = _ceil_div(new_lens, bs)
         ids = self.pool.allocate(int((new_num_blocks - seq.num_blocks).sum()))
         seq.block_table = _grow(seq.block_table, int(new_num_blocks.max()), -1)
-        j = torch.arange(seq.block_table.shape[-1])
+        j = torch.arange(seq.block_table.shape[-1], device=HOST)
         fresh = (j >= seq.num_blocks[..., None]) & (j < new_num_blocks[..., None])
         seq.block_table[fresh] = ids  # row-major order: cell by cell, block by block
         seq.num_blocks = new_num_blocks
 
-        pos = seq.lens[..., None] + torch.arange(num_tokens)  # (L, H, n)
+        pos = seq.lens[..., None] + torch.arange(num_tokens, device=HOST)  # (L, H, n)
         slots = seq.block_table.gather(2, pos // bs) * bs + pos % bs
         seq.slots = _grow(seq.slots, int(new_lens.max()), 0)
         seq.slots.scatter_(2, pos, slots)
         seq.positions = _grow(seq.positions, int(new_lens.max()), 0)
-        seq.positions.scatter_(2, pos, (start + torch.arange(num_tokens)).expand_as(pos))
+        seq.positions.scatter_(2, pos, (start + torch.arange(num_tokens, device=HOST)).expand_as(pos))
         seq.lens = new_lens
         seq.next_pos = start + num_tokens
         return slots
@@ -153,11 +158,12 @@ class PagedKVCache:
         bs = self.block_size
         kept_slots, kept_positions = [], []
         for head, idx in enumerate(keep):
+            idx = idx.to(HOST)  # a press may answer on the pool's device
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= int(seq.lens[layer, head])):
                 raise IndexError(f"keep indices out of range for layer {layer}, head {head}")
             kept_slots.append(seq.slots[layer, head, idx])
             kept_positions.append(seq.positions[layer, head, idx])
-        new_lens = torch.tensor([s.numel() for s in kept_slots], dtype=torch.int64)
+        new_lens = torch.tensor([s.numel() for s in kept_slots], dtype=torch.int64, device=HOST)
         new_num_blocks = _ceil_div(new_lens, bs)
         ids = self.pool.allocate(int(new_num_blocks.sum()))
 
@@ -205,7 +211,7 @@ class PagedKVCache:
                 n = int(seq.lens[layer, head])
                 start = (n // bs) * bs
                 src = seq.slots[layer, head, start:n]
-                dst = block * bs + torch.arange(n - start)
+                dst = block * bs + torch.arange(n - start, device=HOST)
                 self.pool.write(dst, *self.pool.read(src))
                 child.block_table[layer, head, int(seq.num_blocks[layer, head]) - 1] = block
                 child.slots[layer, head, start:n] = dst
@@ -233,7 +239,7 @@ class PagedKVCache:
         seq.slots = _grow(seq.slots, num_tokens, 0)
         seq.slots[..., :num_tokens] = block_slots(block_ids, bs)
         seq.positions = _grow(seq.positions, num_tokens, 0)
-        seq.positions[..., :num_tokens] = torch.arange(num_tokens)
+        seq.positions[..., :num_tokens] = torch.arange(num_tokens, device=HOST)
         seq.lens.fill_(num_tokens)
         seq.next_pos = num_tokens
         return seq
@@ -255,12 +261,12 @@ class PagedKVCache:
         seq.num_blocks = (block_table >= 0).sum(-1)
         seq.lens = lens.clone()
         slots = block_slots(block_table.clamp_min(0), bs)  # (L, H, n * bs)
-        past = torch.arange(slots.shape[-1]) >= lens[..., None]
+        past = torch.arange(slots.shape[-1], device=HOST) >= lens[..., None]
         slots[past] = 0
         seq.slots = _grow(slots, 16, 0)
         width = slots.shape[-1]
         if positions is None:
-            positions = torch.arange(width).expand_as(slots)
+            positions = torch.arange(width, device=HOST).expand_as(slots)
         positions = _grow(positions[..., :width].clone(), width, 0)
         positions[past] = 0
         seq.positions = _grow(positions, 16, 0)
@@ -277,7 +283,7 @@ class PagedKVCache:
         """
         num_blocks = int(seq.lens.min()) // self.block_size
         head = seq.positions[..., : num_blocks * self.block_size]
-        in_order = (head == torch.arange(head.shape[-1])).all(dim=(0, 1))  # (n * bs,)
+        in_order = (head == torch.arange(head.shape[-1], device=HOST)).all(dim=(0, 1))  # (n * bs,)
         num_blocks = int(in_order.view(num_blocks, self.block_size).all(-1).int().cumprod(0).sum())
         return seq.block_table[..., :num_blocks].clone()
 
@@ -333,7 +339,7 @@ class PagedKVCache:
         """
         if not self.pool.seals_blocks:
             return 0
-        j = torch.arange(seq.block_table.shape[-1])
+        j = torch.arange(seq.block_table.shape[-1], device=HOST)
         full = j < (seq.lens // self.block_size)[..., None]
         candidates = seq.block_table.clamp_min(0)
         mask = full & ~self.pool.is_sealed(candidates) & (self.pool.ref_counts[candidates] == 1)
@@ -342,7 +348,7 @@ class PagedKVCache:
             return 0
         seq.block_table[mask] = self.pool.seal(ids)
         # Tokens keep their offsets inside a block; only block ids changed.
-        pos = torch.arange(seq.slots.shape[-1])
+        pos = torch.arange(seq.slots.shape[-1], device=HOST)
         blocks = seq.block_table.gather(
             2, (pos // self.block_size).clamp_max(seq.block_table.shape[-1] - 1).expand(*seq.lens.shape, -1)
         )

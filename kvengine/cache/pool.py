@@ -16,6 +16,12 @@ fewer blocks.
 A pool knows nothing about models, sequences or attention. It hands out block
 ids, counts references to them, and reports the bytes that blocks in use
 really hold.
+
+Devices. Keys and values live on the pool's `device` (the model's). Block
+ids, ref counts and free lists are bookkeeping and live on the host (`HOST`),
+as do the block tables of `paged.py`; `read` and `write` take slot indices
+on either and move them to the pool's device (a no-op for the step's
+tables, which the attention context moves there once per step).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import torch
 
 from kvengine.cache.key_bounds import KeyBounds
 from kvengine.errors import OutOfBlocksError
+
+HOST = torch.device("cpu")  # where block ids, ref counts and block tables live, whatever the pool's device
 
 
 class KVPool(ABC):
@@ -92,8 +100,13 @@ class KVPool(ABC):
         self.v = torch.empty(self._open_slots + 1, head_dim, dtype=dtype, device=device)
         self.k[self._open_slots].zero_()
         self.v[self._open_slots].zero_()
-        self.ref_counts = torch.zeros(num_blocks, dtype=torch.int32)
+        self.ref_counts = torch.zeros(num_blocks, dtype=torch.int32, device=HOST)
         self.key_bounds: KeyBounds | None = None  # per-block key min/max, once `track_key_bounds()`
+
+    @property
+    def device(self) -> torch.device:
+        """Where keys and values live (block ids and ref counts stay on the host)."""
+        return self.k.device
 
     @property
     def zero_slot(self) -> int:
@@ -177,10 +190,10 @@ class KVPool(ABC):
                 f"(pool: {self.extent})"
             )
         if num_blocks == 0:
-            return torch.empty(0, dtype=torch.int64)
+            return torch.empty(0, dtype=torch.int64, device=HOST)
         taken = free[-num_blocks:]
         del free[-num_blocks:]
-        ids = torch.tensor(taken, dtype=torch.int64)
+        ids = torch.tensor(taken, dtype=torch.int64, device=HOST)
         self.ref_counts[ids] = 1
         if self.key_bounds is not None:
             self.key_bounds.reset(ids)
@@ -215,9 +228,13 @@ class KVPool(ABC):
     # ---- data -------------------------------------------------------------
 
     def write(self, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store `key`/`value` rows `(N, head_dim)` at flat slot indices `slots` `(N,)` of open blocks."""
-        self.k.index_copy_(0, slots, key.to(self.dtype))
-        self.v.index_copy_(0, slots, value.to(self.dtype))
+        """Store `key`/`value` rows `(N, head_dim)` at flat slot indices `slots` `(N,)` of open blocks.
+
+        Rows may come from any device (a tier's blocks are read back on the host).
+        """
+        slots = slots.to(self.k.device)
+        self.k.index_copy_(0, slots, key.to(self.k.device, self.dtype))
+        self.v.index_copy_(0, slots, value.to(self.k.device, self.dtype))
         if self.key_bounds is not None:
             self.key_bounds.update(slots, key)
 
@@ -230,6 +247,7 @@ class KVPool(ABC):
         their first N rows, valid until the next read into the same buffers.
         """
         k, v = self._read_buffers(slots.numel(), out)
+        slots = slots.to(self.k.device)
         torch.index_select(self.k, 0, slots, out=k)
         torch.index_select(self.v, 0, slots, out=v)
         return k, v
@@ -258,9 +276,9 @@ class KVPool(ABC):
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the free lists and ref counts disagree."""
-        free = torch.tensor([i for ids in self._free_lists() for i in ids], dtype=torch.int64)
+        free = torch.tensor([i for ids in self._free_lists() for i in ids], dtype=torch.int64, device=HOST)
         assert free.numel() == free.unique().numel(), "a block is on a free list twice"
-        is_free = torch.zeros(self.num_blocks, dtype=torch.bool)
+        is_free = torch.zeros(self.num_blocks, dtype=torch.bool, device=HOST)
         is_free[free] = True
         assert bool((self.ref_counts[is_free] == 0).all()), "a free block is referenced"
         assert bool((self.ref_counts[~is_free] >= 1).all()), "a used block has no reference"
@@ -306,7 +324,7 @@ class BlockPool(KVPool):
         device: torch.device | str = "cpu",
     ) -> BlockPool:
         """A pool of as many whole blocks as fit in `max_bytes` (at least one)."""
-        per_block = 2 * block_size * head_dim * torch.empty((), dtype=dtype).element_size()
+        per_block = 2 * block_size * head_dim * dtype.itemsize
         return cls(max(1, max_bytes // per_block), block_size, head_dim, dtype, device)
 
     @property
@@ -328,4 +346,4 @@ class BlockPool(KVPool):
 
 def block_slots(block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
     """Flat slot indices of whole blocks: `(..., n)` block ids give `(..., n * block_size)` slots."""
-    return (block_ids[..., None] * block_size + torch.arange(block_size)).flatten(-2)
+    return (block_ids[..., None] * block_size + torch.arange(block_size, device=block_ids.device)).flatten(-2)

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from kvengine.cache.pool import KVPool
+from kvengine.cache.pool import HOST, KVPool
 from kvengine.cache.quant import KIVILayout, PackedBlocks
 from kvengine.errors import InvalidRequestError
 
@@ -72,7 +72,7 @@ class QuantizedBlockPool(KVPool):
         self.num_packed_blocks = num_packed_blocks
         self.bits = bits
         self.packed: PackedBlocks = self.layout.empty(num_packed_blocks, device)
-        self.pinned = torch.zeros(num_blocks, dtype=torch.bool)  # open blocks `seal` leaves open
+        self.pinned = torch.zeros(num_blocks, dtype=torch.bool, device=HOST)  # open blocks `seal` leaves open
         # Popping from the end hands out low ids first.
         self._free_open: list[int] = list(range(num_open_blocks - 1, -1, -1))
         self._free_packed: list[int] = list(range(num_blocks - 1, num_open_blocks - 1, -1))
@@ -173,7 +173,7 @@ class QuantizedBlockPool(KVPool):
         OutOfBlocksError (and changes nothing) when too few packed blocks are free.
         """
         if block_ids.numel() == 0:
-            return torch.empty(0, dtype=torch.int64)
+            return torch.empty(0, dtype=torch.int64, device=HOST)
         pinned = self.pinned[block_ids.clamp(0, self.num_blocks - 1)] & (block_ids >= 0)
         if bool(pinned.any()):
             out = block_ids.clone()
@@ -190,7 +190,7 @@ class QuantizedBlockPool(KVPool):
         new_ids = self._take(self._free_packed, block_ids.numel(), "packed ")
         k, v = self.read_blocks(block_ids.flatten())  # (N, block_size, D)
         packed = self.layout.quantize_blocks(k, v)
-        dst = new_ids - self.num_open_blocks
+        dst = (new_ids - self.num_open_blocks).to(self.k.device)
         for store, fresh in zip(self.packed, packed, strict=True):
             store.index_copy_(0, dst, fresh)
         self.release(block_ids)
@@ -212,6 +212,7 @@ class QuantizedBlockPool(KVPool):
 
         Each sealed block touched is dequantized once.
         """
+        slots = slots.to(self.k.device)
         # The zero slot lies past the packed range; its row of zeros is the open store's last.
         is_zero = slots == self.zero_slot
         sealed = (slots >= self._open_slots) & ~is_zero
@@ -238,9 +239,9 @@ class QuantizedBlockPool(KVPool):
     def check_invariants(self) -> None:
         """Raise AssertionError if the free lists and ref counts disagree, or a block is on the wrong list."""
         super().check_invariants()
-        open_free = torch.tensor(self._free_open, dtype=torch.int64)
+        open_free = torch.tensor(self._free_open, dtype=torch.int64, device=HOST)
         assert not bool(self.is_sealed(open_free).any()), "a packed block is on the open free list"
-        packed_free = torch.tensor(self._free_packed, dtype=torch.int64)
+        packed_free = torch.tensor(self._free_packed, dtype=torch.int64, device=HOST)
         assert bool(self.is_sealed(packed_free).all()), "an open block is on the packed free list"
         assert not bool(self.pinned[open_free].any()), "a free block is pinned"
         assert not bool(self.is_sealed(self.pinned.nonzero().squeeze(1)).any()), "a sealed block is pinned"

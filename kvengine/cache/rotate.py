@@ -40,8 +40,9 @@ def check_rotatable(head_dim: int) -> None:
 def random_signs(head_dim: int, seed: int = 0) -> torch.Tensor:
     """The fixed signs `(head_dim,)` float32 (+1 or -1) of the rotation with this seed."""
     check_rotatable(head_dim)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2, (head_dim,), generator=gen).float() * 2 - 1
+    # Drawn on the host (the same signs on every device), moved to the rows' device by `rotate`.
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, 2, (head_dim,), generator=gen, device="cpu").float() * 2 - 1
 
 
 def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:

@@ -117,7 +117,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     cache = config_from_args(CacheConfig, args)
     scheduler = config_from_args(SchedulerConfig, args)
     press = press_from_args(args)
-    model = load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
     stream = len(prompts) * len(args.question or [None]) == 1 and not args.no_stream
 
     def on_text(_: int, text: str) -> None:
@@ -156,7 +156,14 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from kvengine.cli.demo import run_demo
 
-    run_demo(args.model, args.doc_tokens, compare=not args.no_compare, dtype=args.dtype)
+    run_demo(
+        args.model,
+        args.doc_tokens,
+        compare=not args.no_compare,
+        dtype=args.dtype,
+        device=args.device,
+        weights=args.weights,
+    )
 
 
 def _cmd_models(args: argparse.Namespace) -> None:

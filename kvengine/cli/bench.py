@@ -3,7 +3,8 @@
 Each command only turns options into arguments for a runner in kvengine/bench or kvengine/eval,
 which measures and writes the JSON rows and Markdown; nothing here measures anything itself.
 Rows and reports go to `results_dir()` unless --out / --report say otherwise, and the command
-line recorded in a report is the one this process was given. `bench serve` is in `bench_serve`.
+line recorded in a report is the one this process was given. `bench serve` is in `bench_serve`;
+the accuracy benchmarks (presses, perplexity, selection) are in `bench_quality`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import TYPE_CHECKING
 
 from kvengine.bench.rag import add_rag_parser, cmd_bench_rag
 from kvengine.bench.semantic import add_semantic_parser, cmd_bench_semantic
-from kvengine.cli.argtypes import name_list, positive_int, positive_int_list, ratio_list
+from kvengine.cli.argtypes import positive_int, positive_int_list
+from kvengine.cli.bench_quality import QUALITY_BENCHES, add_quality_bench_parsers
 from kvengine.cli.bench_serve import add_serve_bench_parser, cmd_bench_serve
-from kvengine.cli.common import Parser, add_model_args, kivi_bits, results_dir
+from kvengine.cli.common import Parser, add_device_arg, add_output_args
 from kvengine.config import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -27,10 +29,6 @@ _BENCH_HELP = """Measure prefill and decode tokens/s of kvengine and of transfor
 (its own dynamic cache, SDPA attention) in the same run, on the same prompts; with --baseline
 llamacpp, also llama.cpp on the same GGUF weights at --llamacpp-precision, its tokens compared with
 kvengine's. Rows are appended as JSON lines to --out, and a table to --report."""
-_PRESSES_HELP = """For each context length, build needle-in-a-haystack examples, prefill each
-context once, compress a copy of its cache with every press at every ratio, and ask for the
-needle. Also runs KIVI packed caches. Writes accuracy, bytes held (fraction of the uncompressed
-cache) and compression time over prefill time as JSON rows and a Markdown table."""
 _THROUGHPUT_HELP = """Serve 1, 4, 16, 32 requests at once (all added together, greedy, no EOS stop)
 and report output tokens/s next to transformers' generate serving requests one at a time, in the
 same run; with --baseline llamacpp, also llama.cpp serving the same prompts as parallel sequences.
@@ -44,20 +42,6 @@ question), each in a new engine: process A finds nothing cached, prefills the wh
 the prefix's blocks through to the tier (the cold baseline); process B, started after A has exited,
 loads those blocks from the tier instead of computing them. Reports both times to first token (model
 loading excluded), their ratio, the tokens B reused and whether B's output equals A's."""
-
-
-def _add_output_args(parser: argparse.ArgumentParser, rows_file: str) -> None:
-    """`--out` (JSON rows) and `--report` (Markdown), both appended to, under `results_dir()` by default."""
-    parser.add_argument(
-        "--out",
-        default=str(results_dir() / rows_file),
-        help="JSON rows are appended here (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--report",
-        default=str(results_dir() / "benchmarks.md"),
-        help="Markdown report to append to (default: %(default)s)",
-    )
 
 
 def _add_llamacpp_args(parser: argparse.ArgumentParser) -> None:
@@ -75,9 +59,11 @@ def _add_llamacpp_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--llamacpp-precision",
-        choices=["f32", "bf16"],
+        choices=["f32", "bf16", "q8_0", "q4_1"],
         default="f32",
-        help="weights and KV cache of llama.cpp; kvengine and transformers load the model in the same dtype",
+        help="weights and KV cache of llama.cpp; kvengine and transformers load the model in the same dtype "
+        "(q8_0 / q4_1: int8 / 4-bit weights in groups of 32 with an f32 KV cache, matched by kvengine's "
+        "--weights int8 / int4)",
     )
     parser.add_argument(
         "--llamacpp-threads", type=positive_int, default=None, help="llama.cpp threads (default: torch's)"
@@ -106,17 +92,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--lengths", type=positive_int_list, default=[512, 2048, 4096], help="prompt lengths")
     dec.add_argument("--new-tokens", type=positive_int, default=64, help="tokens decoded per run")
     dec.add_argument("--repeats", type=positive_int, default=3, help="runs per length and system")
+    add_device_arg(dec)
     _add_llamacpp_args(dec)
-    _add_output_args(dec, "bench_decode.jsonl")
-    _add_presses_bench_parser(bench_sub)
+    add_output_args(dec, "bench_decode.jsonl")
     _add_serving_bench_parsers(bench_sub)
-    _add_perplexity_parser(bench_sub)
     _add_tiers_bench_parser(bench_sub)
     add_serve_bench_parser(bench_sub)
-    _add_selection_bench_parser(bench_sub)
-    _add_output_args(add_rag_parser(bench_sub), "bench_rag.jsonl")
+    add_quality_bench_parsers(bench_sub)
+    add_output_args(add_rag_parser(bench_sub), "bench_rag.jsonl")
     _add_detokenize_parser(bench_sub)
-    _add_output_args(add_semantic_parser(bench_sub), "bench_semantic.jsonl")
+    add_output_args(add_semantic_parser(bench_sub), "bench_semantic.jsonl")
 
 
 def _add_detokenize_parser(bench_sub: argparse._SubParsersAction) -> None:
@@ -132,7 +117,7 @@ Only the tokenizer's model is loaded; no forward pass runs.""",
     p.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
     p.add_argument("--tokens", type=positive_int, default=4096, help="output length (at least 128)")
     p.add_argument("--repeats", type=positive_int, default=3, help="passes per stream")
-    _add_output_args(p, "bench_detokenize.jsonl")
+    add_output_args(p, "bench_detokenize.jsonl")
 
 
 def _cmd_bench_detokenize(args: argparse.Namespace) -> None:
@@ -149,42 +134,6 @@ def _cmd_bench_detokenize(args: argparse.Namespace) -> None:
         Path(args.report), f"Streaming detokenization, {args.tokens}-token output", args.command_line, table
     )
     print(table)
-
-
-def _add_selection_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
-    """`bench selection` (kvengine/bench/selection.py)."""
-    sel = bench_sub.add_parser(
-        "selection",
-        help="decode attention time per step with query-aware block selection (quest) vs full",
-        description="Prefill a needle_hard context per length, then time one decode step's attention over "
-        "every layer with and without quest's block selection, alternating, medians.",
-    )
-    sel.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
-    sel.add_argument("--lengths", type=positive_int_list, default=[4096], help="context lengths in tokens")
-    sel.add_argument("--ratio", type=float, default=0.875, help="quest's ratio: fraction of blocks not read")
-    sel.add_argument("--batch", type=positive_int, default=1, help="decoding copies of the context per step")
-    sel.add_argument("--repeats", type=positive_int, default=20, help="timed steps per system")
-    _add_output_args(sel, "bench_selection.jsonl")
-
-
-def _add_presses_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
-    """`bench presses` (kvengine/eval/presses.py)."""
-    pr = bench_sub.add_parser(
-        "presses",
-        help="needle accuracy, bytes held and compression cost per press",
-        description=_PRESSES_HELP,
-    )
-    pr.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
-    pr.add_argument(
-        "--lengths", type=positive_int_list, default=[2048, 4096], help="context lengths in tokens"
-    )
-    pr.add_argument(
-        "--presses", type=name_list, default=None, help="comma-separated press specs (default: all)"
-    )
-    pr.add_argument("--ratios", type=ratio_list, default=[0.5, 0.75], help="compression ratios")
-    pr.add_argument("--kivi", type=kivi_bits, default=[2, 4], help="KIVI bit widths to compare, or 'none'")
-    pr.add_argument("--examples", type=positive_int, default=4, help="needle examples per length")
-    _add_output_args(pr, "bench_presses.jsonl")
 
 
 def _add_serving_bench_parsers(bench_sub: argparse._SubParsersAction) -> None:
@@ -204,7 +153,7 @@ def _add_serving_bench_parsers(bench_sub: argparse._SubParsersAction) -> None:
         "--baseline-requests", type=positive_int, default=4, help="requests transformers serves one at a time"
     )
     _add_llamacpp_args(tp)
-    _add_output_args(tp, "bench_throughput.jsonl")
+    add_output_args(tp, "bench_throughput.jsonl")
     px = bench_sub.add_parser(
         "prefix", help="time to first token with a cached prefix vs cold", description=_PREFIX_HELP
     )
@@ -213,38 +162,7 @@ def _add_serving_bench_parsers(bench_sub: argparse._SubParsersAction) -> None:
     px.add_argument("--suffix-len", type=positive_int, default=32, help="tokens after the prefix")
     px.add_argument("--new-tokens", type=positive_int, default=8, help="output tokens per request")
     px.add_argument("--repeats", type=positive_int, default=3, help="cold/warm pairs, each on a fresh engine")
-    _add_output_args(px, "bench_prefix.jsonl")
-
-
-def _add_perplexity_parser(bench_sub: argparse._SubParsersAction) -> None:
-    """`bench perplexity` (kvengine/eval/perplexity.py): options from `PerplexityConfig`'s fields."""
-    from kvengine.eval.perplexity import PerplexityConfig
-
-    d = PerplexityConfig()
-    pp = bench_sub.add_parser(
-        "perplexity",
-        help="perplexity of a long text after its context is compressed, per press, ratio and KIVI width",
-        description="Prefill the first LENGTH tokens of a text, compress them once (query-agnostic) with every "
-        "press at every ratio, then score the next --score-len tokens teacher-forced against that cache. "
-        "Appends JSON rows to OUT/perplexity.jsonl and the Markdown table to OUT/perplexity.md.",
-    )
-    add_model_args(pp)
-    pp.add_argument("--lengths", type=positive_int_list, default=list(d.lengths), help="context lengths")
-    pp.add_argument("--presses", type=name_list, default=list(d.presses), help="press specs, or none")
-    pp.add_argument("--ratios", type=ratio_list, default=list(d.ratios), help="compression ratios")
-    pp.add_argument("--kivi", type=kivi_bits, default=[], help="KIVI bit widths (with every press)")
-    pp.add_argument("--kv-rotate", action="store_true", help="KIVI runs rotate keys and values first")
-    pp.add_argument(
-        "--kv-key-groups", choices=("channel", "token"), default="channel", help="KIVI runs' key groups"
-    )
-    pp.add_argument("--score-len", type=positive_int, default=d.score_len, help="tokens scored after it")
-    pp.add_argument("--text", choices=["prose", "noise"], default=d.text, help="haystack the text comes from")
-    pp.add_argument("--seed", type=int, default=d.seed, help="chooses where in the text to start")
-    pp.add_argument(
-        "--out",
-        default=str(results_dir() / "perplexity"),
-        help="folder for perplexity.jsonl and .md (default: %(default)s)",
-    )
+    add_output_args(px, "bench_prefix.jsonl")
 
 
 def _add_tiers_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
@@ -263,7 +181,7 @@ def _add_tiers_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--repeats", type=positive_int, default=3, help="pairs of processes (each on a new document)"
     )
-    _add_output_args(p, "bench_tiers.jsonl")
+    add_output_args(p, "bench_tiers.jsonl")
     # One process of the benchmark (kvengine.bench.tiers.spawn_child starts it): prints one JSON line.
     p.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
 
@@ -301,24 +219,8 @@ def _cmd_bench_decode(args: argparse.Namespace) -> None:
     out, report = Path(args.out), Path(args.report)
     run_decode_bench(
         args.model, args.lengths, args.new_tokens, args.repeats, out, report,
-        command=args.command_line, llamacpp=_llamacpp_baseline(args),
+        command=args.command_line, llamacpp=_llamacpp_baseline(args), device=args.device,
     )  # fmt: skip
-
-
-def _cmd_bench_presses(args: argparse.Namespace) -> None:
-    from kvengine.eval.presses import DEFAULT_PRESSES, run_presses_bench
-
-    run_presses_bench(
-        args.model,
-        args.lengths,
-        args.presses or DEFAULT_PRESSES,
-        args.ratios,
-        args.kivi,
-        args.examples,
-        Path(args.out),
-        Path(args.report),
-        command=args.command_line,
-    )
 
 
 def _cmd_bench_throughput(args: argparse.Namespace) -> None:
@@ -339,40 +241,13 @@ def _cmd_bench_prefix(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
-def _cmd_bench_selection(args: argparse.Namespace) -> None:
-    from kvengine.bench.selection import run_selection_bench
-
-    run_selection_bench(
-        args.model, args.lengths, args.ratio, args.batch, args.repeats,
-        Path(args.out), Path(args.report), command=args.command_line,
-    )  # fmt: skip
-
-
-def _cmd_bench_perplexity(args: argparse.Namespace) -> None:
-    from kvengine.eval.perplexity import PerplexityConfig, markdown, run_perplexity
-    from kvengine.models import load
-
-    cfg = PerplexityConfig(
-        tuple(args.lengths), tuple(args.presses), tuple(args.ratios), tuple(args.kivi), args.score_len,
-        args.text, args.seed, args.kv_rotate, args.kv_key_groups,
-    )  # fmt: skip
-    out = Path(args.out)
-    rows = run_perplexity(load(args.model, dtype=args.dtype), cfg, out / "perplexity.jsonl")
-    table = markdown(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "perplexity.md").write_text(table + "\n", encoding="utf-8")
-    print(table)
-
-
 _BENCHES = {
+    **QUALITY_BENCHES,
     "decode": _cmd_bench_decode,
-    "presses": _cmd_bench_presses,
     "throughput": _cmd_bench_throughput,
     "prefix": _cmd_bench_prefix,
-    "perplexity": _cmd_bench_perplexity,
     "tiers": _cmd_bench_tiers,
     "serve": cmd_bench_serve,
-    "selection": _cmd_bench_selection,
     "rag": cmd_bench_rag,
     "detokenize": _cmd_bench_detokenize,
     "semantic": cmd_bench_semantic,

@@ -51,7 +51,15 @@ def _add_load_args(parser: argparse.ArgumentParser) -> None:
     """The load generator's options, one per `LoadConfig` field, and where results go."""
     d = LoadConfig()
     parser.add_argument("--url", default=None, help=f"server to load (default: {d.url}); not with --launch")
-    parser.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="sent as Authorization: Bearer KEY; repeatable: with K keys, client i sends key i mod K "
+        "and each key is one tenant (results name it by index, never by key); shared-prefix then "
+        "gives each prefix to two tenants, so a hit across tenants would show",
+    )
     parser.add_argument(
         "--clients", type=positive_int, default=d.num_clients, help="concurrent closed-loop clients"
     )
@@ -95,10 +103,16 @@ def _add_load_args(parser: argparse.ArgumentParser) -> None:
         default=d.request_timeout_s,
         help="longest a request may take",
     )
+    _add_output_args(parser)
+
+
+def _add_output_args(parser: argparse.ArgumentParser) -> None:
+    """Where the rows and the Markdown go."""
     parser.add_argument(
         "--out",
         default=str(results_dir() / "bench_serve"),
-        help="folder for bench_serve.jsonl and bench_serve.md (default: %(default)s)",
+        help="folder for bench_serve.jsonl, bench_serve_requests.jsonl (one row per request) and "
+        "bench_serve.md (default: %(default)s)",
     )
     parser.add_argument("--report", default=None, help="Markdown report to append a section to")
 
@@ -106,7 +120,7 @@ def _add_load_args(parser: argparse.ArgumentParser) -> None:
 def _load_config(args: argparse.Namespace) -> LoadConfig:
     return LoadConfig(
         url=args.url or LoadConfig().url,
-        api_key=args.api_key,
+        api_keys=tuple(args.api_key),
         num_clients=args.clients,
         duration_s=args.duration_s,
         max_requests=args.max_requests,

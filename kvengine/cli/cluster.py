@@ -84,6 +84,8 @@ def specs_from_args(args: argparse.Namespace) -> tuple:
     spec = ReplicaSpec(
         model=model_of(args),
         dtype=args.dtype,
+        device=args.device,
+        weights=args.weights,
         served_model_name=args.served_model_name,
         server=server,
         cache=config_from_args(CacheConfig, args),

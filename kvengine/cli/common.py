@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvengine.cli.argtypes import byte_size, positive_int_list
-from kvengine.config import DEFAULT_MODEL, default_cache_dir
+from kvengine.config import DEFAULT_MODEL, WEIGHTS_CHOICES, check_device_name, default_cache_dir
 from kvengine.errors import InvalidRequestError
 from kvengine.models.precision import DTYPE_CHOICES
 
@@ -172,8 +172,28 @@ def kivi_bits(text: str) -> list[int]:
     return bits
 
 
+def device_name(text: str) -> str:
+    """A `--device` value as given, if kvengine knows the name (`config.DEVICE_CHOICES`)."""
+    try:
+        check_device_name(text)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """`--device`: where the model and its KV cache run (`models.device`; checked at load)."""
+    parser.add_argument(
+        "--device",
+        type=device_name,
+        default="auto",
+        help="where weights, KV cache and every step run: auto (default: a CUDA GPU if torch sees one, "
+        "else the CPU), cpu, cuda, cuda:N, mps, xpu",
+    )
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """`--model` and `--dtype`: which model to load and in what precision (`models.precision`)."""
+    """`--model`, `--dtype` and `--device`: which model to load, in what precision, where."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
     parser.add_argument(
         "--dtype",
@@ -181,4 +201,27 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="weights and KV cache precision; auto (default): bfloat16 where the hardware computes it "
         "natively (a CPU with AVX512-BF16 or AMX, a GPU), float32 elsewhere",
+    )
+    add_device_arg(parser)
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS_CHOICES,
+        default="model",
+        help="model (default): linear layers keep their weights in --dtype; int8 / int4: weight-only "
+        "int8 / int4 in groups of 32 (llama.cpp's Q8_0 / Q4_1 layouts, a quarter / an eighth of "
+        "float32's bytes; CPU only)",
+    )
+
+
+def add_output_args(parser: argparse.ArgumentParser, rows_file: str) -> None:
+    """`--out` (JSON rows) and `--report` (Markdown), both appended to, under `results_dir()` by default."""
+    parser.add_argument(
+        "--out",
+        default=str(results_dir() / rows_file),
+        help="JSON rows are appended here (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--report",
+        default=str(results_dir() / "benchmarks.md"),
+        help="Markdown report to append to (default: %(default)s)",
     )

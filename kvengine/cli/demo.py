@@ -74,19 +74,26 @@ def _line(s: Summary) -> list[str]:
 
 
 def run_demo(
-    model_name: str, doc_tokens: int, compare: bool = True, out_dir: Path | None = None, dtype: str = "auto"
+    model_name: str,
+    doc_tokens: int,
+    compare: bool = True,
+    out_dir: Path | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    weights: str = "model",
 ) -> None:
     """Print the question, the answer streamed, and the cost in bytes and time; then compare presses.
 
     The comparison's files go to `out_dir` (default: `<cache dir>/demo`).
     """
     t0 = time.perf_counter()
-    model = load(model_name, dtype=dtype)
+    model = load(model_name, dtype=dtype, device=device, weights=weights)
     print(
         f"model: {model.name} ({model.num_layers} layers, {model.num_kv_heads} kv-heads, "
         f"head dim {model.head_dim}), loaded in {time.perf_counter() - t0:.1f} s"
     )
-    print(f"precision: {dtype_name(model.dtype)} ({model.dtype_reason})")
+    weights = "" if model.weights == "model" else f", weights {model.weights}"
+    print(f"precision: {dtype_name(model.dtype)} ({model.dtype_reason}){weights}, device {model.device}")
     example = make_needle_example(model, doc_tokens, depth=0.5, seed=0)
     print(
         f"document: {example.num_tokens} tokens of town records, one line of which says: {example.needle!r}"

@@ -108,7 +108,9 @@ def run_eval_command(args: argparse.Namespace) -> None:
         kv_rotate=args.kv_rotate,
         kv_key_groups=args.kv_key_groups,
     )
-    rows = run_eval(load(args.model, dtype=args.dtype), cfg, Path(args.out))
+    rows = run_eval(
+        load(args.model, dtype=args.dtype, device=args.device, weights=args.weights), cfg, Path(args.out)
+    )
     print(f"{len(rows)} rows appended to {args.out}; `kvengine report {args.out}` renders them")
 
 

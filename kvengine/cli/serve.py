@@ -111,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     cache = config_from_args(CacheConfig, args)
     scheduler = config_from_args(SchedulerConfig, args)
-    model = load(model_of(args), dtype=args.dtype)
+    model = load(model_of(args), dtype=args.dtype, device=args.device, weights=args.weights)
     engine = Engine(model, cache, scheduler)
     app = create_app(AsyncEngine(engine), model, config, args.served_model_name)
     server = make_server(app, config)  # also sets up uvicorn's logging

@@ -34,6 +34,8 @@ class ReplicaSpec:
 
     model: str
     dtype: str = "auto"
+    device: str = "auto"  # models/device.py
+    weights: str = "model"  # "int8": weight-only int8 (engine/linear.py)
     served_model_name: str | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -57,7 +59,7 @@ class EngineReplica:
         from kvengine.models import load
         from kvengine.server import create_app
 
-        model = load(spec.model, dtype=spec.dtype, progress=False)
+        model = load(spec.model, dtype=spec.dtype, device=spec.device, weights=spec.weights, progress=False)
         self.engine = Engine(model, spec.cache, spec.scheduler)
         self.app = create_app(AsyncEngine(self.engine), model, spec.server, spec.served_model_name)
         config = model.hf_model.config

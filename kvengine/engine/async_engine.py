@@ -68,7 +68,7 @@ class AsyncEngine:
         self._queues: dict[int, asyncio.Queue[_Item]] = {}
         self._infos: dict[int, RequestInfo] = {}
         self._stats = engine.stats()
-        self._pending: list[tuple[Callable[[], list[int]], asyncio.Future[list[int]]]] = []
+        self._pending: list[tuple[Callable[[], list[int]], asyncio.Future[list[int]], bool]] = []
         self._aborts: list[int] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -154,12 +154,23 @@ class AsyncEngine:
         prompt = list(prompt_ids)
         return await self._queue(lambda: self.engine.add_parallel(prompt, list(params), **kwargs))
 
-    async def _queue(self, add: Callable[[], list[int]]) -> list[int]:
+    async def add_with(self, add: Callable[[Engine], list[int]], *, in_thread: bool = False) -> list[int]:
+        """Run `add(engine)` on the driver between steps; the ids of the requests it queued, streamed as any.
+
+        For work on the engine that must never overlap a step (kvengine.rag
+        assembles a cache with the model's own forward passes). With
+        `in_thread`, it runs in a worker thread while the driver waits for it:
+        the event loop stays free, and still no step runs meanwhile. Raises
+        what `add` raises; if the caller goes away, the requests are aborted.
+        """
+        return await self._queue(lambda: add(self.engine), in_thread)
+
+    async def _queue(self, add: Callable[[], list[int]], in_thread: bool = False) -> list[int]:
         """Run `add` on the driver, between steps; the ids it queued."""
         if self._closing or self._error is not None:
             raise RuntimeError("the async engine is closed") from self._error
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._pending.append((add, future))
+        self._pending.append((add, future, in_thread))
         self._wake.set()
         try:
             return await future
@@ -232,7 +243,7 @@ class AsyncEngine:
     async def _drive(self) -> None:
         try:
             while True:
-                if self._apply_queued():
+                if await self._apply_queued():
                     self._stats = self.engine.stats()
                 if self._closing:
                     break
@@ -283,6 +294,8 @@ class AsyncEngine:
 
     async def _idle(self) -> None:
         self._wake.clear()
+        if self._pending or self._aborts:  # queued while the driver awaited a step or a threaded add
+            return
         await self._wake.wait()
 
     def _after_step(self, events: list[TokenEvent]) -> None:
@@ -303,16 +316,21 @@ class AsyncEngine:
                 queue.put_nowait(error)
             self.engine.release(seq_id)
 
-    def _apply_queued(self) -> bool:
-        """Add queued requests and apply aborts, on the event loop between steps; True if any."""
+    async def _apply_queued(self) -> bool:
+        """Add queued requests and apply aborts, between steps; True if any."""
         pending, self._pending = self._pending, []
-        for add, future in pending:
+        for add, future, in_thread in pending:
             if future.cancelled():  # its caller went away while it was queued
                 continue
             try:
-                ids = add()
+                ids = await asyncio.to_thread(add) if in_thread else add()
             except Exception as exc:
-                future.set_exception(exc)
+                if not future.cancelled():
+                    future.set_exception(exc)
+                continue
+            if future.cancelled():  # its caller went away while it ran: nobody will stream them
+                for seq_id in ids:
+                    self._end(seq_id)
                 continue
             for seq_id in ids:
                 self._queues[seq_id] = asyncio.Queue()

@@ -27,6 +27,12 @@ SDPA's unmasked paths.
 Presses do not run here. A span that asks for it records its queries per
 layer (a press's input besides the keys and values, which are in the pool
 anyway); the runner runs the presses after the forward pass from them.
+
+Devices. Block tables are host bookkeeping (`cache/paged.py`); a step's
+tables (new slots, the `DecodeBatch`, each other cached span's `SpanTables`)
+are built on the host and copied to the pool's device once per step, when
+the `ForwardContext` is made, so that no layer copies a table or waits for
+the device to learn a length.
 """
 
 from __future__ import annotations
@@ -42,10 +48,50 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from kvengine.cache.paged import KVPool, SequenceKV
+from kvengine.cache.pool import HOST
 from kvengine.engine.kernel import PagedDecode
 from kvengine.engine.selection import BlockSelection, SelectionStats, dense_selection, select_blocks
 
 ATTENTION_NAME = "kvengine"
+
+
+@dataclass
+class SpanTables:
+    """One sequence's cache tables for every layer, on the pool's device; built once per step.
+
+    What `SequenceKV.context` and `token_positions` give per layer, with the
+    host-side lengths read once (`span_tables`), so a layer neither syncs nor copies.
+    """
+
+    slots: torch.Tensor  # (L, H_kv, T) slot of each cached token; the zero slot past a head's length
+    lens: torch.Tensor  # (L, H_kv) tokens each cell holds
+    positions: torch.Tensor  # (L, H_kv, T) position of each cached token
+    widths: list[int]  # per layer: tokens its longest head holds
+    uniform: list[bool]  # per layer: whether every head holds `widths[layer]` tokens
+
+    def context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Slots `(H_kv, T)` of one layer and its per-head lengths (None when all hold T), as `SequenceKV`'s."""
+        width = self.widths[layer]
+        return self.slots[layer, :, :width], (None if self.uniform[layer] else self.lens[layer])
+
+    def token_positions(self, layer: int) -> torch.Tensor:
+        """Positions `(H_kv, T)` of one layer's cached tokens, aligned with `context(layer)`."""
+        return self.positions[layer, :, : self.widths[layer]]
+
+
+def span_tables(kv: SequenceKV, zero_slot: int, device: torch.device) -> SpanTables:
+    """`kv`'s tables for every layer, padding masked to `zero_slot`, copied to `device` in one go."""
+    lens = kv.lens  # (L, H) on the host: reading lengths here waits for no device
+    widths = lens.max(dim=1).values  # (L,)
+    width = int(widths.max())
+    slots = _cut(kv.slots, width).masked_fill(torch.arange(width, device=HOST) >= lens[..., None], zero_slot)
+    return SpanTables(
+        slots.to(device),
+        lens.to(device),
+        _cut(kv.positions, width).to(device),
+        widths.tolist(),
+        (lens == widths[:, None]).all(dim=1).tolist(),
+    )
 
 
 @dataclass
@@ -58,6 +104,7 @@ class SeqSpan:
     num_cached: int  # tokens it had cached before this step (0: fresh prefill)
     record_queries: bool = False  # fill `queries` (for a press after the forward)
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H_q, T_q, D)
+    tables: SpanTables | None = None  # its cache's tables on the device, set by `ForwardContext`
 
 
 @dataclass
@@ -73,6 +120,12 @@ class DecodeBatch:
     slots: torch.Tensor  # (L, N, H_kv, T) pool slot of each cached token
     lens: torch.Tensor  # (L, N, H_kv) tokens each cell holds
     positions: torch.Tensor | None  # (L, N, H_kv, T) token positions; only for window layers
+
+    def to(self, device: torch.device) -> DecodeBatch:
+        """This batch with its tensors on `device` (one copy each)."""
+        rows = self.rows if isinstance(self.rows, slice) else self.rows.to(device)
+        positions = None if self.positions is None else self.positions.to(device)
+        return DecodeBatch(rows, self.slots.to(device), self.lens.to(device), positions)
 
 
 @dataclass
@@ -91,9 +144,25 @@ class ForwardContext:
     # tensors in every layer would cost page faults on each decode step.
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def __post_init__(self) -> None:
+        """Put the step's tables on the pool's device, once for all layers (see the module doc)."""
+        device = self.pool.device
+        self.new_slots = self.new_slots.to(device)
+        for span in self.spans:
+            if span.num_cached > 0 and not _is_plain_decode(span):
+                span.tables = span_tables(span.kv, self.pool.zero_slot, device)
+        stats = self.selection_stats
+        if stats is not None and stats.blocks_read.device != device:  # layers add to them there
+            stats.blocks_read, stats.blocks_held = stats.blocks_read.to(device), stats.blocks_held.to(device)
 
-def decode_batch(spans: list[SeqSpan], zero_slot: int, with_positions: bool) -> DecodeBatch | None:
-    """The step's `DecodeBatch` (None when no span is a plain decode)."""
+
+def decode_batch(
+    spans: list[SeqSpan], zero_slot: int, with_positions: bool, device: torch.device | None = None
+) -> DecodeBatch | None:
+    """The step's `DecodeBatch` (None when no span is a plain decode), on `device` (default: the host).
+
+    Built from the host's block tables, then copied to `device` in one go.
+    """
     members = [i for i, span in enumerate(spans) if _is_plain_decode(span)]
     if not members:
         return None
@@ -101,12 +170,13 @@ def decode_batch(spans: list[SeqSpan], zero_slot: int, with_positions: bool) -> 
     lens = torch.stack([kv.lens for kv in kvs], dim=1)  # (L, N, H)
     width = int(lens.max())
     slots = torch.stack([_cut(kv.slots, width) for kv in kvs], dim=1)
-    slots.masked_fill_(torch.arange(width) >= lens[..., None], zero_slot)
+    slots.masked_fill_(torch.arange(width, device=lens.device) >= lens[..., None], zero_slot)
     positions = torch.stack([_cut(kv.positions, width) for kv in kvs], dim=1) if with_positions else None
     columns = [spans[i].start for i in members]
     contiguous = columns == list(range(columns[0], columns[0] + len(columns)))
-    rows = slice(columns[0], columns[-1] + 1) if contiguous else torch.tensor(columns)
-    return DecodeBatch(rows, slots, lens, positions)
+    rows = slice(columns[0], columns[-1] + 1) if contiguous else torch.tensor(columns, device=HOST)
+    batch = DecodeBatch(rows, slots, lens, positions)
+    return batch if device is None else batch.to(device)
 
 
 def _cut(table: torch.Tensor, width: int) -> torch.Tensor:
@@ -198,15 +268,14 @@ def _attend_span(
         k, v = new_k[:, span.start : span.end], new_v[:, span.start : span.end]
         head_lens = None
     else:
-        ctx_slots, head_lens = span.kv.context(layer)  # (H_kv, T_k)
-        if head_lens is not None:  # padding reads zeros (see KVPool.zero_slot)
-            pad = torch.arange(ctx_slots.shape[1]) >= head_lens[:, None]
-            ctx_slots = ctx_slots.masked_fill(pad, ctx.pool.zero_slot)
+        tables = span.tables or span_tables(span.kv, ctx.pool.zero_slot, q.device)
+        # (H_kv, T_k); padding past a head's length reads zeros (see KVPool.zero_slot)
+        ctx_slots, head_lens = tables.context(layer)
         k, v = ctx.pool.read(ctx_slots.reshape(-1), out=ctx.scratch)
         k = k.view(*ctx_slots.shape, q.shape[-1])
         v = v.view(*ctx_slots.shape, q.shape[-1])
         if window is not None:
-            positions = span.kv.token_positions(layer)  # (H_kv, T_k)
+            positions = tables.token_positions(layer)  # (H_kv, T_k)
     return attend(q, k, v, scaling, head_lens, window, positions).transpose(0, 1)
 
 
@@ -246,7 +315,7 @@ def _decode(
     k, v = ctx.pool.read(slots.reshape(-1), out=ctx.scratch)
     k = k.view(n, num_kv_heads, max_len, head_dim)
     v = v.view(n, num_kv_heads, max_len, head_dim)
-    mask = torch.arange(max_len) < lens[..., None]  # (N, H_kv, T)
+    mask = torch.arange(max_len, device=slots.device) < lens[..., None]  # (N, H_kv, T)
     if positions is not None:  # the query is the last cached token of each head
         query_pos = positions.gather(2, (lens - 1)[..., None])  # (N, H_kv, 1)
         mask &= positions > query_pos - window
@@ -287,7 +356,7 @@ def attend(
             q4 = q.view(1, num_kv_heads, group, head_dim)  # 4-D: SDPA's fast CPU path
             out = F.scaled_dot_product_attention(q4, k[None], v[None], scale=scaling)
             return out.view(num_heads, 1, head_dim)
-    mask = _causal_mask(q_len, k_len, head_lens, window, positions)  # (H_kv or 1, T_q, T_k)
+    mask = _causal_mask(q_len, k_len, head_lens, window, positions, device=q.device)  # (H_kv or 1, T_q, T_k)
     if mask.shape[0] > 1:  # one row per kv-head -> one per query head
         mask = mask.repeat_interleave(num_heads // num_kv_heads, dim=0)
     out = F.scaled_dot_product_attention(
@@ -302,16 +371,18 @@ def _causal_mask(
     head_lens: torch.Tensor | None,
     window: int | None,
     positions: torch.Tensor | None = None,
+    *,
+    device: torch.device,
 ) -> torch.Tensor:
-    """Boolean mask `(H_kv or 1, T_q, T_k)`, True where a query may attend.
+    """Boolean mask `(H_kv or 1, T_q, T_k)` on `device`, True where a query may attend.
 
     Query i of head h sits at cache index `len_h - T_q + i`: new tokens are
     the last ones of every head, whatever a press evicted before them. The
     window compares `positions` `(H_kv, T_k)` when given, else indices.
     """
-    lens = head_lens if head_lens is not None else torch.full((1,), k_len, dtype=torch.int64)
-    q_idx = lens[:, None] - q_len + torch.arange(q_len)  # (H or 1, T_q)
-    k_idx = torch.arange(k_len)
+    lens = head_lens if head_lens is not None else torch.full((1,), k_len, dtype=torch.int64, device=device)
+    q_idx = lens[:, None] - q_len + torch.arange(q_len, device=device)  # (H or 1, T_q)
+    k_idx = torch.arange(k_len, device=device)
     mask = k_idx[None, None, :] <= q_idx[:, :, None]
     if window is not None:
         if positions is None:

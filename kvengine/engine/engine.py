@@ -237,7 +237,8 @@ class Engine:
             seq.matcher = self.grammars.matcher(seq.params.grammar)
         self.scheduler.add(seq)  # raises InvalidRequestError if it could never fit in the pool
         if not seq.params.greedy:  # its own generator: its tokens do not depend on its batch
-            seq.generator = torch.Generator()
+            # On the model's device: sampling draws where the logits are, with no copy to the host.
+            seq.generator = torch.Generator(device=self.model.device)
             seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else torch.seed())
         self.sequences[seq.seq_id] = seq
         self.num_prompt_tokens += len(seq.prompt_ids)

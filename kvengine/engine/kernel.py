@@ -1,11 +1,12 @@
-"""The decode attention kernel (`paged_decode.cpp`): built once per machine, loaded, or skipped.
+"""kvengine's C++ kernels (`paged_decode.cpp`, `small_linear.cpp`): built once per machine, loaded, or skipped.
 
 Decoding sequences attend over their caches where the blocks lie in the
 pool, through the torch op `kvengine::paged_decode` (a small C++ kernel, CPU
 only). It is compiled by torch's extension builder the first time an engine
 needs it (about 30-60 s on two cores; `make install` does it ahead) into
-`$KVENGINE_KERNEL_DIR`, default `<kvengine cache dir>/kernels/<build tag>`,
-and loaded from there afterwards.
+`$KVENGINE_KERNEL_DIR`, default `<kvengine cache dir>/kernels/<source>-<build tag>`,
+and loaded from there afterwards. `load_op` builds any such file the same
+way (`engine/linear.py` loads the small-batch linear kernel with it).
 
 Without it (no C++ compiler, no `ninja`, a device other than the CPU, or
 `KVENGINE_KERNEL=off`) decoding reads the caches into a padded batch and
@@ -21,6 +22,7 @@ import platform
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,54 +49,66 @@ def _cpu_tag() -> str:
     return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
 
 
-def build_dir() -> Path:
-    """Where the kernel is built and cached: one directory per source, torch version and CPU."""
+def build_dir(source: Path = _SOURCE) -> Path:
+    """Where `source` is built and cached: one directory per source, torch version and CPU.
+
+    `$KVENGINE_KERNEL_DIR/<source stem>` when that variable is set.
+    """
     explicit = os.environ.get("KVENGINE_KERNEL_DIR")
     if explicit:
-        return Path(explicit).expanduser()
-    source = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:8]
-    tag = f"torch{torch.__version__.replace('+', '_')}-{source}-{_cpu_tag()}"
-    return default_cache_dir() / "kernels" / tag
+        return Path(explicit).expanduser() / source.stem
+    digest = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:8]
+    tag = f"torch{torch.__version__.replace('+', '_')}-{digest}-{_cpu_tag()}"
+    return default_cache_dir() / "kernels" / f"{source.stem}-{tag}"
 
 
 def disabled_reason() -> str | None:
-    """Why the kernel is not to be used at all, or None."""
+    """Why the kernels are not to be used at all, or None."""
     if os.environ.get("KVENGINE_KERNEL", "").lower() in ("0", "off", "false", "no"):
         return "KVENGINE_KERNEL is off"
     return None
 
 
-@cache
-def paged_decode() -> PagedDecode | None:
-    """The `kvengine::paged_decode` op, built on first call; None (logged once) where it cannot be had."""
+def load_op(source: Path, namespace: str, op_name: str, purpose: str) -> Callable[..., Any] | None:
+    """The torch op `namespace::op_name` that the C++ file `source` registers, built on first use.
+
+    None where it cannot be had (`KVENGINE_KERNEL=off`, no compiler or
+    ninja, a failed build), with one warning naming the reason and what
+    `purpose` falls back to.
+    """
     reason = disabled_reason()
     if reason is None:
         try:
-            return _load()
+            return _load(source, namespace, op_name)
         except Exception as exc:  # a missing compiler or ninja, a failed build: fall back, say why
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-    log.warning(
-        "kvengine: decode attention kernel unavailable (%s); decoding gathers caches for SDPA", reason
-    )
+            lines = str(exc).strip().splitlines()
+            reason = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+    log.warning("kvengine: %s kernel unavailable (%s)", purpose, reason)
     return None
 
 
-def _load() -> PagedDecode:
+@cache
+def paged_decode() -> PagedDecode | None:
+    """The `kvengine::paged_decode` op; None (logged once) where it cannot be had."""
+    return load_op(_SOURCE, "kvengine", "paged_decode", "decode attention (decoding gathers caches for SDPA)")
+
+
+def _load(source: Path, namespace: str, op_name: str) -> Callable[..., Any]:
     from torch.utils.cpp_extension import load
 
-    if not hasattr(torch.ops.kvengine, "paged_decode"):
-        directory = build_dir()
+    if not hasattr(getattr(torch.ops, namespace), op_name):
+        directory = build_dir(source)
         directory.mkdir(parents=True, exist_ok=True)
-        log.info("kvengine: building the decode attention kernel in %s (once per machine)", directory)
+        log.info("kvengine: building %s in %s (once per machine)", source.name, directory)
         load(  # the file as is: only ATen's headers, no Python bindings to compile
-            name="kvengine_paged_decode",
-            sources=[str(_SOURCE)],
+            name=f"kvengine_{source.stem}",
+            sources=[str(source)],
             extra_cflags=_FLAGS,
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,
         )
-    op: PagedDecode = torch.ops.kvengine.paged_decode
+    op: Callable[..., Any] = getattr(getattr(torch.ops, namespace), op_name)
     return op
 
 

@@ -30,7 +30,7 @@ class Logprob:
 def token_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: int) -> list[Logprob]:
     """The log-probability of `token_ids[i]` under row i of `logits` `(R, V)`, with its row's best `num_top`."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(1, torch.tensor(token_ids)[:, None])[:, 0].tolist()
+    chosen = logp.gather(1, torch.tensor(token_ids, device=logp.device)[:, None])[:, 0].tolist()
     num_top = min(num_top, logp.shape[-1])
     if num_top == 0:
         return [Logprob(t, lp) for t, lp in zip(token_ids, chosen, strict=True)]

@@ -19,9 +19,11 @@ from kvengine.models import LoadedModel
 
 
 def make_pool(cache: CacheConfig, scheduler: SchedulerConfig, model: LoadedModel) -> KVPool:
-    """The block pool a `CacheConfig` asks for, sized for `model`."""
+    """The block pool a `CacheConfig` asks for, sized for `model`, on the model's device."""
     if not cache.kv_bits:
-        return BlockPool.with_capacity(cache.max_kv_bytes, cache.block_size, model.head_dim, model.dtype)
+        return BlockPool.with_capacity(
+            cache.max_kv_bytes, cache.block_size, model.head_dim, model.dtype, model.device
+        )
     layout = KIVILayout(
         cache.block_size,
         model.head_dim,
@@ -42,6 +44,7 @@ def make_pool(cache: CacheConfig, scheduler: SchedulerConfig, model: LoadedModel
         model.head_dim,
         cache.kv_bits,
         dtype=model.dtype,
+        device=model.device,
         key_groups=cache.kv_key_groups,
         rotate=cache.kv_rotate,
     )

@@ -27,6 +27,7 @@ from kvengine.cache.demote import demote_layer
 from kvengine.cache.paged import PagedKVCache, SequenceKV
 from kvengine.engine.attention import ATTENTION_NAME, ForwardContext, SeqSpan, decode_batch, forward_context
 from kvengine.engine.kernel import decode_kernel_for
+from kvengine.engine.linear import driving, use_small_linear
 from kvengine.engine.selection import BlockSelection, SelectionStats
 from kvengine.errors import OutOfBlocksError
 from kvengine.models import LoadedModel
@@ -69,6 +70,7 @@ class ModelRunner:
         self.selection: BlockSelection | None = None
         self.selection_stats = SelectionStats()
         model.hf_model.set_attn_implementation(ATTENTION_NAME)
+        use_small_linear(model.hf_model)
 
     def select_blocks(self, selection: BlockSelection) -> None:
         """Decode with query-aware block selection (`kvengine.engine.selection`) from now on.
@@ -124,7 +126,7 @@ class ModelRunner:
             values=v.view(*slots.shape, -1),
             queries=queries,
             scaling=self._scaling,
-            positions=torch.arange(end - num_tokens, end),
+            positions=torch.arange(end - num_tokens, end, device=k.device),
             rope=self._ropes[layer],
         )
 
@@ -142,8 +144,8 @@ class ModelRunner:
             pool = self.cache.pool
             shape = (self._scratch_rows, pool.head_dim)
             self._scratch_bufs = (
-                torch.empty(shape, dtype=pool.dtype),
-                torch.empty(shape, dtype=pool.dtype),
+                torch.empty(shape, dtype=pool.dtype, device=pool.device),
+                torch.empty(shape, dtype=pool.dtype, device=pool.device),
             )
         return self._scratch_bufs
 
@@ -167,11 +169,11 @@ class ModelRunner:
         if any(item.press is not None and not item.kv.is_uniform for item in batch):
             raise NotImplementedError("compressing a cache that a press already compressed")
         ctx, tokens, positions = self._pack(batch)
-        keep, last = _kept_positions(batch, ctx.spans)
+        keep, last = _kept_positions(batch, ctx.spans, device=self.model.device)
         # Block tables are updated in `_pack`, outside inference mode: they outlive this step.
-        with forward_context(ctx), torch.inference_mode():
+        with forward_context(ctx), torch.inference_mode(), driving():
             out = self.model.hf_model(
-                input_ids=torch.tensor([tokens]),
+                input_ids=torch.tensor([tokens], device=self.model.device),
                 position_ids=positions[None],
                 use_cache=False,
                 logits_to_keep=keep,
@@ -209,7 +211,7 @@ class ModelRunner:
             slots.append(self.cache.append(item.kv, n, item.start_pos))
             record = item.keep_queries or item.press is not None
             spans.append(SeqSpan(start, start + n, item.kv, num_cached, record_queries=record))
-            positions.append(torch.arange(item.start_pos, item.start_pos + n))
+            positions.append(torch.arange(item.start_pos, item.start_pos + n, device=self.cache.pool.device))
             tokens.extend(item.token_ids)
             start += n
         pool = self.cache.pool
@@ -217,7 +219,9 @@ class ModelRunner:
             pool,
             spans,
             torch.cat(slots, dim=2),
-            decode=decode_batch(spans, pool.zero_slot, with_positions=bool(self._windows)),
+            decode=decode_batch(
+                spans, pool.zero_slot, with_positions=bool(self._windows), device=pool.device
+            ),
             kernel=self._kernel,
             selection=self.selection,
             selection_stats=self.selection_stats,
@@ -226,11 +230,13 @@ class ModelRunner:
         return ctx, tokens, torch.cat(positions)
 
 
-def _kept_positions(batch: list[StepInput], spans: list[SeqSpan]) -> tuple[torch.Tensor, list[int]]:
+def _kept_positions(
+    batch: list[StepInput], spans: list[SeqSpan], device: torch.device
+) -> tuple[torch.Tensor, list[int]]:
     """Packed positions whose logits to compute, and each input's last one as a row of them."""
     keep: list[int] = []
     last = []
     for item, span in zip(batch, spans, strict=True):
         keep.extend(range(span.start, span.end) if item.all_logits else [span.end - 1])
         last.append(len(keep) - 1)
-    return torch.tensor(keep), last
+    return torch.tensor(keep, device=device), last

@@ -44,17 +44,20 @@ def penalize(
     """`logits` `(V,)` with the penalties and the logit bias of `params` applied (token ids < V)."""
     logits = logits.clone()
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=logits.device)
         picked = logits[seen]
         logits[seen] = torch.where(
             picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
         )
     if output and (params.frequency_penalty or params.presence_penalty):
-        counts = torch.bincount(torch.tensor(output), minlength=logits.shape[-1])[: logits.shape[-1]]
+        output_ids = torch.tensor(output, device=logits.device)
+        counts = torch.bincount(output_ids, minlength=logits.shape[-1])[: logits.shape[-1]]
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
     if params.logit_bias:
         tokens, biases = zip(*params.logit_bias, strict=True)
-        logits[torch.tensor(tokens)] += torch.tensor(biases, dtype=logits.dtype)
+        logits[torch.tensor(tokens, device=logits.device)] += torch.tensor(
+            biases, dtype=logits.dtype, device=logits.device
+        )
     return logits
 
 

@@ -13,7 +13,10 @@ their bounds are summed.
 Nothing is evicted: the whole cache stays in the pool, and another step (or
 another question) may select other blocks. Selection only builds a smaller
 slot table per (layer, cell) for the same attention (`select_blocks`); the
-kernel already reads ragged per-head slot lists.
+decode kernel (`kernel.py`) already reads ragged per-head slot lists, so the
+chosen blocks are read in place, never gathered. On a CPU the ranking and
+the new tables are one C++ op per layer (`select_kernel.py`); elsewhere, or
+without a compiler, the same selection runs as batched torch ops.
 
 This module decides which blocks are read; it does not read them, and it
 does not keep the bounds up to date (the pool does).
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kvengine.cache.key_bounds import KeyBounds
+from kvengine.engine.select_kernel import select_op
 from kvengine.errors import InvalidRequestError
 
 
@@ -87,8 +91,12 @@ class SelectionStats:
     Kept as tensors so that a layer adds to them without a host sync.
     """
 
-    blocks_read: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-    blocks_held: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    blocks_read: torch.Tensor = field(
+        default_factory=lambda: torch.zeros((), dtype=torch.int64, device="cpu")
+    )
+    blocks_held: torch.Tensor = field(
+        default_factory=lambda: torch.zeros((), dtype=torch.int64, device="cpu")
+    )
 
     def add(self, read: torch.Tensor, held: torch.Tensor) -> None:
         self.blocks_read += read
@@ -117,6 +125,7 @@ def select_blocks(
     lens: torch.Tensor,
     zero_slot: int,
     positions: torch.Tensor | None = None,
+    use_kernel: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The slot table of the selected blocks of N decoding cells, for one layer.
 
@@ -124,27 +133,59 @@ def select_blocks(
     cached tokens in cache order (zero slot past its length), lens
     `(N, H_kv)`, positions `(N, H_kv, T)` or None. Returns (slots, lens,
     positions) of the selected blocks in cache order (zero slot past the new
-    lengths), the blocks read and the blocks held (scalar tensors).
+    lengths), the blocks read and the blocks held (scalar tensors). Among the
+    blocks that are not sinks or recent, ties between equal bounds go to the
+    earlier block.
+
+    One call of the C++ op (`select_kernel.py`) on a CPU where it builds and
+    `use_kernel`; torch ops over the whole batch at once otherwise. Neither
+    syncs with the host.
     """
+    bs = bounds.block_size
+    width = slots.shape[-1]
+    num_blocks = -(-width // bs)
+    k = selection.blocks_to_read(num_blocks)
+    if k >= num_blocks:
+        held = (-(-lens // bs)).sum()
+        return slots, lens, positions, held, held
+    op = select_op() if use_kernel and slots.device.type == "cpu" else None
+    if op is None:
+        return _select_with_torch(selection, bounds, q, slots, lens, zero_slot, positions, k)
+    new_slots, new_lens, new_positions, counts = op(
+        q, bounds.min, bounds.max, slots, lens, positions, bs, k,
+        selection.sink_blocks, selection.recent_blocks, zero_slot,
+    )  # fmt: skip
+    return new_slots, new_lens, new_positions if positions is not None else None, counts[0], counts[1]
+
+
+def _select_with_torch(
+    selection: BlockSelection,
+    bounds: KeyBounds,
+    q: torch.Tensor,
+    slots: torch.Tensor,
+    lens: torch.Tensor,
+    zero_slot: int,
+    positions: torch.Tensor | None,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """`select_blocks` as torch ops over every cell of the batch at once (`k` blocks per cell)."""
     bs = bounds.block_size
     n, num_kv_heads, width = slots.shape
     num_blocks = -(-width // bs)
     cell_blocks = -(-lens // bs)  # (N, H_kv)
-    k = selection.blocks_to_read(num_blocks)
-    held = cell_blocks.sum()
-    if k >= num_blocks:
-        return slots, lens, positions, held, held
     pad = num_blocks * bs - width
     blocked = F.pad(slots, (0, pad), value=zero_slot).view(n, num_kv_heads, num_blocks, bs)
     block_ids = blocked[..., 0] // bs  # (N, H_kv, B); padding maps to the bounds' zero row
-    group = q.shape[1] // num_kv_heads
-    qg = q.view(n, num_kv_heads, group, q.shape[-1])
-    scores = bounds.upper_bound(qg, block_ids).sum(2)  # (N, H_kv, B): query heads of a kv-head summed
+    qg = q.view(n, num_kv_heads, q.shape[1] // num_kv_heads, q.shape[-1])
+    scores = bounds.group_upper_bound(qg, block_ids).nan_to_num(float("-inf"))  # (N, H_kv, B)
     j = torch.arange(num_blocks, device=slots.device)
     valid = j < cell_blocks[..., None]
     forced = (j < selection.sink_blocks) | (j >= cell_blocks[..., None] - selection.recent_blocks)
+    # Ties go to the earlier block, as in the kernel: a stable sort, not topk.
     scores = scores.masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
-    chosen = scores.topk(k, dim=-1).indices.sort(dim=-1).values  # (N, H_kv, k): past-the-end ones last
+    chosen = (
+        scores.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
+    )  # (N, H_kv, k)
     # Only a cell's last block may be partly filled, and it is always chosen, and last: the chosen
     # blocks' tokens form a prefix of the new table.
     counts = (lens[..., None] - chosen * bs).clamp(0, bs)  # (N, H_kv, k)
@@ -156,5 +197,5 @@ def select_blocks(
     if positions is not None:
         blocked_pos = F.pad(positions, (0, pad)).view(n, num_kv_heads, num_blocks, bs)
         new_positions = blocked_pos.gather(2, index).flatten(2)
-    read = (counts > 0).sum()
-    return new_slots, new_lens, new_positions, read, held
+        new_positions.masked_fill_(torch.arange(k * bs, device=slots.device) >= new_lens[..., None], 0)
+    return new_slots, new_lens, new_positions, (counts > 0).sum(), cell_blocks.sum()

@@ -28,10 +28,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from kvengine.config import DEFAULT_MODEL, ModelConfig, default_cache_dir
+from kvengine.config import DEFAULT_MODEL, WEIGHTS_CHOICES, ModelConfig, default_cache_dir
+from kvengine.engine.weights import quantize_weights
 from kvengine.errors import InvalidRequestError, ModelNotFoundError
 from kvengine.models import convert, registry
 from kvengine.models.adapters import ADAPTERS, ArchAdapter, adapter_for
+from kvengine.models.device import resolve_device
 from kvengine.models.own_attention import keep_own_attention
 from kvengine.models.precision import resolve_dtype
 from kvengine.models.registry import BundledModel, bundled_names
@@ -60,6 +62,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase | None
     adapter: ArchAdapter
     dtype_reason: str = "as built"  # why it runs in its dtype (see models.precision)
+    weights: str = "model"  # "int8" / "int4": linear layers hold weight-only int8 / int4 (engine/weights.py)
 
     @classmethod
     def from_hf(
@@ -112,6 +115,11 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return self.hf_model.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are; the engine puts its KV pool and step tensors there too."""
+        return self.hf_model.device
+
     def sliding_window(self, layer_idx: int) -> int | None:
         """Window of layer `layer_idx` in tokens, or None for full attention."""
         return self.adapter.sliding_window(self.config, layer_idx)
@@ -135,6 +143,8 @@ def load(
     *,
     cache_dir: Path | None = None,
     dtype: torch.dtype | str = "auto",
+    device: torch.device | str = "auto",
+    weights: str = "model",
     progress: bool = True,
 ) -> LoadedModel:
     """Load a bundled model by name, a local Hugging Face model directory, or a .gguf file.
@@ -143,18 +153,38 @@ def load(
     (`cache_dir` defaults to `default_cache_dir()`; `progress` shows a bar over
     that conversion) and loaded from there afterwards; so is a .gguf file (a
     bundled model's own file shares its conversion). A directory holding
-    `config.json` is loaded directly. The model comes back on the CPU, in
-    `dtype`, in eval mode with gradients off. `dtype` is a torch dtype or a
-    name (`models.precision`): "auto", the default, is bfloat16 where the CPU
+    `config.json` is loaded directly. The model comes back on `device`, in
+    `dtype`, in eval mode with gradients off. `device` is a torch device or a
+    name (`models.device`): "auto", the default, is a CUDA GPU where torch
+    sees one and the CPU elsewhere. `dtype` is a torch dtype or a name
+    (`models.precision`): "auto", the default, is bfloat16 where the device
     computes it natively and float32 elsewhere; `LoadedModel.dtype_reason`
-    says which and why.
+    says which and why. `weights="int8"` / `"int4"` replaces the linear
+    layers by weight-only int8 / int4 ones (groups of 32, `engine/weights.py`; CPU only).
 
     Raises ModelNotFoundError for an unknown name or a bundled model whose
     package is not installed, UnsupportedModelError for an architecture without
-    an adapter, InvalidRequestError for a non-floating-point dtype.
+    an adapter, InvalidRequestError for a non-floating-point dtype or a device
+    that is unknown or not available here (checked before any weights load).
     """
+    device = resolve_device(device)
+    if weights not in WEIGHTS_CHOICES:
+        raise InvalidRequestError(f"weights must be one of {', '.join(WEIGHTS_CHOICES)}, got {weights!r}")
+    if weights != "model" and device.type != "cpu":
+        raise InvalidRequestError(f"weights {weights} runs on the CPU only, not on {device}")
+    model = _load_any(name_or_path, cache_dir, dtype, device, progress)
+    if weights != "model":
+        quantize_weights(model.hf_model, bits=int(weights.removeprefix("int")))
+        model.weights = weights
+    return model
+
+
+def _load_any(
+    name_or_path: str, cache_dir: Path | None, dtype: torch.dtype | str, device: torch.device, progress: bool
+) -> LoadedModel:
+    """`load()` of the model as it is stored."""
     if isinstance(dtype, str):
-        dtype, reason = resolve_dtype(dtype)
+        dtype, reason = resolve_dtype(dtype, device)
     else:
         reason = "asked for"
     if not dtype.is_floating_point:
@@ -162,13 +192,13 @@ def load(
     bundled = registry.get_bundled(name_or_path)
     if bundled is not None:
         model_dir = _ensure_converted(bundled, cache_dir or default_cache_dir(), progress)
-        return _load_dir(model_dir, bundled.name, dtype, reason)
+        return _load_dir(model_dir, bundled.name, dtype, reason, device)
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         model_dir = _ensure_converted_gguf(path, cache_dir or default_cache_dir(), progress)
-        return _load_dir(model_dir, name_or_path, dtype, reason)
+        return _load_dir(model_dir, name_or_path, dtype, reason, device)
     if path.is_dir() and convert.is_converted(path):
-        return _load_dir(path, name_or_path, dtype, reason)
+        return _load_dir(path, name_or_path, dtype, reason, device)
     if path.is_dir():
         raise ModelNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model directory")
     raise ModelNotFoundError(
@@ -193,8 +223,15 @@ def describe_bundled(cache_dir: Path | None = None) -> list[str]:
 
 
 def load_from_config(config: ModelConfig, *, progress: bool = True) -> LoadedModel:
-    """`load()` with the name, cache directory and dtype of a `ModelConfig`."""
-    return load(config.name, cache_dir=config.cache_dir, dtype=config.dtype, progress=progress)
+    """`load()` with the name, cache directory, dtype, device and weights of a `ModelConfig`."""
+    return load(
+        config.name,
+        cache_dir=config.cache_dir,
+        dtype=config.dtype,
+        device=config.device,
+        weights=config.weights,
+        progress=progress,
+    )
 
 
 def _ensure_converted(bundled: BundledModel, cache_dir: Path, progress: bool) -> Path:
@@ -227,7 +264,9 @@ def _ensure_converted_gguf(path: Path, cache_dir: Path, progress: bool) -> Path:
     return model_dir
 
 
-def _load_dir(model_dir: Path, name: str, dtype: torch.dtype, reason: str) -> LoadedModel:
+def _load_dir(
+    model_dir: Path, name: str, dtype: torch.dtype, reason: str, device: torch.device
+) -> LoadedModel:
     """Load model and (if the directory has one) tokenizer from a local HF directory."""
     with convert.quiet_transformers(errors_only=False):
         # Check the family before reading any weights.
@@ -239,7 +278,7 @@ def _load_dir(model_dir: Path, name: str, dtype: torch.dtype, reason: str) -> Lo
         tokenizer = None
         if any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    hf_model.cpu()  # a no-op unless torch's default device was changed
+    hf_model.to(device)  # type: ignore[arg-type]  # transformers types `to` by its own wrapper
     model = LoadedModel.from_hf(hf_model, tokenizer, name=name)
     model.dtype_reason = reason
     return model

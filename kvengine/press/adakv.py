@@ -61,7 +61,7 @@ class AdaKV(Press):
         num_heads, num_tokens = inp.num_kv_heads, inp.num_tokens
         per_head = num_kept(num_tokens, self.ratio)
         if per_head >= num_tokens:
-            return [torch.arange(num_tokens) for _ in range(num_heads)]
+            return [torch.arange(num_tokens, device=inp.keys.device) for _ in range(num_heads)]
         scores = self.press.score(inp).float()  # (H_kv, T)
         num_safe = int(per_head * self.alpha_safeguard)
         kept = torch.zeros(num_heads, num_tokens, dtype=torch.bool, device=scores.device)  # (H_kv, T)
@@ -72,4 +72,4 @@ class AdaKV(Press):
         free = (~kept).flatten().nonzero().squeeze(1)  # (H_kv * T - H_kv * num_safe,)
         best = scores.flatten()[free].topk(num_heads * (per_head - num_safe)).indices
         kept.view(-1)[free[best]] = True
-        return [row.nonzero().squeeze(1).cpu() for row in kept]
+        return [row.nonzero().squeeze(1) for row in kept]

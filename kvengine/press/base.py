@@ -73,8 +73,8 @@ class PressInput:
             q = self.queries[:, -window:].float()
             k = self.keys.float().repeat_interleave(self.group_size, dim=0)
             scores = q @ k.transpose(1, 2) * self.scaling  # (H_q, w, T)
-            q_pos = self.num_tokens - window + torch.arange(window)
-            future = torch.arange(self.num_tokens)[None, :] > q_pos[:, None]
+            q_pos = self.num_tokens - window + torch.arange(window, device=q.device)
+            future = torch.arange(self.num_tokens, device=q.device)[None, :] > q_pos[:, None]
             self._cache[window] = scores.masked_fill(future, float("-inf")).softmax(-1)
         return self._cache[window]
 
@@ -95,7 +95,10 @@ class Press(ABC):
 
     @abstractmethod
     def keep(self, inp: PressInput) -> list[torch.Tensor]:
-        """Indices to keep per kv-head: a list of H_kv sorted int64 tensors into `[0, T)`."""
+        """Indices to keep per kv-head: a list of H_kv sorted int64 tensors into `[0, T)`.
+
+        On any device (the keys' device, usually); the cache moves them to its block tables.
+        """
 
     @property
     def reserved_tokens(self) -> int:
@@ -166,5 +169,5 @@ class ScorePress(Press):
     def keep(self, inp: PressInput) -> list[torch.Tensor]:
         n = num_kept(inp.num_tokens, self.ratio)
         if n >= inp.num_tokens:
-            return [torch.arange(inp.num_tokens) for _ in range(inp.num_kv_heads)]
+            return [torch.arange(inp.num_tokens, device=inp.keys.device) for _ in range(inp.num_kv_heads)]
         return top_k_per_head(self.score(inp), n)

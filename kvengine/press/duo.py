@@ -92,10 +92,10 @@ class DuoAttention(Press):
     def streaming_heads(self, num_tokens: int) -> torch.Tensor:
         """Boolean `(L, H_kv)`: the heads that keep only sinks and the window at `num_tokens`."""
         assert self.head_scores is not None
-        scores = torch.tensor(self.head_scores, dtype=torch.float64)
+        scores = torch.tensor(self.head_scores, dtype=torch.float64, device="cpu")
         n = self.num_streaming(num_tokens, scores.numel())
         order = torch.sort(scores.flatten(), stable=True).indices[:n]  # lowest scores stream
-        streaming = torch.zeros(scores.numel(), dtype=torch.bool)
+        streaming = torch.zeros(scores.numel(), dtype=torch.bool, device="cpu")
         streaming[order] = True
         return streaming.view(scores.shape)
 
@@ -107,10 +107,13 @@ class DuoAttention(Press):
                 f"duo: the head map has {len(self.head_scores[inp.layer])} kv-heads in layer {inp.layer}, "
                 f"the model {inp.num_kv_heads}"
             )
-        t = inp.num_tokens
-        everything = torch.arange(t)
+        t, device = inp.num_tokens, inp.keys.device
+        everything = torch.arange(t, device=device)
         window = torch.cat(
-            [torch.arange(min(self.n_sink, t)), torch.arange(max(self.n_sink, t - self.window), t)]
+            [
+                torch.arange(min(self.n_sink, t), device=device),
+                torch.arange(max(self.n_sink, t - self.window), t, device=device),
+            ]
         )
         streaming = self.streaming_heads(t)[inp.layer]
         return [window if stream else everything for stream in streaming.tolist()]

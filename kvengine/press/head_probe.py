@@ -38,7 +38,7 @@ def fingerprint(model: LoadedModel) -> str:
     """A short hash of the model's name, shape and some of its weights (two models named alike differ)."""
     h = hashlib.sha256(f"{model.name}:{model.num_layers}:{model.num_heads}:{model.num_kv_heads}".encode())
     for _, param in list(model.hf_model.named_parameters())[:4]:
-        h.update(param.detach().flatten()[:256].float().numpy().tobytes())
+        h.update(param.detach().flatten()[:256].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -53,7 +53,7 @@ def head_scores(model: LoadedModel, cache_dir: Path | None = None, refresh: bool
     if path.exists() and not refresh:
         data = json.loads(path.read_text())
         if data.get("probe") == PROBE:
-            return torch.tensor(data["scores"], dtype=torch.float64)
+            return torch.tensor(data["scores"], dtype=torch.float64, device="cpu")
     scores = probe(model, **PROBE)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -64,19 +64,20 @@ def head_scores(model: LoadedModel, cache_dir: Path | None = None, refresh: bool
 
 def probe(model: LoadedModel, length: int, num_samples: int, seed: int) -> torch.Tensor:
     """Per (layer, kv-head): max over its query heads of the echo + induction attention mass."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # the same probe tokens on every device
     vocab = int(model.config.vocab_size)
     low = min(100, vocab // 4)  # skip the lowest ids, where special tokens usually sit
     hf = model.hf_model
     previous = hf.config._attn_implementation
     hf.set_attn_implementation("eager")  # the only implementation that returns attention weights
-    total = torch.zeros(model.num_layers, model.num_heads, dtype=torch.float64)
+    total = torch.zeros(model.num_layers, model.num_heads, dtype=torch.float64, device="cpu")
     try:
         with torch.inference_mode():
             for _ in range(num_samples):
-                first = torch.randint(low, vocab, (length,), generator=gen)
-                out = hf(input_ids=torch.cat([first, first])[None], output_attentions=True, use_cache=False)
-                total += torch.stack([_retrieval_mass(a[0].double(), length) for a in out.attentions])
+                first = torch.randint(low, vocab, (length,), generator=gen, device="cpu")
+                ids = torch.cat([first, first])[None].to(hf.device)
+                out = hf(input_ids=ids, output_attentions=True, use_cache=False)
+                total += torch.stack([_retrieval_mass(a[0].double(), length) for a in out.attentions]).cpu()
     finally:
         hf.set_attn_implementation(previous)
     per_query_head = total / num_samples  # (L, H_q)
@@ -89,6 +90,6 @@ def _retrieval_mass(attn: torch.Tensor, length: int) -> torch.Tensor:
 
     Query `n + t` reads token t again; its echo key is t, its induction key t + 1.
     """
-    t = torch.arange(1, length - 1)
+    t = torch.arange(1, length - 1, device=attn.device)
     queries = length + t
     return (attn[:, queries, t] + attn[:, queries, t + 1]).mean(-1)

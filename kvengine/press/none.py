@@ -24,4 +24,4 @@ class NoPress(Press):
             raise InvalidRequestError("the 'none' press keeps everything; its ratio must be 0")
 
     def keep(self, inp: PressInput) -> list[torch.Tensor]:
-        return [torch.arange(inp.num_tokens) for _ in range(inp.num_kv_heads)]
+        return [torch.arange(inp.num_tokens, device=inp.keys.device) for _ in range(inp.num_kv_heads)]

@@ -59,5 +59,5 @@ class PyramidKVPress(SnapKVPress):
         num_tokens = inp.num_tokens
         budget = num_tokens if self.ratio == 0 else self.layer_budget(num_tokens, inp.layer, inp.num_layers)
         if budget >= num_tokens:
-            return [torch.arange(num_tokens) for _ in range(inp.num_kv_heads)]
+            return [torch.arange(num_tokens, device=inp.keys.device) for _ in range(inp.num_kv_heads)]
         return top_k_per_head(self.score(inp), budget)

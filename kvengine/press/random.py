@@ -30,7 +30,8 @@ class RandomPress(ScorePress):
             raise InvalidRequestError(f"random press: seed must be an integer >= 0, got {self.seed!r}")
 
     def score(self, inp: PressInput) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * inp.num_layers + inp.layer)
+        # Drawn on the host: the same selection on every device.
+        generator = torch.Generator(device="cpu").manual_seed(self.seed * inp.num_layers + inp.layer)
         # float32 whatever the cache dtype: bf16 draws tie too often for a fair top-k.
-        scores = torch.rand(inp.num_kv_heads, inp.num_tokens, generator=generator)  # (H_kv, T)
+        scores = torch.rand(inp.num_kv_heads, inp.num_tokens, generator=generator, device="cpu")  # (H_kv, T)
         return scores.to(inp.keys.device)

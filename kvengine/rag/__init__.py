@@ -9,8 +9,9 @@ the assembled cache handed to the engine as a ready context
 (`Engine.add_kv_context`), which computes the rest of the prompt and decodes.
 
 This package is not the prefix cache (cache/prefix.py) and does not change how
-the engine schedules; it runs before a request is queued, in the caller's
-thread.
+the engine schedules; it runs before a request is queued: in the caller's
+thread (`rag_generate`), or on the async engine's driver between steps
+(serving.py, for the server's `kv_chunks`).
 """
 
 from kvengine.rag.api import RagResult, rag_generate

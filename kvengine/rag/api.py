@@ -1,16 +1,20 @@
-"""The Python API of chunk reuse: `rag_generate` runs one RAG prompt on an engine, in a chosen mode.
+"""The engine-side API of chunk reuse: check a RAG prompt, queue its missing chunks, add it as a request.
 
 In "reuse" and "blend" modes, the chunks (and the text before the first one,
-a true prefix) are read from the chunk store, computed first if missing;
-the cache up to the end of the last chunk is assembled (blend.py), written
-into fresh pool blocks and handed to the engine as a ready context
-(`Engine.add_kv_context`); the rest of the prompt continues it as a request
-(`add_request(..., parent=...)`), which the engine computes and decodes as
-any other. "full" runs the whole prompt as a plain request. Everything is
-checked (spans, prompt, model) before anything is computed or cached.
+a true prefix) are read from the chunk store; the cache up to the end of the
+last chunk is assembled (blend.py), written into fresh pool blocks and handed
+to the engine as a ready context (`Engine.add_kv_context`); the rest of the
+prompt continues it as a request (`add_request(..., parent=...)`), which the
+engine computes and decodes as any other, and releasing that request releases
+the context. "full" runs the whole prompt as a plain request. Everything is
+checked (spans, prompt, model, prefix cache) before anything is computed or
+cached.
 
-This runs the engine until its request finishes: it is for a caller that owns
-the engine (a benchmark, a script), not for the server's driver loop.
+- `rag_generate` runs one prompt to the end on an engine the caller owns (a
+  benchmark, a script): it steps the engine itself.
+- `check_rag`, `queue_chunks` and `add_rag_request` never step the engine;
+  they are the pieces the server runs on its driver, between steps
+  (serving.py).
 """
 
 from __future__ import annotations
@@ -35,43 +39,71 @@ class RagResult:
 
     output: RequestOutput
     ttft_s: float  # from the call (chunk reads, assembly and recompute included) to the first token
+    ttft_cpu_s: float  # this process's CPU time over the same span (steadier than wall time when shared)
     num_reused_tokens: int  # prompt tokens whose cache came from the chunk store unchanged above selection
     num_recomputed_tokens: int  # context tokens computed through every layer during assembly
     num_chunks_computed: int  # chunks the store lacked and computed in this call
 
 
-def rag_generate(
-    engine: Engine,
-    prompt: RagPrompt,
-    params: SamplingParams | None = None,
-    *,
-    blend: BlendConfig | None = None,
-    cache_salt: str = "",
-) -> RagResult:
-    """Run `prompt` to the end on `engine`, reusing its chunks as `blend` says (default: blend 15%).
+@dataclass(frozen=True)
+class Added:
+    """A RAG request queued in an engine, and what its assembly did."""
 
-    Raises InvalidRequestError (bad spans, prompt or settings) or
-    UnsupportedModelError (keys that cannot be re-rotated) before anything
-    is computed or cached.
+    seq_id: int
+    num_reused_tokens: int
+    num_recomputed_tokens: int
+
+
+def check_rag(engine: Engine, prompt: RagPrompt, blend: BlendConfig) -> RagPrompt:
+    """The prompt with its spans checked and sorted; raises before anything is computed or cached.
+
+    InvalidRequestError for a bad prompt or spans, or (reuse, blend) an engine
+    without the prefix cache; UnsupportedModelError for keys that cannot be
+    re-rotated.
     """
-    start = time.perf_counter()
-    blend = blend or BlendConfig()
-    params = params or SamplingParams()
     ids = list(prompt.token_ids)
     engine.intake.check_prompt(ids)
     spans = check_spans(prompt.spans, len(ids), engine.model.max_context_len)
-    if blend.mode == "full":
-        return _finish(engine, engine.add_request(ids, params, cache_salt=cache_salt), start, 0, 0, 0)
-    check_rerotatable(engine.model)
+    if blend.mode != "full":
+        check_rerotatable(engine.model)
+        ChunkStore(engine)  # refuses an engine without a prefix cache
+    return RagPrompt(ids, spans)
+
+
+def _pieces(prompt: RagPrompt) -> list[tuple[int, int]]:
+    """The spans read from the chunk store: the text before the first chunk (a prefix, if any), then the chunks."""
+    spans = prompt.spans
+    head = [(0, spans[0][0])] if spans and spans[0][0] > 0 else []
+    return head + list(spans)
+
+
+def queue_chunks(engine: Engine, prompt: RagPrompt, cache_salt: str = "") -> list[int]:
+    """Queue a one-token request for each of the prompt's chunks the store lacks (none in "full"); their ids."""
     store = ChunkStore(engine)
-    end = spans[-1][1] if spans else 0
-    placed = [(0, spans[0][0])] if spans and spans[0][0] > 0 else []
-    placed += list(spans)  # the text before the first chunk is a prefix: kept and read as a chunk
-    chunks = [ids[s:e] for s, e in placed]
-    num_computed = store.ensure(chunks, cache_salt)
+    return store.queue([prompt.token_ids[s:e] for s, e in _pieces(prompt)], cache_salt)
+
+
+def add_rag_request(
+    engine: Engine,
+    prompt: RagPrompt,
+    params: SamplingParams,
+    blend: BlendConfig,
+    cache_salt: str = "",
+) -> Added:
+    """Assemble the prompt's context from the chunk store and queue the request that continues it.
+
+    `prompt` must have passed `check_rag`. Chunks the store lacks (or lost)
+    are computed in full as uncovered tokens. Never steps the engine; if
+    anything fails, nothing is left in the pool or queued.
+    """
+    ids = prompt.token_ids
+    if blend.mode == "full":
+        return Added(engine.add_request(ids, params, cache_salt=cache_salt), 0, 0)
+    store = ChunkStore(engine)
+    end = prompt.spans[-1][1]
     pieces = []
-    for (s, _), chunk in zip(placed, chunks, strict=True):
-        kv = store.fetch(chunk, cache_salt)
+    for s, e in _pieces(prompt):
+        kv = store.fetch(ids[s:e], cache_salt)
         pieces.append(Piece(s, kv.keys, kv.values))
     made = assemble(engine.model, ids[:end], pieces, blend)
     blocks = _write(engine, made.keys, made.values)
@@ -85,7 +117,35 @@ def rag_generate(
     except Exception:
         engine.release(context_id)
         raise
-    return _finish(engine, seq_id, start, made.num_reused, made.num_recomputed, num_computed, context_id)
+    engine.shared_prompts[context_id] = {seq_id}  # releasing the request releases its context
+    return Added(seq_id, made.num_reused, made.num_recomputed)
+
+
+def rag_generate(
+    engine: Engine,
+    prompt: RagPrompt,
+    params: SamplingParams | None = None,
+    *,
+    blend: BlendConfig | None = None,
+    cache_salt: str = "",
+) -> RagResult:
+    """Run `prompt` to the end on `engine`, reusing its chunks as `blend` says (default: blend 15%).
+
+    Missing chunks are computed first (stepping the engine). Raises
+    InvalidRequestError (bad spans, prompt or settings) or
+    UnsupportedModelError (keys that cannot be re-rotated) before anything
+    is computed or cached.
+    """
+    start = (time.perf_counter(), time.process_time())
+    blend = blend or BlendConfig()
+    prompt = check_rag(engine, prompt, blend)
+    num_computed = 0
+    if blend.mode != "full":
+        num_computed = ChunkStore(engine).ensure(
+            [prompt.token_ids[s:e] for s, e in _pieces(prompt)], cache_salt
+        )
+    added = add_rag_request(engine, prompt, params or SamplingParams(), blend, cache_salt)
+    return _finish(engine, added, start, num_computed)
 
 
 def _write(engine: Engine, keys: torch.Tensor, values: torch.Tensor) -> SequenceKV:
@@ -102,23 +162,20 @@ def _write(engine: Engine, keys: torch.Tensor, values: torch.Tensor) -> Sequence
     return kv
 
 
-def _finish(
-    engine: Engine,
-    seq_id: int,
-    start: float,
-    num_reused: int,
-    num_recomputed: int,
-    num_computed: int,
-    context_id: int | None = None,
-) -> RagResult:
-    """Step until request `seq_id` finishes; release it (and its context)."""
-    seq = engine.sequences[seq_id]
+def _finish(engine: Engine, added: Added, start: tuple[float, float], num_computed: int) -> RagResult:
+    """Step until the request finishes; release it (and so its context)."""
+    seq = engine.sequences[added.seq_id]
+    first_cpu = None
     while not seq.is_finished:
         engine.step()
         if engine.last_step_size == 0:
             raise RuntimeError("the engine can run none of its unfinished requests")
+        if first_cpu is None and seq.first_token_time is not None:
+            first_cpu = time.process_time()
     first = seq.first_token_time or seq.finish_time or time.perf_counter()
-    output = RequestOutput.of(engine.release(seq_id))
-    if context_id is not None:
-        engine.release(context_id)
-    return RagResult(output, first - start, num_reused, num_recomputed, num_computed)
+    first_cpu = first_cpu if first_cpu is not None else time.process_time()
+    output = RequestOutput.of(engine.release(added.seq_id))
+    ttft, ttft_cpu = first - start[0], first_cpu - start[1]
+    return RagResult(
+        output, ttft, ttft_cpu, added.num_reused_tokens, added.num_recomputed_tokens, num_computed
+    )

@@ -30,7 +30,7 @@ import torch
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
 from kvengine.rag.dense import prefill_layers, recompute
-from kvengine.rag.rotation import rerotate
+from kvengine.rag.rotation import rotate
 
 BLEND_MODES = ("full", "reuse", "blend")
 
@@ -87,12 +87,15 @@ def place(
     keys = torch.zeros(num_layers, num_kv_heads, num_tokens, dim, dtype=model.dtype)
     values = torch.zeros_like(keys)
     covered = torch.zeros(num_tokens, dtype=torch.bool)
-    ropes = [model.adapter.rope(model.hf_model, layer) for layer in range(num_layers)]
-    for piece in pieces:
+    deltas = torch.tensor([piece.start for piece in pieces], dtype=torch.long)
+    angles = [model.adapter.rope(model.hf_model, layer)(deltas) for layer in range(num_layers)]
+    cos = torch.stack([c for c, _ in angles], dim=1)[:, :, None, None]  # (P, L, 1, 1, D)
+    sin = torch.stack([s for _, s in angles], dim=1)[:, :, None, None]
+    for i, piece in enumerate(pieces):
         if piece.end > num_tokens or bool(covered[piece.start : piece.end].any()):
             raise InvalidRequestError(f"a chunk at [{piece.start}, {piece.end}) overlaps another or the end")
-        for layer in range(num_layers):
-            keys[layer, :, piece.start : piece.end] = rerotate(piece.keys[layer], piece.start, ropes[layer])
+        moved = rotate(piece.keys, cos[i], sin[i]) if piece.start else piece.keys
+        keys[:, :, piece.start : piece.end] = moved.to(model.dtype)
         values[:, :, piece.start : piece.end] = piece.values.to(model.dtype)
         covered[piece.start : piece.end] = True
     return keys, values, covered

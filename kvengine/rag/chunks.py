@@ -25,6 +25,8 @@ from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams
 from kvengine.errors import InvalidRequestError
 
+_FILL = SamplingParams(max_tokens=1, ignore_eos=True)  # a chunk's request: its prompt is what is kept
+
 
 @dataclass(frozen=True)
 class ChunkKV:
@@ -44,7 +46,9 @@ class ChunkStore:
     def __init__(self, engine: Engine) -> None:
         if engine.prefix is None:
             raise InvalidRequestError(
-                "chunk reuse keeps chunks in the prefix cache: turn CacheConfig.prefix_cache on"
+                "chunk reuse keeps chunks in the prefix cache: turn CacheConfig.prefix_cache on "
+                "(kvengine serve --prefix-cache)",
+                param="kv_chunks",
             )
         self.engine = engine
         self.prefix: PrefixCache = engine.prefix
@@ -56,16 +60,37 @@ class ChunkStore:
         bs = self.engine.cache.block_size
         return len(chunk_ids) // bs * bs
 
-    def ensure(self, chunks: list[list[int]], cache_salt: str) -> int:
-        """Compute (in one batch) the chunks whose whole blocks are not all cached; returns how many."""
-        missing = {
+    def missing(self, chunks: list[list[int]], cache_salt: str) -> list[list[int]]:
+        """The distinct chunks whose whole blocks are not all cached (for this tenant), in a fixed order."""
+        found = {
             tuple(c) for c in chunks if self.prefix.peek(PrefixKey(c, cache_salt)) < self.cacheable_len(c)
         }
-        if missing:
-            todo = [list(c) for c in sorted(missing)]
-            self.engine.generate(todo, SamplingParams(max_tokens=1, ignore_eos=True), cache_salt=cache_salt)
+        return [list(c) for c in sorted(found)]
+
+    def ensure(self, chunks: list[list[int]], cache_salt: str) -> int:
+        """Compute (in one batch, stepping the engine) the chunks not all cached; returns how many."""
+        todo = self.missing(chunks, cache_salt)
+        if todo:
+            self.engine.generate(todo, _FILL, cache_salt=cache_salt)
             self.num_computed_chunks += len(todo)
-        return len(missing)
+        return len(todo)
+
+    def queue(self, chunks: list[list[int]], cache_salt: str) -> list[int]:
+        """Queue a one-token request per chunk not all cached, without stepping; their ids.
+
+        The chunks are cached when those requests finish. If one is refused, none is left queued.
+        """
+        ids: list[int] = []
+        try:
+            for chunk in self.missing(chunks, cache_salt):
+                ids.append(self.engine.add_request(chunk, _FILL, cache_salt=cache_salt))
+        except InvalidRequestError:
+            for seq_id in ids:
+                self.engine.abort(seq_id)
+                self.engine.release(seq_id)
+            raise
+        self.num_computed_chunks += len(ids)
+        return ids
 
     def fetch(self, chunk_ids: list[int], cache_salt: str) -> ChunkKV:
         """A copy of the cached position-0 keys and values of the chunk's longest cached prefix (maybe empty)."""

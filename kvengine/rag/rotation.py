@@ -79,6 +79,10 @@ def rerotate(keys: torch.Tensor, delta: int, cos_sin: CosSin) -> torch.Tensor:
     if delta == 0:
         return keys
     cos, sin = cos_sin(torch.tensor([delta], dtype=torch.long, device=keys.device))
-    cos, sin = cos[0].float(), sin[0].float()  # (D,)
+    return rotate(keys, cos[0], sin[0])
+
+
+def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`keys` `(..., D)` rotated by the angles whose `cos` and `sin` broadcast against them; float32 inside."""
     k = keys.float()
-    return (k * cos + rotate_half(k) * sin).to(keys.dtype)
+    return (k * cos.float() + rotate_half(k) * sin.float()).to(keys.dtype)

@@ -12,7 +12,8 @@ field (`NOT_SUPPORTED_YET`, checked by `unsupported_field`). Accepted and
 honoured beyond OpenAI's own (log-probabilities and echo: see logprobs.py):
 `top_k`, `ignore_eos`, `repetition_penalty`, `min_tokens` and
 `stream_options.continuous_usage_stats` (vLLM's), `kv_press` and
-`kv_compression_ratio` (kvengine's). Accepted as a no-op: `user` (an end-user
+`kv_compression_ratio`, and on completions `kv_chunks` / `kv_blend` (kvengine's;
+kvengine/rag). Accepted as a no-op: `user` (an end-user
 id that only OpenAI's abuse monitoring reads).
 
 The response models only document the responses in the OpenAPI schema (the
@@ -51,6 +52,13 @@ class SemanticCacheOptions(_Body):
 
     max_error: float = Field(gt=0.0, lt=1.0)  # at most this share of cached answers may be wrong
     allow_sampled: bool = False  # let a request with temperature > 0 use it too
+
+
+class KVBlendOptions(_Body):
+    """kvengine's: how the `kv_chunks` of a completion are reused (kvengine/rag/blend.py)."""
+
+    mode: Literal["full", "reuse", "blend"] = "blend"
+    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0)  # blend: share of each moved chunk recomputed
 
 
 class _Sampling(_Body):
@@ -98,6 +106,8 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=128)  # sample this many, return the n most likely per token
     suffix: str | None = None
+    kv_chunks: list[list[int]] | None = None  # kvengine's: [start, end) token offsets of reusable chunks
+    kv_blend: KVBlendOptions | None = None  # kvengine's: how kv_chunks are reused (default: blend, 15%)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts in order: a string or token-id list is one, a list of them is several."""

@@ -172,5 +172,6 @@ def startup_line(engine: Engine, served_model_name: str) -> str:
     return (
         f"Serving {model.name} as {served_model_name!r}: {model.num_layers} layers, "
         f"dtype {str(model.dtype).removeprefix('torch.')} ({model.dtype_reason}), "
+        f"{'' if model.weights == 'model' else f'weights {model.weights}, '}"
         f"device {model.hf_model.device}; KV pool {kv}; prefix cache {prefix}"
     )

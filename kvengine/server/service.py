@@ -31,7 +31,7 @@ from kvengine.models import LoadedModel
 from kvengine.press.registry import press_from_spec
 from kvengine.server import openai_format as fmt
 from kvengine.server.body import read_body
-from kvengine.server.job import Job, as_400, grammar_of, max_tokens_of
+from kvengine.server.job import Job, add_jobs, as_400, grammar_of, max_tokens_of, rag_of
 from kvengine.server.logprobs import logprob_params
 from kvengine.server.metrics import ServerMetrics
 from kvengine.server.schemas import ChatMessage, ChatRequest, CompletionRequest
@@ -186,7 +186,8 @@ class Service:
         if body.kv_press is not None:
             with as_400(param="kv_press"):
                 press = press_from_spec(body.kv_press, body.kv_compression_ratio)
-        return Job(prompt_ids, params, press, salt, echo=isinstance(body, CompletionRequest) and body.echo)
+        echo = isinstance(body, CompletionRequest) and body.echo
+        return Job(prompt_ids, params, press, salt, echo=echo, rag=rag_of(body, prompt_ids, self.model))
 
     def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         """OpenAI's logit_bias (token id strings -> bias) as SamplingParams takes it; 400 naming it if bad."""
@@ -262,12 +263,9 @@ class Service:
                 for _ in range(taken):
                     self.release()
                 raise
-        first = jobs[0]
         try:
             with as_400():
-                ids = await self.llm.add_parallel(
-                    first.prompt_ids, [j.params for j in jobs], press=first.press, cache_salt=first.cache_salt
-                )
+                ids = await add_jobs(self.llm, jobs)
         except RuntimeError:
             for _ in jobs:
                 self.release()

@@ -7,6 +7,11 @@ is one (a 404 only drops those numbers) to check that the pool's referenced
 blocks are back at their idle count afterwards (no leak), and, for a launched
 server, samples its resident memory. It reports what the clients measured:
 throughput, TTFT / ITL / end-to-end percentiles, prefix hit rate, failures.
+With several API keys (tenants) it also reports each tenant's hit rate and
+TTFT, and checks isolation: a tenant's first request with a shared prefix
+that another tenant's finished request already sent should find nothing
+cached, since each tenant's cache keys carry its own salt. Per-request rows
+(tenant as the key's index, never the key) go to bench_serve_requests.jsonl.
 It does not judge the numbers; benchmarks never assert on timings.
 """
 
@@ -43,6 +48,49 @@ def _percentiles(values: list[float], qs: tuple[int, ...]) -> dict[int, float]:
 def _hit_rate(requests: list[RequestResult]) -> float:
     prompt = sum(r.prompt_tokens for r in requests)
     return sum(r.cached_tokens for r in requests) / prompt if prompt else 0.0
+
+
+def cross_tenant_first_uses(requests: list[RequestResult]) -> list[RequestResult]:
+    """Requests that are their tenant's first with their shared-prefix group when another tenant's
+    request with that group had already finished: a cached prefix can only have come from another
+    tenant, so with per-tenant salts they hit nothing beyond what a tokenizer prepends."""
+    finished: dict[int, list[tuple[float, int]]] = {}  # group -> (end time, tenant) of ok requests
+    for r in requests:
+        if r.ok and r.group is not None:
+            finished.setdefault(r.group, []).append((r.start_s + r.e2e_s, r.tenant))
+    seen: set[tuple[int, int]] = set()
+    firsts = []
+    for r in sorted(requests, key=lambda r: r.start_s):
+        if r.group is None or (r.tenant, r.group) in seen:
+            continue
+        seen.add((r.tenant, r.group))
+        if r.ok and any(end < r.start_s and t != r.tenant for end, t in finished[r.group]):
+            firsts.append(r)
+    return firsts
+
+
+def tenant_summaries(result: LoadResult) -> dict[int, dict[str, float]]:
+    """Per tenant (key index): requests, failures, prefix hit rate, TTFT p50 / p99 (s)."""
+    out = {}
+    for tenant in sorted({r.tenant for r in result.requests}):
+        reqs = [r for r in result.requests if r.tenant == tenant]
+        ok = [r for r in reqs if r.ok]
+        ttft = _percentiles([r.ttft_s for r in ok if r.ttft_s is not None], (50, 99))
+        out[tenant] = {
+            "num_requests": len(reqs),
+            "num_failed": len(reqs) - len(ok),
+            "prefix_hit_rate": _hit_rate(ok),
+            "ttft_p50_s": ttft[50],
+            "ttft_p99_s": ttft[99],
+        }
+    return out
+
+
+def request_rows(result: LoadResult) -> list[dict[str, Any]]:
+    """One JSON-ready row per request: what the client measured, without texts or keys."""
+    keep = ["workload", "tenant", "group", "start_s", "ok", "status", "ttft_s", "e2e_s"]
+    keep += ["prompt_tokens", "cached_tokens", "completion_tokens", "error"]
+    return [{k: getattr(r, k) for k in keep} for r in result.requests]
 
 
 def summarize(result: LoadResult) -> dict[str, float]:
@@ -131,6 +179,32 @@ def _workload_table(result: LoadResult) -> str:
     return markdown_table(header, rows)
 
 
+def _tenant_table(tenants: dict[int, dict[str, float]]) -> str:
+    rows = [
+        [
+            t,
+            f"{s['num_requests']:.0f} ({s['num_failed']:.0f})",
+            f"{s['prefix_hit_rate']:.3f}",
+            f"{1000 * s['ttft_p50_s']:.0f} / {1000 * s['ttft_p99_s']:.0f}",
+        ]
+        for t, s in tenants.items()
+    ]
+    header = ["tenant (API key index)", "requests (failed)", "prefix hit rate", "TTFT p50 / p99 (ms)"]
+    return markdown_table(header, rows)
+
+
+def _isolation_note(firsts: list[RequestResult]) -> str:
+    """The cross-tenant check in words ("" when no request qualified)."""
+    if not firsts:
+        return ""
+    cached, prompt = sum(r.cached_tokens for r in firsts), sum(r.prompt_tokens for r in firsts)
+    return (
+        f"Tenant isolation: {len(firsts)} requests were their tenant's first with a shared prefix "
+        f"that another tenant had already sent (and finished); they found {cached} of {prompt} "
+        "prompt tokens cached (per-tenant salts: only what every prompt starts with may hit)."
+    )
+
+
 def _failures(result: LoadResult, limit: int = 5) -> str:
     """The first few distinct failure messages, for the notes (empty when none failed)."""
     errors = list(dict.fromkeys(r.error for r in result.requests if not r.ok))
@@ -141,29 +215,66 @@ def _mib(num_bytes: float | None) -> float | None:
     return None if num_bytes is None else num_bytes / 2**20
 
 
+def _metrics_key(config: LoadConfig) -> str | None:
+    return config.api_keys[0] if config.api_keys else None
+
+
 def _measure(config: LoadConfig, launch: LaunchConfig | None, progress: bool) -> tuple[LoadResult, dict]:
     """Run the load, with the server launched around it if asked; also /metrics and memory."""
     if launch is None:
-        before = blocks_in_use(scrape_metrics(config.url, config.api_key))
+        before = blocks_in_use(scrape_metrics(config.url, _metrics_key(config)))
         result = run_load(config, progress)
-        after = settled_blocks_in_use(config.url, config.api_key, before)
+        after = settled_blocks_in_use(config.url, _metrics_key(config), before)
         return result, {"pool_blocks_in_use_before": before, "pool_blocks_in_use_after": after}
     with launched_server(launch) as server:
         config = dataclasses.replace(config, url=server.url)
-        before = blocks_in_use(scrape_metrics(server.url, config.api_key))
+        before = blocks_in_use(scrape_metrics(server.url, _metrics_key(config)))
         extra: dict[str, float | None] = {"server_rss_idle_mib": server.rss_mib()}
         with server.sample_rss() as peak:
             result = run_load(config, progress)
         extra.update(
             pool_blocks_in_use_before=before,
-            pool_blocks_in_use_after=settled_blocks_in_use(server.url, config.api_key, before),
+            pool_blocks_in_use_after=settled_blocks_in_use(server.url, _metrics_key(config), before),
             server_rss_peak_mib=peak.max_mib,
             server_hwm_mib=server.hwm_mib(),
             pool_used_mib_after=_mib(
-                metric(scrape_metrics(server.url, config.api_key), "kv_pool_used_bytes")
+                metric(scrape_metrics(server.url, _metrics_key(config)), "kv_pool_used_bytes")
             ),
         )
     return result, extra
+
+
+def _rows(
+    result: LoadResult,
+    summary: dict[str, float],
+    tenants: dict[int, dict[str, float]],
+    firsts: list[RequestResult],
+    extra: dict[str, float | None],
+    launch: LaunchConfig | None,
+) -> list[dict]:
+    """The run's JSON rows: headline numbers, per tenant (config.tenant), the isolation check, extras."""
+    cfg = {k: v for k, v in dataclasses.asdict(result.config).items() if k not in ("api_keys", "url")}
+    cfg["model"] = result.model
+    cfg["num_tenants"] = result.config.num_tenants
+    if launch is not None:
+        cfg["server_args"] = list(launch.serve_args)
+    rows = [make_row("serve", k, v, _unit(k), **cfg) for k, v in summary.items()]
+    rows += [
+        make_row("serve", "tenant_" + k, v, _unit(k), **cfg, tenant=t)
+        for t, values in tenants.items()
+        for k, v in values.items()
+    ]
+    if firsts:
+        rows.append(make_row("serve", "cross_tenant_first_uses", len(firsts), "count", **cfg))
+        rows.append(
+            make_row("serve", "cross_tenant_first_use_hit_rate", _hit_rate(firsts), "fraction", **cfg)
+        )
+    rows += [
+        make_row("serve", k, v, "MiB" if "mib" in k else "blocks", **cfg)
+        for k, v in extra.items()
+        if v is not None
+    ]
+    return rows
 
 
 def run_serve_bench(
@@ -175,26 +286,24 @@ def run_serve_bench(
     *,
     command: str = "kvengine bench serve",
 ) -> tuple[LoadResult, list[dict]]:
-    """Run the load test; append JSON rows to out_dir/bench_serve.jsonl, write the tables to
-    out_dir/bench_serve.md, print them, and append a section headed by `command` to `report` if given."""
+    """Run the load test; append JSON rows to out_dir/bench_serve.jsonl and one row per request to
+    out_dir/bench_serve_requests.jsonl, write the tables to out_dir/bench_serve.md, print them, and append a section headed by `command` to `report` if given."""
     require_httpx()
     result, extra = _measure(config, launch, progress)
-    summary = summarize(result)
-    cfg = {k: v for k, v in dataclasses.asdict(result.config).items() if k not in ("api_key", "url")}
-    cfg["model"] = result.model
-    if launch is not None:
-        cfg["server_args"] = list(launch.serve_args)
-    rows = [make_row("serve", k, v, _unit(k), **cfg) for k, v in summary.items()]
-    rows += [
-        make_row("serve", k, v, "MiB" if "mib" in k else "blocks", **cfg)
-        for k, v in extra.items()
-        if v is not None
-    ]
+    summary, tenants = summarize(result), tenant_summaries(result)
+    firsts = cross_tenant_first_uses(result.requests)
+    rows = _rows(result, summary, tenants, firsts, extra, launch)
     body = _main_table(summary, extra) + "\n\n" + _workload_table(result)
+    if len(tenants) > 1:
+        body += "\n\n" + _tenant_table(tenants)
     failures = _failures(result)
     notes = f"Failures: {failures}" if failures else "No failed requests."
+    if firsts:
+        notes += " " + _isolation_note(firsts)
     out_dir.mkdir(parents=True, exist_ok=True)
     append_rows(out_dir / "bench_serve.jsonl", rows)
+    run = {"time": rows[0]["time"], "model": result.model, "num_tenants": result.config.num_tenants}
+    append_rows(out_dir / "bench_serve_requests.jsonl", ({**run, **r} for r in request_rows(result)))
     (out_dir / "bench_serve.md").write_text(body + "\n\n" + notes + "\n", encoding="utf-8")
     print(body + "\n\n" + notes)
     if report is not None:

@@ -6,7 +6,7 @@ harder, each step bounded). `scrape_metrics` reads a Prometheus text page;
 the leak check compares the pool's referenced blocks (used minus those only
 the prefix cache holds) before and after a run. Memory is read from
 /proc/PID/status, so it is measured on Linux only (None elsewhere). Nothing
-here generates load; that is serve_load.py.
+here generates load; that is load.py.
 """
 
 from __future__ import annotations

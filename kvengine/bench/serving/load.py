@@ -13,7 +13,9 @@ HTTP API, so it can load any compatible server. Prompts are random words from
 a fixed list: each client's sequence of prompts is fixed by the seed and its
 index (and, in a chat, by the replies); only the interleaving of clients
 depends on timing.
-Workloads are in serve_workloads.py; summaries, /metrics and reports in serve_bench.py.
+With several API keys, client i sends key i mod K: each key is one tenant,
+and a result records the key's index, never the key.
+Workloads are in workloads.py; summaries, /metrics and reports in bench.py.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class RequestResult:
 
     workload: str
     start_s: float
+    tenant: int = 0  # index of the client's API key (never the key itself)
+    group: int | None = None  # shared-prefix group, None for other workloads
     ok: bool = False
     e2e_s: float = 0.0
     ttft_s: float | None = None  # None: no content arrived
@@ -106,17 +110,20 @@ def _on_event(result: RequestResult, event: dict[str, Any], start: float, last: 
         result.cached_tokens = int(details.get("cached_tokens") or 0)
 
 
-async def send_request(http: Any, spec: RequestSpec, t0: float) -> RequestResult:
-    """Send one streaming request on `http` (an httpx.AsyncClient) and time it; never raises for
-    a failed request: the failure is recorded in the result."""
+async def send_request(
+    http: Any, spec: RequestSpec, t0: float, api_key: str | None = None, tenant: int = 0
+) -> RequestResult:
+    """Send one streaming request on `http` (an httpx.AsyncClient) as `api_key`'s tenant and time
+    it; never raises for a failed request: the failure is recorded in the result."""
     import httpx
 
     start = time.perf_counter()
-    result = RequestResult(spec.workload, start_s=start - t0)
+    result = RequestResult(spec.workload, start_s=start - t0, tenant=tenant, group=spec.group)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     last: list[float] = []
     done = got_usage = False
     try:
-        async with http.stream("POST", spec.path, json=spec.body) as response:
+        async with http.stream("POST", spec.path, json=spec.body, headers=headers) as response:
             result.status = response.status_code
             if response.status_code != 200:
                 body = (await response.aread()).decode("utf-8", errors="replace")
@@ -174,8 +181,9 @@ async def _client(
 ) -> None:
     """One closed-loop client: next request when the previous one has finished."""
     workload = make_workload(config, index)
+    api_key = config.api_keys[workload.tenant] if config.api_keys else None
     while budget.take():
-        result = await send_request(http, workload.next_request(), t0)
+        result = await send_request(http, workload.next_request(), t0, api_key, workload.tenant)
         workload.on_reply(result.text if result.ok else None)
         results.append(result)
         budget.num_done += 1
@@ -244,7 +252,8 @@ async def run_load_async(config: LoadConfig, progress: bool = False) -> LoadResu
     require_httpx()
     import httpx
 
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    # GET /v1/models as the first tenant; each client sends its own key on its requests.
+    headers = {"Authorization": f"Bearer {config.api_keys[0]}"} if config.api_keys else {}
     limits = httpx.Limits(
         max_connections=config.num_clients + 2, max_keepalive_connections=config.num_clients
     )

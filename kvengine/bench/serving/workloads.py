@@ -4,8 +4,10 @@ Prompts are random words from a fixed list (lengths count words; common short
 English words are about one token each), so they need no tokenizer on the
 client. Three shapes, by name: independent prompts (`random`), a few long
 prefixes shared by many requests (`shared-prefix`), conversations that grow
-by one turn per request (`multi-turn`), and `mixed`, all three at once. This
-module builds request bodies only; sending and timing them is serve_load.py.
+by one turn per request (`multi-turn`), and `mixed`, all three at once. With
+several API keys, each client belongs to one tenant (`LoadConfig.tenant_of`),
+and each shared prefix to two tenants (`tenant_groups`). This
+module builds request bodies only; sending and timing them is load.py.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ class LoadConfig:
     """
 
     url: str = "http://127.0.0.1:8000"
-    api_key: str | None = None
+    # Bearer keys; client i sends key i mod len(api_keys), and each key is one tenant (its index
+    # is all the results record of it). Empty: no Authorization header, one tenant.
+    api_keys: tuple[str, ...] = ()
     num_clients: int = 32
     duration_s: float = 60.0
     max_requests: int | None = None  # None: only the duration ends the run
@@ -72,15 +76,51 @@ class LoadConfig:
             if not 1 <= low <= high:
                 raise InvalidRequestError(f"{name} must be LOW,HIGH with 1 <= LOW <= HIGH, got {low},{high}")
         WORKLOADS.lookup(self.workload)
+        self._check_tenants()
+
+    def _check_tenants(self) -> None:
+        if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
+            raise InvalidRequestError("api keys must be non-empty strings")
+        if len(set(self.api_keys)) != len(self.api_keys):
+            raise InvalidRequestError("an api key is given twice: each key is one tenant")
+        if len(self.api_keys) > self.num_clients:
+            raise InvalidRequestError(
+                f"{len(self.api_keys)} api keys but {self.num_clients} clients: each key needs a client"
+            )
+        uses_groups = self.workload in ("shared-prefix", "mixed")
+        if uses_groups and self.num_tenants > 1 and self.num_groups < self.num_tenants:
+            raise InvalidRequestError(
+                f"num_groups ({self.num_groups}) must be >= the number of tenants ({self.num_tenants}): "
+                "each shared prefix is given to two tenants and every tenant needs one"
+            )
+
+    @property
+    def num_tenants(self) -> int:
+        return max(1, len(self.api_keys))
+
+    def tenant_of(self, client_index: int) -> int:
+        """The tenant (index into `api_keys`) of a client: round-robin over the keys."""
+        return client_index % self.num_tenants
+
+    def tenant_groups(self, tenant: int) -> list[int]:
+        """The shared-prefix groups a tenant's clients draw from: group g belongs to tenants g and
+        g + 1 (mod the number of tenants), so every prefix text is sent by two tenants, and a hit
+        across tenants would show. With one tenant, all groups."""
+        t = self.num_tenants
+        if t == 1:
+            return list(range(self.num_groups))
+        return [g for g in range(self.num_groups) if tenant in (g % t, (g + 1) % t)]
 
 
 @dataclass(frozen=True)
 class RequestSpec:
-    """One request to send: the workload that made it, the API path and the JSON body."""
+    """One request to send: the workload that made it, the API path and the JSON body; for a
+    shared-prefix request, the index of its prefix group."""
 
     workload: str
     path: str
     body: dict[str, Any]
+    group: int | None = None
 
 
 def random_words(rng: random.Random, num_words: int) -> str:
@@ -99,6 +139,7 @@ class Workload:
 
     def __init__(self, config: LoadConfig, client_index: int) -> None:
         self.config = config
+        self.tenant = config.tenant_of(client_index)
         self.rng = random.Random(f"{config.seed}:{self.name}:{client_index}")
 
     def next_request(self) -> RequestSpec:
@@ -119,8 +160,8 @@ class Workload:
             "stream_options": {"include_usage": True},
         }
 
-    def _completion(self, prompt: str) -> RequestSpec:
-        return RequestSpec(self.name, "/v1/completions", {"prompt": prompt, **self._sampling()})
+    def _completion(self, prompt: str, group: int | None = None) -> RequestSpec:
+        return RequestSpec(self.name, "/v1/completions", {"prompt": prompt, **self._sampling()}, group)
 
 
 WORKLOADS: Registry[Workload] = Registry("workload", "workloads")
@@ -138,20 +179,23 @@ class RandomPrompts(Workload):
 
 @WORKLOADS.register("shared-prefix")
 class SharedPrefix(Workload):
-    """`num_groups` long prefixes (one per group, the same for every client), each request one of
-    them plus its own suffix: a system prompt or a document asked many questions."""
+    """`num_groups` long prefixes (one text per group, the same for every client), each request one
+    of them plus its own suffix: a system prompt or a document asked many questions. With several
+    tenants, a client draws from its tenant's groups (`LoadConfig.tenant_groups`)."""
 
     name = "shared-prefix"
 
     def __init__(self, config: LoadConfig, client_index: int) -> None:
         super().__init__(config, client_index)
+        self.groups = config.tenant_groups(self.tenant)
         self.prefixes = [
             random_words(random.Random(f"{config.seed}:prefix:{g}"), config.shared_prefix_len)
-            for g in range(config.num_groups)
+            for g in self.groups
         ]
 
     def next_request(self) -> RequestSpec:
-        return self._completion(self.rng.choice(self.prefixes) + " " + self._words())
+        i = self.rng.randrange(len(self.prefixes))
+        return self._completion(self.prefixes[i] + " " + self._words(), self.groups[i])
 
 
 @WORKLOADS.register("multi-turn")
