@@ -32,6 +32,7 @@ from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams
 from kvengine.eval.needle import make_needle_example
 from kvengine.models import LoadedModel, load
+from kvengine.models.own_attention import use_attention
 from kvengine.results import append_report, append_rows, make_row, markdown_table
 
 Run = tuple[float, float, list[int]]  # prefill seconds, decode tokens/s, the generated tokens
@@ -52,23 +53,18 @@ class _StepClock(LogitsProcessor):
 def time_transformers(model: LoadedModel, prompt: list[int], new_tokens: int) -> Run:
     """(prefill seconds, decode tokens/s, tokens) of transformers' generate."""
     hf = model.hf_model
-    saved = hf.config._attn_implementation
-    hf.set_attn_implementation("sdpa")
     clock = _StepClock()
-    try:
-        with torch.inference_mode():
-            start = time.perf_counter()
-            out = hf.generate(  # type: ignore[operator]
-                torch.tensor([prompt], device=hf.device),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=hf.device),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                logits_processor=LogitsProcessorList([clock]),
-                pad_token_id=0,
-            )
-    finally:
-        hf.set_attn_implementation(saved)
+    with use_attention(hf, "sdpa"), torch.inference_mode():
+        start = time.perf_counter()
+        out = hf.generate(  # type: ignore[operator]
+            torch.tensor([prompt], device=hf.device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=hf.device),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+            pad_token_id=0,
+        )
     decode_tps = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
     return clock.times[0] - start, decode_tps, out[0, len(prompt) :].tolist()
 

@@ -23,7 +23,6 @@ itself involves no model. Writes JSON rows and a Markdown section.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,15 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from kvengine.config import DEFAULT_MODEL
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel, load
-from kvengine.models.precision import DTYPE_CHOICES
 from kvengine.results import append_report, append_rows, make_row, markdown_table
 from kvengine.semantic.cache import SemanticCache, SemanticCacheConfig
-from kvengine.semantic.embedder import EMBEDDERS, Embedder, make_embedder
+from kvengine.semantic.embedder import Embedder, make_embedder
 from kvengine.semantic.pairs import Pair, make_pairs, make_stream
-from kvengine.semantic.thresholds import THRESHOLD_POLICIES, wilson_interval
+from kvengine.semantic.thresholds import wilson_interval
 
 BENCH = "semantic"
 
@@ -257,73 +254,3 @@ def markdown(rows: Sequence[dict[str, Any]], spec: SemanticBench) -> str:
         f"each, summed; confidence {spec.confidence}, exploration {spec.explore_rate}.\n\n"
         + _replay_table(rows, spec)
     )
-
-
-_HELP = """Replay streams of generated prompts (paraphrases and near misses with known answers) through
-the semantic cache at each error bound and threshold policy, per embedder; report hit rate, the error
-rate among hits with its 95% interval, and pair similarities. Appends JSON rows to --out and a section
-to --report."""
-
-
-def _bound_list(text: str) -> list[float]:
-    """Comma-separated error bounds, each strictly between 0 and 1."""
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or not all(0.0 < v < 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"error bounds must be in (0, 1), got {text!r}")
-    return values
-
-
-def _names(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return names
-
-
-def _positive(text: str) -> int:
-    if not text.isdecimal() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def add_semantic_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """`bench semantic`'s parser with its options (the caller adds --out / --report)."""
-    d = SemanticBench()
-    p: argparse.ArgumentParser = bench_sub.add_parser(
-        "semantic", help="semantic response cache: hit rate and error at error bounds", description=_HELP
-    )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="weights precision (as elsewhere)")
-    p.add_argument("--embedders", type=_names, default=list(d.embedders), help="embedder names")
-    p.add_argument("--policies", type=_names, default=list(d.policies), help="threshold policies")
-    p.add_argument("--bounds", type=_bound_list, default=list(d.bounds), help="maximum error rates")
-    p.add_argument("--pairs", type=_positive, default=d.num_pairs, help="labelled pairs")
-    p.add_argument("--prompts", type=_positive, default=d.num_prompts, help="prompts per stream")
-    p.add_argument("--keys", type=_positive, default=d.num_keys, help="distinct answers per stream")
-    p.add_argument("--streams", type=_positive, default=len(d.seeds), help="streams (seeds 0..N-1)")
-    p.add_argument(
-        "--explore-rate", type=float, default=d.explore_rate, help="chance a would-be hit is checked"
-    )
-    return p
-
-
-def cmd_bench_semantic(args: argparse.Namespace) -> None:
-    """Run `bench semantic`; unknown embedder or policy names fail before any model is loaded."""
-    for name in args.embedders:
-        EMBEDDERS.lookup(name)
-    for name in args.policies:
-        THRESHOLD_POLICIES.lookup(name)
-    spec = SemanticBench(
-        tuple(args.embedders),
-        tuple(args.policies),
-        tuple(args.bounds),
-        args.pairs,
-        args.prompts,
-        args.keys,
-        tuple(range(args.streams)),
-        explore_rate=args.explore_rate,
-    )
-    run_semantic_bench(args.model, spec, Path(args.out), Path(args.report), args.command_line, args.dtype)

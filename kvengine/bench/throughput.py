@@ -36,6 +36,7 @@ from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams
 from kvengine.eval.needle import make_needle_example
 from kvengine.models import LoadedModel, load
+from kvengine.models.own_attention import use_attention
 from kvengine.results import append_report, append_rows, make_row, markdown_table
 
 POOL_BYTES = 2 * 2**30
@@ -75,22 +76,17 @@ def hf_batch_generate(
         ids[row, longest - len(prompt) :] = torch.tensor(prompt)
         mask[row, longest - len(prompt) :] = 1
     hf = model.hf_model
-    saved = hf.config._attn_implementation
-    hf.set_attn_implementation("sdpa")
-    try:
-        with torch.inference_mode():
-            start = time.perf_counter()
-            out = hf.generate(  # type: ignore[operator]
-                ids,
-                attention_mask=mask,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            elapsed = time.perf_counter() - start
-    finally:
-        hf.set_attn_implementation(saved)
+    with use_attention(hf, "sdpa"), torch.inference_mode():
+        start = time.perf_counter()
+        out = hf.generate(  # type: ignore[operator]
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        elapsed = time.perf_counter() - start
     return out[:, longest:].tolist(), elapsed
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvengine.bench.rag import add_rag_parser, cmd_bench_rag
-from kvengine.bench.semantic import add_semantic_parser, cmd_bench_semantic
 from kvengine.cli.argtypes import positive_int, positive_int_list
 from kvengine.cli.bench_quality import QUALITY_BENCHES, add_quality_bench_parsers
 from kvengine.cli.bench_serve import add_serve_bench_parser, cmd_bench_serve
@@ -101,7 +100,6 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     add_quality_bench_parsers(bench_sub)
     add_output_args(add_rag_parser(bench_sub), "bench_rag.jsonl")
     _add_detokenize_parser(bench_sub)
-    add_output_args(add_semantic_parser(bench_sub), "bench_semantic.jsonl")
 
 
 def _add_detokenize_parser(bench_sub: argparse._SubParsersAction) -> None:
@@ -250,7 +248,6 @@ _BENCHES = {
     "serve": cmd_bench_serve,
     "rag": cmd_bench_rag,
     "detokenize": _cmd_bench_detokenize,
-    "semantic": cmd_bench_semantic,
 }
 
 

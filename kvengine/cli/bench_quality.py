@@ -1,4 +1,4 @@
-"""`kvengine bench presses | perplexity | selection`: the accuracy benchmarks' parsers and commands.
+"""`kvengine bench presses | perplexity | selection | semantic`: the accuracy benchmarks' parsers and commands.
 
 Like `cli/bench.py`, each command only turns options into arguments for a
 runner in kvengine/eval or kvengine/bench, which measures and writes the
@@ -14,6 +14,7 @@ from pathlib import Path
 from kvengine.cli.argtypes import name_list, positive_int, positive_int_list, ratio_list
 from kvengine.cli.common import add_model_args, add_output_args, kivi_bits, results_dir
 from kvengine.config import DEFAULT_MODEL
+from kvengine.models.precision import DTYPE_CHOICES
 
 _PRESSES_HELP = """For each context length, build needle-in-a-haystack examples, prefill each
 context once, compress a copy of its cache with every press at every ratio, and ask for the
@@ -22,10 +23,11 @@ cache) and compression time over prefill time as JSON rows and a Markdown table.
 
 
 def add_quality_bench_parsers(bench_sub: argparse._SubParsersAction) -> None:
-    """`bench presses`, `bench perplexity` and `bench selection`."""
+    """`bench presses`, `bench perplexity`, `bench selection` and `bench semantic`."""
     _add_presses_bench_parser(bench_sub)
     _add_perplexity_parser(bench_sub)
     _add_selection_bench_parser(bench_sub)
+    _add_semantic_parser(bench_sub)
 
 
 def _add_selection_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
@@ -151,8 +153,74 @@ def _cmd_bench_perplexity(args: argparse.Namespace) -> None:
     print(table)
 
 
+_SEMANTIC_HELP = """Replay streams of generated prompts (paraphrases and near misses with known answers) through
+the semantic cache at each error bound and threshold policy, per embedder; report hit rate, the error
+rate among hits with its 95% interval, and pair similarities. Appends JSON rows to --out and a section
+to --report."""
+
+
+def _bound_list(text: str) -> list[float]:
+    """Comma-separated error bounds, each strictly between 0 and 1."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(0.0 < v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"error bounds must be in (0, 1), got {text!r}")
+    return values
+
+
+def _add_semantic_parser(bench_sub: argparse._SubParsersAction) -> None:
+    """`bench semantic` (kvengine/bench/semantic.py)."""
+    from kvengine.bench.semantic import SemanticBench
+
+    d = SemanticBench()
+    p: argparse.ArgumentParser = bench_sub.add_parser(
+        "semantic",
+        help="semantic response cache: hit rate and error at error bounds",
+        description=_SEMANTIC_HELP,
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="weights precision (as elsewhere)")
+    p.add_argument("--embedders", type=name_list, default=list(d.embedders), help="embedder names")
+    p.add_argument("--policies", type=name_list, default=list(d.policies), help="threshold policies")
+    p.add_argument("--bounds", type=_bound_list, default=list(d.bounds), help="maximum error rates")
+    p.add_argument("--pairs", type=positive_int, default=d.num_pairs, help="labelled pairs")
+    p.add_argument("--prompts", type=positive_int, default=d.num_prompts, help="prompts per stream")
+    p.add_argument("--keys", type=positive_int, default=d.num_keys, help="distinct answers per stream")
+    p.add_argument("--streams", type=positive_int, default=len(d.seeds), help="streams (seeds 0..N-1)")
+    p.add_argument(
+        "--explore-rate", type=float, default=d.explore_rate, help="chance a would-be hit is checked"
+    )
+    add_output_args(p, "bench_semantic.jsonl")
+
+
+def _cmd_bench_semantic(args: argparse.Namespace) -> None:
+    """Run `bench semantic`; unknown embedder or policy names fail before any model is loaded."""
+    from kvengine.bench.semantic import SemanticBench, run_semantic_bench
+    from kvengine.semantic.embedder import EMBEDDERS
+    from kvengine.semantic.thresholds import THRESHOLD_POLICIES
+
+    for name in args.embedders:
+        EMBEDDERS.lookup(name)
+    for name in args.policies:
+        THRESHOLD_POLICIES.lookup(name)
+    spec = SemanticBench(
+        tuple(args.embedders),
+        tuple(args.policies),
+        tuple(args.bounds),
+        args.pairs,
+        args.prompts,
+        args.keys,
+        tuple(range(args.streams)),
+        explore_rate=args.explore_rate,
+    )
+    run_semantic_bench(args.model, spec, Path(args.out), Path(args.report), args.command_line, args.dtype)
+
+
 QUALITY_BENCHES: dict[str, Callable[[argparse.Namespace], None]] = {
     "presses": _cmd_bench_presses,
     "perplexity": _cmd_bench_perplexity,
     "selection": _cmd_bench_selection,
+    "semantic": _cmd_bench_semantic,
 }

@@ -11,9 +11,6 @@ tokens' positions; transformers builds no mask for a custom attention
 function), then hands the step's queries to the cache, which records them for
 its press.
 
-`use_attention(model, name)` sets a model's attention implementation for a
-block and puts back the one it had, even on an exception.
-
 It knows nothing about presses or the pool: the cache entered in this
 context (`activate`) answers for one layer (`AttentionView`).
 """
@@ -26,7 +23,7 @@ from contextvars import ContextVar
 from typing import Any, Protocol
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface
 
 from kvengine.engine.attention import attend
 from kvengine.errors import InvalidRequestError
@@ -60,17 +57,6 @@ def activate(cache: AttentionView) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
-
-
-@contextmanager
-def use_attention(model: PreTrainedModel, name: str) -> Iterator[None]:
-    """Run `model` with attention implementation `name` inside the block, then restore its own."""
-    saved = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(saved)
 
 
 def cache_attention(

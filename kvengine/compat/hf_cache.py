@@ -39,6 +39,7 @@ from kvengine.cache.pool import BlockPool
 from kvengine.compat import hf_attention
 from kvengine.errors import InvalidRequestError, OutOfBlocksError
 from kvengine.models import LoadedModel, adapter_for
+from kvengine.models.own_attention import use_attention
 from kvengine.press.base import Press, PressInput
 from kvengine.press.registry import press_from_spec
 
@@ -131,7 +132,7 @@ class KVEngineCache(Cache):
             raise InvalidRequestError("this KVEngineCache is already entered")
         with ExitStack() as stack:  # undone at once if a step fails
             stack.enter_context(hf_attention.activate(self))
-            stack.enter_context(hf_attention.use_attention(self.model.hf_model, hf_attention.ATTENTION_NAME))
+            stack.enter_context(use_attention(self.model.hf_model, hf_attention.ATTENTION_NAME))
             self._stack = stack.pop_all()
         return self
 

@@ -13,12 +13,15 @@ switches it back to its own implementation for that call, and a forward hook
 
 It changes nothing for the runner's own forward passes, nor for a model that
 never runs with "kvengine"; other implementations (such as a
-`KVEngineCache`'s) pass through untouched.
+`KVEngineCache`'s) pass through untouched. `use_attention(model, name)` is
+the one way kvengine switches a model to another implementation for a block.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -66,3 +69,19 @@ def _in_runner() -> bool:
     from kvengine.engine import attention  # the engine imports models; only this check looks back
 
     return attention._CURRENT.get() is not None
+
+
+@contextmanager
+def use_attention(model: PreTrainedModel, name: str) -> Iterator[None]:
+    """Run `model` with attention implementation `name` inside the block, then restore the one it had.
+
+    Restored even when the block raises. For passes that need another
+    implementation for a while (transformers' own SDPA in benchmarks, eager
+    attention for its weights, a `KVEngineCache`, RAG's recompute).
+    """
+    saved = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(saved)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvengine.config import default_cache_dir
+from kvengine.models.own_attention import use_attention
 
 if TYPE_CHECKING:
     from kvengine.models import LoadedModel
@@ -68,18 +69,14 @@ def probe(model: LoadedModel, length: int, num_samples: int, seed: int) -> torch
     vocab = int(model.config.vocab_size)
     low = min(100, vocab // 4)  # skip the lowest ids, where special tokens usually sit
     hf = model.hf_model
-    previous = hf.config._attn_implementation
-    hf.set_attn_implementation("eager")  # the only implementation that returns attention weights
     total = torch.zeros(model.num_layers, model.num_heads, dtype=torch.float64, device="cpu")
-    try:
-        with torch.inference_mode():
-            for _ in range(num_samples):
-                first = torch.randint(low, vocab, (length,), generator=gen, device="cpu")
-                ids = torch.cat([first, first])[None].to(hf.device)
-                out = hf(input_ids=ids, output_attentions=True, use_cache=False)
-                total += torch.stack([_retrieval_mass(a[0].double(), length) for a in out.attentions]).cpu()
-    finally:
-        hf.set_attn_implementation(previous)
+    # eager: the only implementation that returns attention weights
+    with use_attention(hf, "eager"), torch.inference_mode():
+        for _ in range(num_samples):
+            first = torch.randint(low, vocab, (length,), generator=gen, device="cpu")
+            ids = torch.cat([first, first])[None].to(hf.device)
+            out = hf(input_ids=ids, output_attentions=True, use_cache=False)
+            total += torch.stack([_retrieval_mass(a[0].double(), length) for a in out.attentions]).cpu()
     per_query_head = total / num_samples  # (L, H_q)
     group = model.num_heads // model.num_kv_heads
     return per_query_head.view(model.num_layers, model.num_kv_heads, group).amax(-1)

@@ -32,6 +32,7 @@ from transformers import AttentionInterface, Cache, DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 
 from kvengine.models import LoadedModel
+from kvengine.models.own_attention import use_attention
 
 RECOMPUTE_ATTENTION = "kvengine_recompute"  # registered below, used by `recompute` only
 _QUERY_GROUP = 32  # queries per SDPA call in `recompute`: each call reads keys up to its last query only
@@ -44,14 +45,8 @@ class _StopForward(Exception):
 @contextmanager
 def plain_attention(model: LoadedModel, implementation: str = "sdpa") -> Iterator[None]:
     """Run the model's forwards with `implementation` meanwhile (not the engine's paged attention)."""
-    hf = model.hf_model
-    saved = hf.config._attn_implementation
-    hf.set_attn_implementation(implementation)
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        hf.set_attn_implementation(saved)
+    with use_attention(model.hf_model, implementation), torch.inference_mode():
+        yield
 
 
 class _StoppingCache(DynamicCache):
