@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "from kvengine.engine.kernel import paged_decode; print('decode kernel:', 'built' if paged_decode() else 'unavailable, using gather + SDPA')"
 	$(PY) -c "from kvengine.engine.linear import small_linear_op; print('small-batch linear kernel:', 'built' if small_linear_op() else 'unavailable, using F.linear')"
 	$(PY) -c "from kvengine.engine.select_kernel import select_op; print('block selection kernel:', 'built' if select_op() else 'unavailable, using torch ops')"
+	$(PY) -c "from kvengine.engine.fused import fused_decode_op; print('fused decode step:', 'built' if fused_decode_op() else 'unavailable, decode steps run the model modules')"
 	touch $(STAMP)
 
 install: $(STAMP)

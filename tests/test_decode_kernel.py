@@ -21,17 +21,18 @@ KERNEL = paged_decode()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="the decode kernel could not be built here")
 
 
-def _case(dtype: torch.dtype, seed: int, window: int | None):
+def _case(dtype: torch.dtype, seed: int, window: int | None, n: int = 5, max_len: int = 40):
     """A pool full of NaN but for the random rows the sequences own, and their tables."""
     gen = torch.Generator().manual_seed(seed)
-    n, h_kv, group, d, layers = 5, 3, 3, 16, 2
-    pool = BlockPool(400, block_size=4, head_dim=d, dtype=dtype)
-    pool.allocate(400)
+    h_kv, group, d, layers = 3, 3, 16, 2
+    blocks = max(400, layers * n * h_kv * max_len // 4 + 1)
+    pool = BlockPool(blocks, block_size=4, head_dim=d, dtype=dtype)
+    pool.allocate(blocks)
     pool.k[:-1] = float("nan")
     pool.v[:-1] = float("nan")
-    lens = torch.randint(1, 40, (layers, n, h_kv), generator=gen)
+    lens = torch.randint(1, max_len, (layers, n, h_kv), generator=gen)
     width = int(lens.max())
-    perm = torch.randperm(1600, generator=gen)[: layers * n * h_kv * width].view(layers, n, h_kv, width)
+    perm = torch.randperm(4 * blocks - 1, generator=gen)[: layers * n * h_kv * width].view(layers, n, h_kv, width)
     valid = torch.arange(width) < lens[..., None]
     slots = torch.where(valid, perm, pool.zero_slot)
     rows = slots[valid]
@@ -87,6 +88,28 @@ def test_decode_attention_matches_a_float64_reference(
         assert got.dtype == dtype and not bool(got.isnan().any())
         want = _reference(pool, batch, layer, q, 0.25, window)
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 300])
+def test_one_sequence_split_over_threads_matches_the_reference(dtype: torch.dtype, window: int | None) -> None:
+    """Batch 1 (3 cells, fewer than twice the threads): each cell's tokens are split into ranges on
+    different threads and merged; some cells are shorter than a range (empty ranges)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pool, batch, q = _case(dtype, seed=5, window=window, n=1, max_len=1300)
+        batch.lens[0, 0, 0] = 3  # far shorter than the split ranges
+        tol = 2e-5 if dtype == torch.float32 else 2e-2
+        for layer in range(batch.slots.shape[0]):
+            slots, lens = batch.slots[layer], batch.lens[layer]
+            positions = batch.positions[layer] if window else None
+            got = KERNEL(q, pool.k, pool.v, slots, lens, positions, window or 0, 0.25)  # type: ignore[misc]
+            want = _reference(pool, batch, layer, q, 0.25, window)
+            torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_kernel

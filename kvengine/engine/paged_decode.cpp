@@ -15,7 +15,9 @@
 //
 // The query of a cell is its last cached token (decode appends before
 // attending). Query heads h * G .. h * G + G - 1 share kv-head h (G = H_q / H_kv),
-// so each key and value row is read once for the whole group.
+// so each key and value row is read once for the whole group. With fewer cells than twice the
+// threads (batch 1: as many cells as kv-heads), each cell's tokens are split into ranges attended
+// on different threads and merged by their top scores, so that no thread waits on another's cell.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -73,23 +75,34 @@ struct Scratch {
 };
 
 constexpr int64_t kChunk = 64;  // values summed in float32 this many at a time, chunks in float64
+constexpr int64_t kMinPart = 256;  // fewest tokens per range when a cell's tokens are split over threads
 
+// What one range of a cell's tokens gives: per query head, value sums weighted by
+// exp(score - top) (in w.acc), its top score and the weights' total.
+struct Part {
+  float top[64];
+  double total[64];
+};
+
+// Attention of a cell's query heads over its tokens [begin, end), unnormalized: the weighted value
+// sums go to w.acc, each head's top score and total weight to `part`. `len` is the cell's length
+// (its last token is the query, for the window).
 template <typename scalar_t>
-void attend_cell(const scalar_t* q, const scalar_t* k_pool, const scalar_t* v_pool, const int64_t* slots,
-                 const int64_t* positions, int64_t len, int64_t window, float scale, const Shape& s, Scratch& w,
-                 scalar_t* out) {
+void attend_range(const scalar_t* q, const scalar_t* k_pool, const scalar_t* v_pool, const int64_t* slots,
+                  const int64_t* positions, int64_t len, int64_t begin, int64_t end, int64_t window, float scale,
+                  const Shape& s, Scratch& w, Part& part) {
   const int64_t D = s.head_dim, G = s.group, T = s.max_len;
   for (int64_t i = 0; i < G * D; ++i) w.q[i] = static_cast<float>(q[i]) * scale;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t cutoff = (positions != nullptr && window > 0 && len > 0) ? positions[len - 1] - window
                                                                           : std::numeric_limits<int64_t>::min();
-  for (int64_t t = 0; t < len; ++t) {
+  for (int64_t t = begin; t < end; ++t) {
     TORCH_CHECK(slots[t] >= 0 && slots[t] < s.pool_rows, "paged_decode: slot ", slots[t], " outside the pool");
   }
   // Scores, four keys at a time: four independent sums per query keep the FMA units busy.
-  int64_t t = 0;
-  for (; t + 4 <= len; t += 4) {
-    for (int64_t a = t + kAhead; a < std::min(len, t + kAhead + 4); ++a) prefetch_row(k_pool, slots[a], D);
+  int64_t t = begin;
+  for (; t + 4 <= end; t += 4) {
+    for (int64_t a = t + kAhead; a < std::min(end, t + kAhead + 4); ++a) prefetch_row(k_pool, slots[a], D);
     const scalar_t* k0 = k_pool + slots[t] * D;
     const scalar_t* k1 = k_pool + slots[t + 1] * D;
     const scalar_t* k2 = k_pool + slots[t + 2] * D;
@@ -108,7 +121,7 @@ void attend_cell(const scalar_t* q, const scalar_t* k_pool, const scalar_t* v_po
       sg[0] = s0, sg[1] = s1, sg[2] = s2, sg[3] = s3;
     }
   }
-  for (; t < len; ++t) {
+  for (; t < end; ++t) {
     const scalar_t* key = k_pool + slots[t] * D;
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = w.q.data() + g * D;
@@ -119,18 +132,18 @@ void attend_cell(const scalar_t* q, const scalar_t* k_pool, const scalar_t* v_po
     }
   }
   if (positions != nullptr) {  // keys outside the window: weight 0
-    for (int64_t u = 0; u < len; ++u)
+    for (int64_t u = begin; u < end; ++u)
       if (positions[u] <= cutoff)
         for (int64_t g = 0; g < G; ++g) w.scores[g * T + u] = neg_inf;
   }
-  std::vector<float> inv_sum(G);
   for (int64_t g = 0; g < G; ++g) {
     float* sg = w.scores.data() + g * T;
     float top = neg_inf;
-    for (int64_t t = 0; t < len; ++t) top = std::max(top, sg[t]);
-    if (top == neg_inf) top = 0.0f;  // nothing seen (never for a decode query): all weights 0
+    for (int64_t t = begin; t < end; ++t) top = std::max(top, sg[t]);
+    part.top[g] = top;
+    if (top == neg_inf) top = 0.0f;  // nothing seen here: all weights 0
 #pragma omp simd
-    for (int64_t t = 0; t < len; ++t) {
+    for (int64_t t = begin; t < end; ++t) {
       // Weights under e^-40 of the largest are dropped (0): they cannot move a float32 sum,
       // and their products would be subnormal numbers, which x86 computes very slowly.
       const float x = sg[t] - top;
@@ -138,16 +151,16 @@ void attend_cell(const scalar_t* q, const scalar_t* k_pool, const scalar_t* v_po
     }
     double total = 0.0;  // thousands of terms: summed in float64
 #pragma omp simd reduction(+ : total)
-    for (int64_t t = 0; t < len; ++t) total += sg[t];
-    inv_sum[g] = total > 0.0 ? static_cast<float>(1.0 / total) : 0.0f;
+    for (int64_t t = begin; t < end; ++t) total += sg[t];
+    part.total[g] = total;
   }
   std::fill(w.acc.begin(), w.acc.end(), 0.0);
-  for (int64_t start = 0; start < len; start += kChunk) {
+  for (int64_t start = begin; start < end; start += kChunk) {
     std::fill(w.chunk.begin(), w.chunk.end(), 0.0f);
-    const int64_t stop = std::min(len, start + kChunk);
+    const int64_t stop = std::min(end, start + kChunk);
     int64_t u = start;
     for (; u + 2 <= stop; u += 2) {  // two values per pass: half the loads and stores of the sums
-      for (int64_t a = u + kAhead; a < std::min(len, u + kAhead + 2); ++a) prefetch_row(v_pool, slots[a], D);
+      for (int64_t a = u + kAhead; a < std::min(end, u + kAhead + 2); ++a) prefetch_row(v_pool, slots[a], D);
       const scalar_t* v0 = v_pool + slots[u] * D;
       const scalar_t* v1 = v_pool + slots[u + 1] * D;
       for (int64_t g = 0; g < G; ++g) {
@@ -168,9 +181,59 @@ void attend_cell(const scalar_t* q, const scalar_t* k_pool, const scalar_t* v_po
     }
     for (int64_t i = 0; i < G * D; ++i) w.acc[i] += w.chunk[i];
   }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d)
-      out[g * D + d] = static_cast<scalar_t>(static_cast<float>(w.acc[g * D + d]) * inv_sum[g]);
+}
+
+// A cell in one range: the sums divided by the total, into `out` (G, D).
+template <typename scalar_t>
+void attend_cell(const scalar_t* q, const scalar_t* k_pool, const scalar_t* v_pool, const int64_t* slots,
+                 const int64_t* positions, int64_t len, int64_t window, float scale, const Shape& s, Scratch& w,
+                 scalar_t* out) {
+  Part part;
+  attend_range(q, k_pool, v_pool, slots, positions, len, 0, len, window, scale, s, w, part);
+  const int64_t D = s.head_dim;
+  for (int64_t g = 0; g < s.group; ++g) {
+    const float inv = part.total[g] > 0.0 ? static_cast<float>(1.0 / part.total[g]) : 0.0f;
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<scalar_t>(static_cast<float>(w.acc[g * D + d]) * inv);
+  }
+}
+
+// Few cells and long caches (batch 1): each cell's tokens in `parts` ranges, so that every
+// thread has work; the ranges' sums are merged with their top scores (flash-decoding's split).
+template <typename scalar_t>
+void attend_split(const scalar_t* qp, const scalar_t* kp, const scalar_t* vp, const int64_t* sp, const int64_t* pp,
+                  const int64_t* lp, int64_t cells, int64_t parts, int64_t window, float scale, const Shape& s,
+                  scalar_t* op) {
+  const int64_t GD = s.group * s.head_dim;
+  std::vector<double> acc(cells * parts * GD);
+  std::vector<Part> found(cells * parts);
+  at::parallel_for(0, cells * parts, 1, [&](int64_t first, int64_t last) {
+    Scratch scratch(s);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t cell = task / parts, p = task % parts, len = lp[cell];
+      attend_range<scalar_t>(qp + cell * GD, kp, vp, sp + cell * s.max_len, pp == nullptr ? nullptr : pp + cell * s.max_len,
+                             len, len * p / parts, len * (p + 1) / parts, window, scale, s, scratch, found[task]);
+      std::copy(scratch.acc.begin(), scratch.acc.end(), acc.begin() + task * GD);
+    }
+  });
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t cell = 0; cell < cells; ++cell) {
+    for (int64_t g = 0; g < s.group; ++g) {
+      float top = neg_inf;
+      for (int64_t p = 0; p < parts; ++p) top = std::max(top, found[cell * parts + p].top[g]);
+      double total = 0.0;
+      std::vector<double> sum(s.head_dim, 0.0);
+      for (int64_t p = 0; p < parts; ++p) {
+        const Part& part = found[cell * parts + p];
+        if (part.top[g] == neg_inf || part.total[g] == 0.0) continue;
+        const double f = std::exp(static_cast<double>(part.top[g]) - static_cast<double>(top));
+        total += f * part.total[g];
+        const double* a = acc.data() + (cell * parts + p) * GD + g * s.head_dim;
+        for (int64_t d = 0; d < s.head_dim; ++d) sum[d] += f * a[d];
+      }
+      const double inv = total > 0.0 ? 1.0 / total : 0.0;
+      for (int64_t d = 0; d < s.head_dim; ++d) op[cell * GD + g * s.head_dim + d] = static_cast<scalar_t>(sum[d] * inv);
+    }
+  }
 }
 
 template <typename scalar_t>
@@ -187,6 +250,14 @@ void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool
   const int64_t* pp = positions.has_value() ? positions->data_ptr<int64_t>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
   const float fscale = static_cast<float>(scale);
+  // Fewer cells than twice the threads, on caches long enough to share: split them (kMinPart tokens
+  // or more per range).
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = cells >= 2 * threads ? 1 : std::min((2 * threads + cells - 1) / cells, s.max_len / kMinPart);
+  if (parts > 1) {
+    attend_split<scalar_t>(qp, kp, vp, sp, pp, lp, cells, parts, window, fscale, s, op);
+    return;
+  }
   at::parallel_for(0, cells, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch(s);
     for (int64_t cell = begin; cell < end; ++cell) {
@@ -206,6 +277,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
   TORCH_CHECK(q.size(0) == slots.size(0) && lens.size(0) == slots.size(0) && lens.size(1) == slots.size(1),
               "paged_decode: q, slots and lens disagree on sequences or heads");
   TORCH_CHECK(q.size(1) % slots.size(1) == 0, "paged_decode: query heads not a multiple of kv-heads");
+  TORCH_CHECK(q.size(1) / slots.size(1) <= 64, "paged_decode: at most 64 query heads per kv-head");
   TORCH_CHECK(k_pool.size(1) == q.size(2) && v_pool.sizes() == k_pool.sizes(), "paged_decode: head dims differ");
   TORCH_CHECK(k_pool.scalar_type() == q.scalar_type() && v_pool.scalar_type() == q.scalar_type(),
               "paged_decode: q and the pool must share a dtype");

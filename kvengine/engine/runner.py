@@ -25,7 +25,15 @@ import torch
 
 from kvengine.cache.demote import demote_layer
 from kvengine.cache.paged import PagedKVCache, SequenceKV
-from kvengine.engine.attention import ATTENTION_NAME, ForwardContext, SeqSpan, decode_batch, forward_context
+from kvengine.engine.attention import (
+    ATTENTION_NAME,
+    DecodeBatch,
+    ForwardContext,
+    SeqSpan,
+    decode_batch,
+    forward_context,
+)
+from kvengine.engine.fused import fused_decode_for
 from kvengine.engine.kernel import decode_kernel_for
 from kvengine.engine.linear import driving, use_small_linear
 from kvengine.engine.selection import BlockSelection, SelectionStats
@@ -71,6 +79,7 @@ class ModelRunner:
         self.selection_stats = SelectionStats()
         model.hf_model.set_attn_implementation(ATTENTION_NAME)
         use_small_linear(model.hf_model)
+        self._fused = fused_decode_for(model, cache.pool, has_windows=bool(self._windows))
 
     def select_blocks(self, selection: BlockSelection) -> None:
         """Decode with query-aware block selection (`kvengine.engine.selection`) from now on.
@@ -170,15 +179,7 @@ class ModelRunner:
             raise NotImplementedError("compressing a cache that a press already compressed")
         ctx, tokens, positions = self._pack(batch)
         keep, last = _kept_positions(batch, ctx.spans, device=self.model.device)
-        # Block tables are updated in `_pack`, outside inference mode: they outlive this step.
-        with forward_context(ctx), torch.inference_mode(), driving():
-            out = self.model.hf_model(
-                input_ids=torch.tensor([tokens], device=self.model.device),
-                position_ids=positions[None],
-                use_cache=False,
-                logits_to_keep=keep,
-            )
-        logits = out.logits[0].float()  # (len(keep), vocab)
+        logits = self._logits(ctx, tokens, positions, keep)  # (len(keep), vocab)
         # Presses after the forward, outside inference mode: block tables outlive the step.
         for item, span in zip(batch, ctx.spans, strict=True):
             if item.press is not None:
@@ -198,6 +199,36 @@ class ModelRunner:
             if item.all_logits:
                 item.logits = logits[row - len(item.token_ids) + 1 : row + 1]
         return logits if len(last) == logits.shape[0] else logits[last]
+
+    def _logits(
+        self, ctx: ForwardContext, tokens: list[int], positions: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """The forward pass: float32 logits of the packed positions `keep`.
+
+        A step where every sequence decodes one token with nothing to record
+        takes the fused decode op when the model has one (`fused.py`);
+        any other step runs the model's own forward through kvengine's attention.
+        """
+        token_ids = torch.tensor(tokens, device=self.model.device)
+        # Block tables are updated in `_pack`, outside inference mode: they outlive this step.
+        with torch.inference_mode(), driving():
+            decode = ctx.decode
+            if (
+                self._fused is not None
+                and self.selection is None
+                and decode is not None
+                and _all_decode(decode, ctx)
+            ):
+                hidden = self._fused(token_ids, positions, ctx.pool, ctx.new_slots, decode.slots, decode.lens)
+                return self.model.hf_model.get_output_embeddings()(hidden).float()
+            with forward_context(ctx):
+                out = self.model.hf_model(
+                    input_ids=token_ids[None],
+                    position_ids=positions[None],
+                    use_cache=False,
+                    logits_to_keep=keep,
+                )
+            return out.logits[0].float()
 
     def _pack(self, batch: list[StepInput]) -> tuple[ForwardContext, list[int], torch.Tensor]:
         """Reserve slots for the new tokens; the forward context, packed token ids and positions."""
@@ -228,6 +259,13 @@ class ModelRunner:
             scratch=self._scratch(spans),
         )
         return ctx, tokens, torch.cat(positions)
+
+
+def _all_decode(decode: DecodeBatch, ctx: ForwardContext) -> bool:
+    """Whether the decode batch is every span of the step, in order, over a pool without key bounds."""
+    rows = decode.rows
+    whole = isinstance(rows, slice) and rows.start == 0 and rows.stop == len(ctx.spans)
+    return whole and ctx.pool.key_bounds is None
 
 
 def _kept_positions(
