@@ -9,6 +9,7 @@ transformers' `generate`; the models and pools it cannot serve are refused.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -27,11 +28,11 @@ pytestmark = pytest.mark.skipif(
     fused.fused_decode_op() is None, reason="the fused decode kernel cannot be built here"
 )
 
-FUSED_FAMILIES = ("llama", "qwen2", "mistral")
+FUSED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def _model(family: str, dtype: torch.dtype = torch.float32, bits: int | None = None) -> LoadedModel:
-    overrides = {"sliding_window": None} if family == "mistral" else {}
+    overrides: dict[str, object] = {"sliding_window": None} if family == "mistral" else {}
     if family == "qwen2":
         overrides["attention_bias"] = True  # Qwen2's q/k/v biases go through the op too
     model = tiny_model(family, seed=3, **overrides)
@@ -141,7 +142,9 @@ def test_refused_models_and_pools() -> None:
     pool = engine.pool
     assert fused._refusal(llama, pool, has_windows=False) is None
     assert "sliding-window" in str(fused._refusal(llama, pool, has_windows=True))
-    assert "qwen3" in str(fused._refusal(tiny_model("qwen3"), pool, has_windows=False))
+    other = copy.copy(llama)
+    other.adapter = dataclasses.replace(llama.adapter, family="gemma3")
+    assert "gemma3" in str(fused._refusal(other, pool, has_windows=False))
     gelu = copy.deepcopy(llama)
     gelu.hf_model.config.hidden_act = "gelu"
     assert "silu" in str(fused._refusal(gelu, pool, has_windows=False))
@@ -162,6 +165,6 @@ def test_the_op_names_bad_arguments() -> None:
     op = fused.fused_decode_op()
     h = torch.zeros(1, 8)
     with pytest.raises(RuntimeError, match="fused_decode: expected 2L \\+ 1 norm weights"):
-        op(h, [h[0]], [], [0] * 7, torch.zeros(1, 4), torch.zeros(1, 4), torch.zeros(4, 4), torch.zeros(4, 4),
+        op(h, [h[0]], [], [], [0] * 7, torch.zeros(1, 4), torch.zeros(1, 4), torch.zeros(4, 4), torch.zeros(4, 4),
            torch.zeros(1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 1, dtype=torch.long),
            torch.zeros(1, 1, 1, dtype=torch.long), 1, 1, 1e-6, 1.0, 8)  # fmt: skip

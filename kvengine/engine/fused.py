@@ -10,7 +10,8 @@ linear layers and attention through kvengine's other kernels
 (`small_linear.cpp`, `paged_decode.cpp`).
 
 `fused_decode_for(model, pool)` says whether a model can take it: the
-families whose decoder layer is exactly Llama's (llama, mistral, qwen2), SiLU
+families whose decoder layer is exactly Llama's (llama, mistral, qwen2; qwen3
+with its per-head q / k norms before RoPE), SiLU
 MLPs, plain or `--weights int8|int4` linear layers, a CPU pool in the model's
 dtype that keeps its blocks unpacked, and no sliding window. The runner uses
 it only for steps where every sequence decodes one token with nothing to
@@ -43,8 +44,8 @@ from kvengine.models import LoadedModel
 log = logging.getLogger("kvengine.fused")
 
 _SOURCE = Path(__file__).with_name("fused_step.cpp")
-FAMILIES = ("llama", "mistral", "qwen2")
-_LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+_LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 _PROJECTIONS = (
     ("self_attn", "q_proj"),
     ("self_attn", "k_proj"),
@@ -73,6 +74,7 @@ class FusedDecode:
     embed: nn.Module
     rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     norms: list[torch.Tensor]
+    qk_norms: list[torch.Tensor]  # Qwen3's q_norm / k_norm per layer; empty for the others
     linears: list[torch.Tensor]
     kinds: list[int]
     num_heads: int
@@ -98,7 +100,7 @@ class FusedDecode:
         hidden = self.embed(token_ids)
         cos, sin = self.rope(positions)
         return self.op(
-            hidden, self.norms, self.linears, self.kinds, cos, sin, pool.k, pool.v,
+            hidden, self.norms, self.qk_norms, self.linears, self.kinds, cos, sin, pool.k, pool.v,
             new_slots, slots, lens, self.num_heads, self.num_kv_heads, self.eps, self.scale, linear.MAX_ROWS,
         )  # fmt: skip
 
@@ -119,6 +121,11 @@ def fused_decode_for(model: LoadedModel, pool: KVPool, has_windows: bool) -> Fus
         t for layer in layers for t in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     ]
     norms.append(base.norm.weight)
+    qk = (
+        [n for layer in layers for n in (layer.self_attn.q_norm, layer.self_attn.k_norm)]
+        if model.adapter.qk_norm
+        else []
+    )
     linears: list[torch.Tensor] = []
     kinds: list[int] = []
     for layer in layers:
@@ -132,6 +139,7 @@ def fused_decode_for(model: LoadedModel, pool: KVPool, has_windows: bool) -> Fus
         embed=base.embed_tokens,
         rope=model.adapter.rope(hf, 0),
         norms=[n.detach() for n in norms],
+        qk_norms=[n.weight.detach() for n in qk],
         linears=linears,
         kinds=kinds,
         num_heads=int(config.num_attention_heads),
@@ -178,7 +186,8 @@ def _refusal(model: LoadedModel, pool: KVPool, has_windows: bool) -> str | None:
                 return f"{'.'.join(path)} has a non-contiguous or non-CPU weight"
             if not isinstance(module, QuantLinear) and weight.dtype != dtype:
                 return f"{'.'.join(path)} is not in the model's dtype"
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        qk = (layer.self_attn.q_norm, layer.self_attn.k_norm) if model.adapter.qk_norm else ()
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, *qk):
             if norm.weight.dtype != dtype or not hasattr(norm, "variance_epsilon"):
                 return "a norm is not an RMSNorm in the model's dtype"
     return None

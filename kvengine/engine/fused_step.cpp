@@ -18,6 +18,7 @@
 //
 // hidden   (N, E) the step's input embeddings, one row per decoding sequence, model dtype
 // norms    2L + 1 RMSNorm weights (E,): input and post-attention norm per layer, then the final norm
+// qk_norms none, or 2L RMSNorm weights (D,): each layer's q_norm and k_norm over every head (Qwen3)
 // linears  7L linear layers as 4 tensors each (weight, scales, mins, bias; an empty tensor where
 //          there is none) in the order q, k, v, o, gate, up, down; `kinds` 7L: 0 plain, 1 int8, 2 int4
 // cos, sin (N, D) the rotary embedding of each row's position, model dtype
@@ -159,7 +160,8 @@ struct Shape {
 };
 
 template <typename T>
-at::Tensor run(at::Tensor h, const std::vector<at::Tensor>& norms, const std::vector<at::Tensor>& linears,
+at::Tensor run(at::Tensor h, const std::vector<at::Tensor>& norms, const std::vector<at::Tensor>& qk_norms,
+               const std::vector<at::Tensor>& linears,
                const std::vector<int64_t>& kinds, const at::Tensor& cos, const at::Tensor& sin,
                const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& new_slots,
                const at::Tensor& slots, const at::Tensor& lens, const Shape& s, float eps, double scale) {
@@ -172,6 +174,10 @@ at::Tensor run(at::Tensor h, const std::vector<at::Tensor>& norms, const std::ve
     at::Tensor q = linear(normed, linears, kinds, s.max_rows, li).contiguous();
     at::Tensor k = linear(normed, linears, kinds, s.max_rows, li + 1).contiguous();
     at::Tensor v = linear(normed, linears, kinds, s.max_rows, li + 2).contiguous();
+    if (!qk_norms.empty()) {  // Qwen3: an RMSNorm over each head's channels before RoPE
+      rms_norm(q.data_ptr<T>(), qk_norms[2 * l].data_ptr<T>(), q.data_ptr<T>(), s.rows * s.heads, s.dim, eps);
+      rms_norm(k.data_ptr<T>(), qk_norms[2 * l + 1].data_ptr<T>(), k.data_ptr<T>(), s.rows * s.kv_heads, s.dim, eps);
+    }
     rope(q.data_ptr<T>(), cp, sp, s.rows, s.heads, s.dim);
     rope(k.data_ptr<T>(), cp, sp, s.rows, s.kv_heads, s.dim);
     write_pool(k.data_ptr<T>(), v.data_ptr<T>(), k_pool.data_ptr<T>(), v_pool.data_ptr<T>(),
@@ -215,7 +221,8 @@ void check_args(const at::Tensor& hidden, const std::vector<at::Tensor>& norms, 
   TORCH_CHECK(lens.dim() == 3 && lens.size(0) == s.layers, "fused_decode: lens must be (L, N, H_kv)");
 }
 
-at::Tensor fused_decode(const at::Tensor& hidden, at::TensorList norms, at::TensorList linears, at::IntArrayRef kinds,
+at::Tensor fused_decode(const at::Tensor& hidden, at::TensorList norms, at::TensorList qk_norms, at::TensorList linears,
+                        at::IntArrayRef kinds,
                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pool,
                         const at::Tensor& v_pool, const at::Tensor& new_slots, const at::Tensor& slots,
                         const at::Tensor& lens, int64_t num_heads, int64_t num_kv_heads, double eps, double scale,
@@ -223,6 +230,13 @@ at::Tensor fused_decode(const at::Tensor& hidden, at::TensorList norms, at::Tens
   const Shape s{hidden.size(0), hidden.size(1), num_heads, num_kv_heads, k_pool.size(1),
                 static_cast<int64_t>(kinds.size()) / 7, max_rows};
   const std::vector<at::Tensor> norm_list(norms.begin(), norms.end());
+  const std::vector<at::Tensor> qk_list(qk_norms.begin(), qk_norms.end());
+  TORCH_CHECK(qk_list.empty() || static_cast<int64_t>(qk_list.size()) == 2 * s.layers,
+              "fused_decode: qk_norms must be empty or 2L weights (q_norm, k_norm per layer)");
+  for (const at::Tensor& n : qk_list) {
+    TORCH_CHECK(n.scalar_type() == hidden.scalar_type() && n.is_contiguous() && n.numel() == s.dim,
+                "fused_decode: q_norm / k_norm weights must be contiguous (D,) in the model's dtype");
+  }
   const std::vector<at::Tensor> linear_list(linears.begin(), linears.end());
   const std::vector<int64_t> kind_list(kinds.begin(), kinds.end());
   check_args(hidden, norm_list, linear_list, kind_list, cos, k_pool, new_slots, slots, lens, s);
@@ -231,10 +245,10 @@ at::Tensor fused_decode(const at::Tensor& hidden, at::TensorList norms, at::Tens
   const at::Tensor ns = new_slots.contiguous(), sl = slots.contiguous(), le = lens.contiguous();
   const float e = static_cast<float>(eps);
   switch (hidden.scalar_type()) {
-    case at::kFloat: return run<float>(h, norm_list, linear_list, kind_list, c, sn, k_pool, v_pool, ns, sl, le, s, e, scale);
+    case at::kFloat: return run<float>(h, norm_list, qk_list, linear_list, kind_list, c, sn, k_pool, v_pool, ns, sl, le, s, e, scale);
     case at::kBFloat16:
-      return run<c10::BFloat16>(h, norm_list, linear_list, kind_list, c, sn, k_pool, v_pool, ns, sl, le, s, e, scale);
-    case at::kHalf: return run<c10::Half>(h, norm_list, linear_list, kind_list, c, sn, k_pool, v_pool, ns, sl, le, s, e, scale);
+      return run<c10::BFloat16>(h, norm_list, qk_list, linear_list, kind_list, c, sn, k_pool, v_pool, ns, sl, le, s, e, scale);
+    case at::kHalf: return run<c10::Half>(h, norm_list, qk_list, linear_list, kind_list, c, sn, k_pool, v_pool, ns, sl, le, s, e, scale);
     default: TORCH_CHECK(false, "fused_decode: the model must be float32, bfloat16 or float16");
   }
 }
@@ -242,7 +256,7 @@ at::Tensor fused_decode(const at::Tensor& hidden, at::TensorList norms, at::Tens
 }  // namespace
 
 TORCH_LIBRARY(kvengine_fused, m) {
-  m.def("fused_decode(Tensor hidden, Tensor[] norms, Tensor[] linears, int[] kinds, Tensor cos, Tensor sin, "
+  m.def("fused_decode(Tensor hidden, Tensor[] norms, Tensor[] qk_norms, Tensor[] linears, int[] kinds, Tensor cos, Tensor sin, "
         "Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor new_slots, Tensor slots, Tensor lens, int num_heads, "
         "int num_kv_heads, float eps, float scale, int max_rows) -> Tensor");
 }
