@@ -15,7 +15,7 @@ from kvengine.errors import InvalidRequestError, UnsupportedModelError
 from kvengine.eval.tasks.haystack import prose_path
 from kvengine.models import LoadedModel
 from kvengine.rag import BlendConfig, RagPrompt, build_rag_prompt, check_spans, rag_generate
-from kvengine.rag.blend import Piece, assemble
+from kvengine.rag.blend import Piece, assemble, place
 from kvengine.rag.chunks import ChunkStore
 from kvengine.rag.dense import prefill_layers
 from kvengine.rag.rotation import check_rerotatable, rerotate
@@ -235,3 +235,114 @@ def test_workload_documents_and_questions() -> None:
     for q in build_questions(docs, 10, 4, 6, seed=3):
         assert 4 <= len(set(q.documents)) == len(q.documents) <= 6 and q.target in q.documents
         assert q.is_correct(f"It is {docs[q.target].code}.") and not q.is_correct("It is 123.")
+
+
+@pytest.mark.parametrize(
+    "blend",
+    [
+        BlendConfig("reuse", sink_tokens=10_000),
+        BlendConfig("blend", 1.0, anchor="head"),
+        BlendConfig("blend", 1.0, sink_tokens=3, anchor="head"),
+        BlendConfig("reuse", sink_tokens=10_000, anchor="head"),
+    ],
+)
+def test_sinks_and_anchors_with_every_token_recomputed_give_a_plain_prefill(
+    tiny_llama: LoadedModel, blend: BlendConfig
+) -> None:
+    ref_ids, ref = _first_logprobs(Engine(tiny_llama), PROMPT, BlendConfig("full"))
+    engine = _engine(tiny_llama)
+    ids, got = _first_logprobs(engine, PROMPT, blend)
+    assert ids == ref_ids
+    assert got == pytest.approx(ref, abs=1e-4)
+    engine.check_invariants()
+
+
+def test_a_chunk_anchored_on_the_head_and_placed_after_it_is_exact(tiny_llama: LoadedModel) -> None:
+    """No recompute: the chunk computed after the head is the plain prefill's cache there; one at 0 is not."""
+    prompt = RagPrompt(PROMPT.token_ids, ((5, 40),))
+    ref_ids, ref = _first_logprobs(Engine(tiny_llama), prompt, BlendConfig("full"))
+    engine = _engine(tiny_llama)
+    anchored = rag_generate(
+        engine, prompt, SamplingParams(max_tokens=1), blend=BlendConfig("reuse", anchor="head")
+    )
+    assert anchored.num_recomputed_tokens == 0  # head + chunk, kept as one prefix, fill 10 whole blocks
+    assert anchored.num_chunks_computed == 1
+    ids, got = _first_logprobs(engine, prompt, BlendConfig("reuse", anchor="head"))
+    assert ids == ref_ids and got == pytest.approx(ref, abs=1e-4)
+    _, alone = _first_logprobs(engine, prompt, BlendConfig("reuse"))
+    assert alone != pytest.approx(ref, abs=1e-3)  # computed at position 0, the chunk missed the head
+
+
+def test_sink_tokens_recompute_each_moved_chunks_first_tokens(tiny_llama: LoadedModel) -> None:
+    engine = _engine(tiny_llama)
+    params = SamplingParams(max_tokens=1)
+    base = rag_generate(engine, PROMPT, params, blend=BlendConfig("reuse")).num_recomputed_tokens
+    sinks = rag_generate(engine, PROMPT, params, blend=BlendConfig("reuse", sink_tokens=3))
+    assert sinks.num_recomputed_tokens == base + 3 * len(PROMPT.spans)  # every chunk moved from position 0
+    head = rag_generate(engine, PROMPT, params, blend=BlendConfig("reuse", anchor="head"))
+    head_sinks = rag_generate(
+        engine, PROMPT, params, blend=BlendConfig("reuse", sink_tokens=3, anchor="head")
+    )
+    assert (
+        head_sinks.num_recomputed_tokens == head.num_recomputed_tokens + 3 * 2
+    )  # the first chunk is in place
+    with_blend = rag_generate(engine, PROMPT, params, blend=BlendConfig("blend", 0.15, sink_tokens=3))
+    plain_blend = rag_generate(engine, PROMPT, params, blend=BlendConfig("blend", 0.15))
+    assert (
+        plain_blend.num_recomputed_tokens
+        < with_blend.num_recomputed_tokens
+        <= plain_blend.num_recomputed_tokens + 9
+    )
+    engine.check_invariants()
+
+
+def test_blend_settings_name_what_is_wrong() -> None:
+    for bad in (-1, True, "8", 1.5):
+        with pytest.raises(InvalidRequestError, match="sink_tokens must be an integer >= 0"):
+            BlendConfig("reuse", sink_tokens=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="unknown anchor 'tail'; known: none, head"):
+        BlendConfig("blend", anchor="tail")
+
+
+def test_bench_systems_parse_and_refuse_clearly() -> None:
+    from kvengine.bench.rag import parse_system, systems
+
+    assert parse_system("full") == ("plain", BlendConfig("full"))
+    assert parse_system("prefix") == ("prefix", BlendConfig("full"))
+    assert parse_system("reuse+sink16") == ("chunks", BlendConfig("reuse", sink_tokens=16))
+    assert parse_system("blend-15+head+sink8") == (
+        "chunks",
+        BlendConfig("blend", 0.15, sink_tokens=8, anchor="head"),
+    )
+    assert list(systems([0.05, 0.3])) == ["full", "prefix", "reuse", "blend-5", "blend-30"]
+    for bad in ("blend", "blend-150", "reuse+tail", "full+head", "blend-15+sink", "reuse+head+head", "lego"):
+        with pytest.raises(InvalidRequestError, match="known forms: full, prefix"):
+            parse_system(bad)
+
+
+@pytest.mark.parametrize(("origin", "start"), [(7, 30), (12, 12), (40, 9)])
+def test_a_piece_computed_at_an_origin_is_rerotated_by_start_minus_origin(origin: int, start: int) -> None:
+    """Keys computed at positions origin.. and placed at start.. equal keys computed at start.. (all layers)."""
+    model = tiny_model("llama")
+    ids = torch.tensor(_ids(20, seed=5))
+    k_origin, v_origin = prefill_layers(model, ids, torch.arange(20) + origin)
+    k_start, v_start = prefill_layers(model, ids, torch.arange(20) + start)
+    keys, values, covered = place(model, [Piece(start, k_origin, v_origin, origin=origin)], start + 25)
+    torch.testing.assert_close(keys[:, :, start : start + 20], k_start, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(values[:, :, start : start + 20], v_start, atol=2e-5, rtol=1e-4)
+    assert covered.nonzero().flatten().tolist() == list(range(start, start + 20))
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_prefill_layers_after_a_known_prefix_equals_computing_it_all(family: str) -> None:
+    model = tiny_model(family)
+    ids = torch.tensor(_ids(40, seed=6))
+    ref_k, ref_v = prefill_layers(model, ids, torch.arange(40), 2)
+    known = (ref_k[:, :, :17].clone(), ref_v[:, :, :17].clone())
+    got_k, got_v = prefill_layers(model, ids, torch.arange(40), 2, known)
+    torch.testing.assert_close(got_k, ref_k, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_v, ref_v, atol=1e-5, rtol=1e-4)
+    wrong = (torch.zeros_like(known[0]), torch.zeros_like(known[1]))
+    assert not torch.allclose(
+        prefill_layers(model, ids, torch.arange(40), 2, wrong)[0][1, :, 17:], ref_k[1, :, 17:]
+    )

@@ -78,6 +78,8 @@ def _text_of(response: httpx.Response) -> str:
         ({"mode": "reuse"}, BlendConfig("reuse")),
         ({"mode": "blend", "recompute_ratio": 0.3}, BlendConfig("blend", 0.3)),
         ({"mode": "full"}, BlendConfig("full")),
+        ({"sink_tokens": 4, "anchor": "head"}, BlendConfig("blend", sink_tokens=4, anchor="head")),
+        ({"mode": "reuse", "sink_tokens": 3}, BlendConfig("reuse", sink_tokens=3)),
     ],
 )
 def test_kv_chunks_give_the_tokens_of_the_python_api(model: LoadedModel, kv_blend, blend) -> None:
@@ -226,6 +228,8 @@ def test_a_tenant_never_reads_another_tenants_chunks(model: LoadedModel, monkeyp
         ({"prompt": ["ab", "cd"]}, "kv_chunks", "one prompt"),
         ({"kv_blend": {"mode": "cacheblend"}}, "kv_blend", None),
         ({"kv_blend": {"recompute_ratio": 1.5}}, "kv_blend", None),
+        ({"kv_blend": {"anchor": "tail"}}, "kv_blend", None),
+        ({"kv_blend": {"sink_tokens": -1}}, "kv_blend", None),
     ],
 )
 def test_bad_kv_chunks_are_a_400_naming_the_field(

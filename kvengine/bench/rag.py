@@ -9,7 +9,10 @@ so a slow spell of the shared machine hits all of them alike):
 - "prefix": the prefix cache only, warmed with every document at the start
   of a prompt (template + document), as if each had been asked about alone;
 - "reuse": chunks from the chunk store, re-rotated, nothing recomputed;
-- "blend-R": CacheBlend with R% of each moved chunk's tokens recomputed.
+- "blend-R": CacheBlend with R% of each moved chunk's tokens recomputed;
+- "reuse" and "blend-R" with "+sinkN" (each moved chunk's first N tokens
+  always recomputed) and / or "+head" (chunks computed after the prompt's
+  head instead of at position 0), e.g. "blend-15+head+sink8" (`--systems`).
 
 The chunk store is filled before the timed questions (chunks are computed
 once, ahead of use, as CacheBlend assumes); the time to fill it is reported.
@@ -41,15 +44,46 @@ only, chunk reuse without recompute and CacheBlend at each --ratios, systems alt
 Rows are appended as JSON lines to --out, and a table to --report."""
 
 
-def systems(ratios: list[float]) -> dict[str, tuple[str, BlendConfig]]:
-    """System label -> (engine it runs on, its blend config)."""
+SYSTEM_FORMS = "full, prefix, reuse[+OPTS], blend-R[+OPTS] (R: percent recomputed; OPTS: sinkN, head)"
+
+
+def parse_system(spec: str) -> tuple[str, BlendConfig]:
+    """A system label -> (engine it runs on, its blend config); InvalidRequestError naming the forms.
+
+    "full" and "prefix" reuse no chunk; "reuse" and "blend-R" (R percent) may
+    take "+sinkN" (N first tokens of each moved chunk always recomputed) and
+    "+head" (chunks computed after the prompt's head), e.g. "blend-15+head+sink8".
+    """
     from kvengine.rag.blend import BlendConfig
 
-    out = {"full": ("plain", BlendConfig("full")), "prefix": ("prefix", BlendConfig("full"))}
-    out["reuse"] = ("chunks", BlendConfig("reuse"))
-    for r in ratios:
-        out[f"blend-{round(r * 100)}"] = ("chunks", BlendConfig("blend", r))
-    return out
+    base, *opts = spec.strip().split("+")
+    if base in ("full", "prefix") and not opts:
+        return ("plain" if base == "full" else "prefix"), BlendConfig("full")
+    options: dict[str, Any] = {}
+    for opt in opts:
+        if opt == "head" and "anchor" not in options:
+            options["anchor"] = "head"
+        elif opt.startswith("sink") and opt[4:].isdigit() and "sink_tokens" not in options:
+            options["sink_tokens"] = int(opt[4:])
+        else:
+            raise InvalidRequestError(f"bad option {opt!r} in system {spec!r}; known forms: {SYSTEM_FORMS}")
+    if base == "reuse":
+        return "chunks", BlendConfig("reuse", **options)
+    percent = base.removeprefix("blend-")
+    if base.startswith("blend-") and percent.isdigit() and int(percent) <= 100:
+        return "chunks", BlendConfig("blend", int(percent) / 100, **options)
+    raise InvalidRequestError(f"unknown system {spec!r}; known forms: {SYSTEM_FORMS}")
+
+
+def systems(ratios: list[float], names: list[str] | None = None) -> dict[str, tuple[str, BlendConfig]]:
+    """System label -> (engine it runs on, its blend config): `names`, or full, prefix, reuse, blend-R per ratio."""
+    if names is None:
+        names = ["full", "prefix", "reuse"] + [f"blend-{round(r * 100)}" for r in ratios]
+    return {name: parse_system(name) for name in names}
+
+
+def engines_used(table: dict[str, tuple[str, BlendConfig]]) -> set[str]:
+    return {engine_name for engine_name, _ in table.values()}
 
 
 def run_rag_bench(
@@ -58,6 +92,7 @@ def run_rag_bench(
     """Run every system on every question; append rows to `out` and a table to `report`; return the rows."""
     from kvengine.engine.request import SamplingParams
     from kvengine.rag import build_rag_prompt, rag_generate
+    from kvengine.rag.api import stored_sequences
     from kvengine.rag.chunks import ChunkStore
     from kvengine.rag.workload import SYSTEM, build_documents, build_questions
 
@@ -70,18 +105,21 @@ def run_rag_bench(
         build_rag_prompt(tok, [docs[i].text for i in q.documents], q.question, system=SYSTEM)
         for q in questions
     ]
+    table = systems(args.ratios, getattr(args, "systems", None))
     engines = _engines(model, args.max_kv_mib)
     start = time.perf_counter()
-    ChunkStore(engines["chunks"]).ensure([p.chunk(i) for p in prompts for i in range(len(p.spans))], "")
-    ChunkStore(engines["chunks"]).ensure([prompts[0].token_ids[: prompts[0].spans[0][0]]], "")
+    blends = {blend for engine_name, blend in table.values() if engine_name == "chunks"}
+    ChunkStore(engines["chunks"]).ensure(
+        [seq for p in prompts for b in blends for seq in stored_sequences(p, b)], ""
+    )
     fill_s = time.perf_counter() - start
     head = prompts[0].token_ids[: prompts[0].spans[0][0]]
     # The prefix baseline's cache: each document once at the start of a prompt, as if asked about alone
     # before (only those that open some prompt can be hit, so only those are computed).
-    for first in sorted({q.documents[0] for q in questions}):
+    openers = {q.documents[0] for q in questions} if "prefix" in engines_used(table) else set()
+    for first in sorted(openers):
         ids = head + list(tok.encode(docs[first].text, add_special_tokens=False))
         engines["prefix"].generate([ids], SamplingParams(max_tokens=1))
-    table = systems(args.ratios)
     results: dict[str, list[tuple[float, float, bool, int]]] = {name: [] for name in table}
     params = SamplingParams(max_tokens=args.new_tokens)
     for qi, (q, prompt) in enumerate(zip(questions, prompts, strict=True)):
@@ -187,8 +225,9 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
 def _notes(fill_s: float, prompts: list[Any]) -> str:
     lens = sorted(len(p.token_ids) for p in prompts)
     return (
-        f"Prompts of {lens[0]}-{lens[-1]} tokens. Filling the chunk store (every document once, alone, at "
-        f"position 0) took {fill_s:.1f} s before the timed questions. Systems alternate per question on a "
+        f"Prompts of {lens[0]}-{lens[-1]} tokens. Filling the chunk store (every document once, alone at "
+        f"position 0 and / or after the prompt's head for +head systems) took {fill_s:.1f} s before the timed "
+        "questions. Systems alternate per question on a "
         "machine shared with other jobs; TTFT is the median over questions, in wall time and in this "
         "process's CPU time (one torch thread: CPU time does not grow when other jobs take the cores)."
     )
@@ -208,6 +247,18 @@ def _ratios(text: str) -> list[float]:
     if not values or not all(0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"recompute ratios must be in [0, 1], got {text!r}")
     return values
+
+
+def _system_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        if not names or "full" not in names:
+            raise InvalidRequestError(f"--systems must include full (the reference), got {text!r}")
+        for name in names:
+            parse_system(name)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return list(dict.fromkeys(names))
 
 
 def add_rag_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -230,6 +281,12 @@ def add_rag_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--min-docs", type=positive_int, default=4, help="fewest documents per prompt")
     p.add_argument("--max-docs", type=positive_int, default=6, help="most documents per prompt")
     p.add_argument("--ratios", type=ratio_list, default=[0.05, 0.15, 0.30], help="blend recompute ratios")
+    p.add_argument(
+        "--systems",
+        type=_system_list,
+        default=None,
+        help=f"comma-separated systems to run instead of those --ratios makes; forms: {SYSTEM_FORMS}",
+    )
     p.add_argument("--new-tokens", type=positive_int, default=24, help="output tokens per question")
     p.add_argument("--max-kv-mib", type=positive_int, default=2048, help="KV pool of each caching engine")
     p.add_argument("--seed", type=int, default=0)

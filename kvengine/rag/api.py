@@ -70,17 +70,32 @@ def check_rag(engine: Engine, prompt: RagPrompt, blend: BlendConfig) -> RagPromp
     return RagPrompt(ids, spans)
 
 
-def _pieces(prompt: RagPrompt) -> list[tuple[int, int]]:
-    """The spans read from the chunk store: the text before the first chunk (a prefix, if any), then the chunks."""
-    spans = prompt.spans
-    head = [(0, spans[0][0])] if spans and spans[0][0] > 0 else []
-    return head + list(spans)
+def _stored(prompt: RagPrompt, blend: BlendConfig) -> list[tuple[list[int], int, int]]:
+    """What the store keeps for the prompt: (sequence, anchor length, start in the prompt) per piece.
+
+    The text before the first chunk (the head, a prefix, if any) comes first;
+    then each chunk. With `blend.anchor` "head", each chunk is kept after the
+    head, and the first one with it, as the prefix it then is.
+    """
+    ids, spans = prompt.token_ids, prompt.spans
+    if not spans:
+        return []
+    head = ids[: spans[0][0]]
+    if blend.anchor == "head":
+        first = [(ids[: spans[0][1]], 0, 0)]
+        return first + [(head + ids[s:e], len(head), s) for s, e in spans[1:]]
+    return ([(head, 0, 0)] if head else []) + [(ids[s:e], 0, s) for s, e in spans]
 
 
-def queue_chunks(engine: Engine, prompt: RagPrompt, cache_salt: str = "") -> list[int]:
-    """Queue a one-token request for each of the prompt's chunks the store lacks (none in "full"); their ids."""
+def stored_sequences(prompt: RagPrompt, blend: BlendConfig) -> list[list[int]]:
+    """The token sequences the chunk store must hold to assemble `prompt` as `blend` says."""
+    return [seq for seq, _, _ in _stored(prompt, blend)]
+
+
+def queue_chunks(engine: Engine, prompt: RagPrompt, blend: BlendConfig, cache_salt: str = "") -> list[int]:
+    """Queue a one-token request for each of the prompt's chunks the store lacks; their ids."""
     store = ChunkStore(engine)
-    return store.queue([prompt.token_ids[s:e] for s, e in _pieces(prompt)], cache_salt)
+    return store.queue(stored_sequences(prompt, blend), cache_salt)
 
 
 def add_rag_request(
@@ -102,9 +117,9 @@ def add_rag_request(
     store = ChunkStore(engine)
     end = prompt.spans[-1][1]
     pieces = []
-    for s, e in _pieces(prompt):
-        kv = store.fetch(ids[s:e], cache_salt)
-        pieces.append(Piece(s, kv.keys, kv.values))
+    for seq, skip, start in _stored(prompt, blend):
+        kv = store.fetch(seq, cache_salt, skip)
+        pieces.append(Piece(start, kv.keys, kv.values, origin=skip))
     made = assemble(engine.model, ids[:end], pieces, blend)
     blocks = _write(engine, made.keys, made.values)
     try:
@@ -141,9 +156,7 @@ def rag_generate(
     prompt = check_rag(engine, prompt, blend)
     num_computed = 0
     if blend.mode != "full":
-        num_computed = ChunkStore(engine).ensure(
-            [prompt.token_ids[s:e] for s, e in _pieces(prompt)], cache_salt
-        )
+        num_computed = ChunkStore(engine).ensure(stored_sequences(prompt, blend), cache_salt)
     added = add_rag_request(engine, prompt, params or SamplingParams(), blend, cache_salt)
     return _finish(engine, added, start, num_computed)
 

@@ -8,6 +8,8 @@ get them as they get any prefix), and a cached one is read back through
 from the tiers. Keys carry the tenant's salt, so one tenant never reads
 another's chunks. Only whole blocks are kept: a chunk's last
 `len % block_size` tokens are computed again wherever the chunk is used.
+A chunk computed after an anchor (blend.py's `anchor`) is kept as the
+sequence anchor + chunk, and read back without the anchor's tokens.
 
 The store never holds blocks between calls; what `fetch` returns is a copy.
 """
@@ -92,15 +94,19 @@ class ChunkStore:
         self.num_computed_chunks += len(ids)
         return ids
 
-    def fetch(self, chunk_ids: list[int], cache_salt: str) -> ChunkKV:
-        """A copy of the cached position-0 keys and values of the chunk's longest cached prefix (maybe empty)."""
+    def fetch(self, chunk_ids: list[int], cache_salt: str, skip: int = 0) -> ChunkKV:
+        """A copy of the cached keys and values of the chunk's longest cached prefix (maybe empty).
+
+        With `skip`, the first `skip` tokens (an anchor the chunk was computed
+        after) are left out: the copy holds tokens `skip..`, at positions `skip..`.
+        """
         seq_id = next(self._ids)
         key = PrefixKey(chunk_ids[: self.cacheable_len(chunk_ids)], cache_salt)
         hit = self.prefix.attach(seq_id, key)
         assert hit is not None  # plain keys always attach
         try:
             n = hit.num_tokens
-            slots = hit.kv.slots[..., :n]  # (L, H, n)
+            slots = hit.kv.slots[..., min(skip, n) : n]  # (L, H, n - skip)
             k, v = self.engine.pool.read(slots.flatten())
             shape = (*slots.shape, k.shape[-1])
             return ChunkKV(k.view(shape), v.view(shape))  # `read` made new tensors

@@ -77,21 +77,32 @@ def _stacked(cache: DynamicCache, num_layers: int) -> tuple[torch.Tensor, torch.
 
 
 def prefill_layers(
-    model: LoadedModel, token_ids: torch.Tensor, positions: torch.Tensor, num_layers: int | None = None
+    model: LoadedModel,
+    token_ids: torch.Tensor,
+    positions: torch.Tensor,
+    num_layers: int | None = None,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values `(num_layers, H_kv, T, D)` of `token_ids` `(T,)` at `positions`, attending causally.
 
     Only the first `num_layers` layers run (default: all), the last of them
-    only up to its keys and values.
+    only up to its keys and values. `known`: the exact keys and values
+    `(>= num_layers, H_kv, p, D)` of the first p tokens (a true prefix), which
+    are then not computed again (p < T).
     """
     hf = model.hf_model
     num_layers = model.num_layers if num_layers is None else num_layers
     cache = _StoppingCache(hf.config, num_layers - 1)
+    skip = 0
+    if known is not None and known[0].shape[2] > 0:
+        skip = int(known[0].shape[2])
+        for layer in range(num_layers):
+            DynamicCache.update(cache, known[0][layer][None], known[1][layer][None], layer)
     try:
         with plain_attention(model):
             hf(
-                input_ids=token_ids[None],
-                position_ids=positions[None],
+                input_ids=token_ids[skip:][None],
+                position_ids=positions[skip:][None],
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,

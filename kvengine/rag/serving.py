@@ -40,7 +40,7 @@ async def add_rag(
 
     def fill(engine: Engine) -> list[int]:
         checked = check_rag(engine, prompt, blend)
-        return [] if blend.mode == "full" else queue_chunks(engine, checked, cache_salt)
+        return [] if blend.mode == "full" else queue_chunks(engine, checked, blend, cache_salt)
 
     chunk_ids = await llm.add_with(fill)
     try:

@@ -104,7 +104,7 @@ def rag_of(body: CompletionRequest | ChatRequest, prompt_ids: list[int], model: 
         if broken:
             raise fmt.APIError(400, f"kv_chunks needs {need}", param="kv_chunks")
     options = body.kv_blend
-    blend = BlendConfig(options.mode, options.recompute_ratio) if options is not None else BlendConfig()
+    blend = BlendConfig(**options.model_dump()) if options is not None else BlendConfig()  # same field names
     with as_400(param="kv_chunks"):
         spans = parse_kv_chunks(body.kv_chunks, len(prompt_ids), model.max_context_len)
     if blend.mode != "full":

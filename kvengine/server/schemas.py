@@ -59,6 +59,8 @@ class KVBlendOptions(_Body):
 
     mode: Literal["full", "reuse", "blend"] = "blend"
     recompute_ratio: float = Field(0.15, ge=0.0, le=1.0)  # blend: share of each moved chunk recomputed
+    sink_tokens: int = Field(0, ge=0, le=2**20)  # reuse, blend: each moved chunk's first tokens recomputed
+    anchor: Literal["none", "head"] = "none"  # "head": chunks computed after the prompt's text before them
 
 
 class _Sampling(_Body):
