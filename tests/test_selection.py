@@ -22,7 +22,7 @@ from kvengine.engine.attention import ForwardContext, SeqSpan, _decode, decode_b
 from kvengine.engine.engine import Engine
 from kvengine.engine.kernel import paged_decode
 from kvengine.engine.request import SamplingParams
-from kvengine.engine.selection import BlockSelection, SelectionStats, select_blocks
+from kvengine.engine.selection import HEAD_SCORES, BlockSelection, SelectionStats, select_blocks
 from kvengine.errors import InvalidRequestError
 from kvengine.models import LoadedModel
 from kvengine.press.methods import make_method, method_or_press
@@ -72,22 +72,46 @@ def context(cache: PagedKVCache, seqs: list, selection: BlockSelection | None, p
     return ForwardContext(cache.pool, spans, torch.empty(0), batch, kernel, selection, SelectionStats())
 
 
+def reference_block_scores(keys: torch.Tensor, q: torch.Tensor, bs: int, heads: str) -> list[float]:
+    """float64 score of every block of one cell from its keys `(n, D)`, for its query heads q `(G, D)`.
+
+    Per head, Quest's bound `sum_d max(q_d * min_d, q_d * max_d)`; "sum" adds the heads' bounds,
+    "max" takes each head's bound minus its best over the cell's blocks, the largest over heads.
+    """
+    qd, keys = q.double(), keys.double()
+    per = []  # per[j][g]
+    for j in range(-(-keys.shape[0] // bs)):
+        block = keys[j * bs : (j + 1) * bs]
+        lo, hi = block.min(0).values, block.max(0).values
+        per.append([float(torch.maximum(qh * lo, qh * hi).sum()) for qh in qd])
+    if heads == "sum":
+        return [sum(row) for row in per]
+    best = [max(row[g] for row in per) for g in range(qd.shape[0])]
+    return [max(row[g] - best[g] for g in range(qd.shape[0])) for row in per]
+
+
 def brute_force_blocks(
     cache: PagedKVCache, seq, head: int, q: torch.Tensor, sel: BlockSelection
 ) -> list[int]:
-    """Cell block indices the selection must read: sinks, recent, then the best brute-force bounds."""
+    """Cell block indices the selection must read: sinks, recent, then the best brute-force scores."""
     bs, n = cache.block_size, int(seq.lens[0, head])
-    keys = cache.pool.k[seq.slots[0, head, :n]].double()  # (n, D)
+    keys = cache.pool.k[seq.slots[0, head, :n]]  # (n, D)
     num_blocks = -(-n // bs)
     k = sel.blocks_to_read(max(-(-int(length) // bs) for length in seq.lens[0]))
-    scores = []
-    for j in range(num_blocks):
-        block = keys[j * bs : (j + 1) * bs]
-        lo, hi = block.min(0).values, block.max(0).values
-        scores.append(sum(float(torch.maximum(qh.double() * lo, qh.double() * hi).sum()) for qh in q))
-    forced = {j for j in range(num_blocks) if j < sel.sink_blocks or j >= num_blocks - sel.recent_blocks}
-    rest = sorted(set(range(num_blocks)) - forced, key=lambda j: -scores[j])
-    return sorted(forced | set(rest[: max(0, k - len(forced))]))
+    return reference_pick(reference_block_scores(keys, q, bs, sel.heads), num_blocks, k, sel)
+
+
+def reference_pick(scores: list[float], num_blocks: int, k: int, sel: BlockSelection) -> list[int]:
+    """Sinks and recent blocks, then the best scores (ties: the earlier block), each sink and pick
+    bringing its next `sel.neighbours` blocks, until `k` blocks: the cell's block indices, ascending."""
+    chosen = {j for j in range(num_blocks) if j < sel.sink_blocks or j >= num_blocks - sel.recent_blocks}
+    rest = sorted(set(range(num_blocks)) - chosen, key=lambda j: -scores[j])  # stable: ties by index
+    starts = [*range(min(sel.sink_blocks, num_blocks)), *rest] if sel.neighbours else rest
+    for first in starts:
+        for j in range(first, min(first + sel.neighbours + 1, num_blocks)):
+            if len(chosen) < k:
+                chosen.add(j)
+    return sorted(chosen)
 
 
 @settings(max_examples=25, deadline=None)
@@ -125,12 +149,17 @@ def test_the_upper_bound_bounds_every_key_of_its_block(lens: list[int], block_si
     sink=st.integers(0, 2),
     recent=st.integers(1, 2),
     seed=st.integers(0, 10_000),
+    heads=st.sampled_from(HEAD_SCORES),
+    neighbours=st.integers(0, 2),
 )
 def test_selection_reads_sinks_recent_and_the_best_bounds(
-    lens: list[list[int]], budget: int, sink: int, recent: int, seed: int
+    lens: list[list[int]], budget: int, sink: int, recent: int, seed: int, heads: str, neighbours: int
 ) -> None:
     bs = 4
-    sel = BlockSelection(budget=max(budget, sink + recent), sink_blocks=sink, recent_blocks=recent)
+    sel = BlockSelection(
+        budget=max(budget, sink + recent), sink_blocks=sink, recent_blocks=recent, heads=heads,
+        neighbours=neighbours,
+    )  # fmt: skip
     cache, seqs, q = filled_cache(lens, bs, seed)
     ctx = context(cache, seqs, sel, "gather")
     assert ctx.decode is not None and cache.pool.key_bounds is not None
@@ -170,10 +199,13 @@ def dense_over(
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("budget", [3, 5, 100])
-def test_selected_attention_is_dense_attention_over_the_chosen_blocks(path: str, budget: int) -> None:
+@pytest.mark.parametrize("heads", HEAD_SCORES)
+def test_selected_attention_is_dense_attention_over_the_chosen_blocks(
+    path: str, budget: int, heads: str
+) -> None:
     """budget 100 covers every block: the result is plain dense attention over the whole cache."""
     lens = [[37, 20], [9, 45]]
-    sel = BlockSelection(budget=budget, sink_blocks=1, recent_blocks=2)
+    sel = BlockSelection(budget=budget, sink_blocks=1, recent_blocks=2, heads=heads)
     cache, seqs, q = filled_cache(lens, 4, seed=5)
     ctx = context(cache, seqs, sel, path)
     assert ctx.decode is not None
@@ -242,6 +274,10 @@ def test_bad_input_names_the_problem() -> None:
         BlockSelection()
     with pytest.raises(InvalidRequestError, match="sink_blocks must be an integer"):
         make_method("quest", 0.5, sink_blocks=-1)
+    with pytest.raises(InvalidRequestError, match="heads must be one of 'sum', 'max', got 'mean'"):
+        make_method("quest", 0.5, heads="mean")
+    with pytest.raises(InvalidRequestError, match="neighbours must be an integer >= 0, got -1"):
+        make_method("quest", 0.5, neighbours=-1)
     with pytest.raises(InvalidRequestError, match="compression ratio"):
         make_method("quest", 1.0)
     with pytest.raises(

@@ -1,9 +1,10 @@
 """Block selection's two implementations (the C++ op and torch ops) against a float64 brute force.
 
 The reference recomputes every block's key minimum and maximum from the keys
-the pool holds, scores blocks in float64 (`sum_g sum_d max(q_gd * min_d,
-q_gd * max_d)`, one block at a time) and takes sinks, recent blocks and the
-top-k of the rest. Both implementations must pick the same set, up to blocks
+the pool holds, scores blocks in float64 (per query head `sum_d max(q_gd *
+min_d, q_gd * max_d)`, one block at a time; summed over heads, or each head
+relative to its best block and the largest over heads) and takes sinks,
+recent blocks and the top-k of the rest. Both implementations must pick the same set, up to blocks
 whose float64 scores tie with the last one taken within float32 rounding.
 """
 
@@ -13,31 +14,20 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_selection import GROUP, H_KV, context, filled_cache
+from test_selection import GROUP, H_KV, D, context, filled_cache, reference_block_scores, reference_pick
 
+from kvengine.cache.paged import PagedKVCache
+from kvengine.cache.pool import BlockPool
 from kvengine.config import CacheConfig
 from kvengine.engine import selection as selection_module
 from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams
 from kvengine.engine.select_kernel import select_op
-from kvengine.engine.selection import BlockSelection, select_blocks
+from kvengine.engine.selection import HEAD_SCORES, BlockSelection, select_blocks
 from kvengine.models import LoadedModel
 
 OP = select_op()
 IMPLEMENTATIONS = ["torch", *(["kernel"] if OP is not None else [])]
-
-
-def reference_scores(cache, seq, head: int, q: torch.Tensor) -> list[float]:  # type: ignore[no-untyped-def]
-    """float64 bound of every block of one cell, from the keys themselves; q `(G, D)`."""
-    bs, n = cache.block_size, int(seq.lens[0, head])
-    keys = cache.pool.k[seq.slots[0, head, :n]].double()
-    out = []
-    for j in range(-(-n // bs)):
-        block = keys[j * bs : (j + 1) * bs]
-        lo, hi = block.min(0).values, block.max(0).values
-        qd = q.double()
-        out.append(float(torch.maximum(qd * lo, qd * hi).sum()))
-    return out
 
 
 def chosen_blocks(slots: torch.Tensor, length: int, bs: int, cell: torch.Tensor) -> list[int]:
@@ -56,6 +46,8 @@ def chosen_blocks(slots: torch.Tensor, length: int, bs: int, cell: torch.Tensor)
     block_size=st.sampled_from([4, 16]),  # 4 x 2 x 30 blocks at most: the test pool holds 512
     seed=st.integers(0, 10_000),
     implementation=st.sampled_from(IMPLEMENTATIONS),
+    heads=st.sampled_from(HEAD_SCORES),
+    neighbours=st.integers(0, 2),
 )
 def test_selection_equals_the_float64_brute_force(
     lens: list[list[int]],
@@ -65,8 +57,13 @@ def test_selection_equals_the_float64_brute_force(
     block_size: int,
     seed: int,
     implementation: str,
+    heads: str,
+    neighbours: int,
 ) -> None:
-    sel = BlockSelection(budget=max(budget, sink + recent), sink_blocks=sink, recent_blocks=recent)
+    sel = BlockSelection(
+        budget=max(budget, sink + recent), sink_blocks=sink, recent_blocks=recent, heads=heads,
+        neighbours=neighbours,
+    )  # fmt: skip
     cache, seqs, q = filled_cache(lens, block_size, seed)
     ctx = context(cache, seqs, sel, "gather")
     assert ctx.decode is not None and cache.pool.key_bounds is not None
@@ -81,18 +78,18 @@ def test_selection_equals_the_float64_brute_force(
         for h in range(H_KV):
             n = int(seq.lens[0, h])
             num_blocks = -(-n // block_size)
-            scores = reference_scores(cache, seq, h, q[i, h * GROUP : (h + 1) * GROUP])
+            keys = cache.pool.k[seq.slots[0, h, :n]]
+            scores = reference_block_scores(keys, q[i, h * GROUP : (h + 1) * GROUP], block_size, heads)
             forced = {j for j in range(num_blocks) if j < sink or j >= num_blocks - recent}
-            rest = sorted(set(range(num_blocks)) - forced, key=lambda j: -scores[j])
-            take = max(0, min(k, num_blocks) - len(forced))
+            wanted = reference_pick(scores, num_blocks, min(k, num_blocks), sel)
             got = chosen_blocks(slots[i, h], int(new_lens[i, h]), block_size, seq.slots[0, h, :n])
             assert got == sorted(got) and forced <= set(got), "sinks and recent blocks, in cache order"
             assert len(got) == min(k, num_blocks)
-            picked, wanted = set(got) - forced, set(rest[:take])
-            if picked != wanted:  # only exchanges between float64 near-ties
-                last = scores[rest[take - 1]]
-                for j in picked ^ wanted:
-                    assert abs(scores[j] - last) <= 1e-4 * (1 + abs(last)), (j, scores[j], last)
+            if set(got) != set(wanted):  # only exchanges between float64 near-ties (and what they bring)
+                last = min((scores[j] for j in set(wanted) - forced), default=0.0)
+                near = {j for j in range(num_blocks) if abs(scores[j] - last) <= 1e-4 * (1 + abs(last))}
+                brought = {j + d for j in near for d in range(neighbours + 1)}
+                assert set(got) ^ set(wanted) <= brought, (got, wanted)
             # The new table holds exactly the chosen blocks' tokens, then the zero slot.
             cell = seq.slots[0, h, :n]
             want = torch.cat([cell[j * block_size : (j + 1) * block_size] for j in got])
@@ -106,11 +103,13 @@ def test_selection_equals_the_float64_brute_force(
 
 @pytest.mark.skipif(OP is None, reason="the selection kernel does not build here")
 @pytest.mark.parametrize("seed", range(4))
-def test_kernel_and_torch_agree_on_slots_and_positions(seed: int) -> None:
+@pytest.mark.parametrize("heads", HEAD_SCORES)
+@pytest.mark.parametrize("neighbours", [0, 1])
+def test_kernel_and_torch_agree_on_slots_and_positions(seed: int, heads: str, neighbours: int) -> None:
     """Both paths return the same tables, positions of the chosen tokens included, and the same counts."""
     gen = torch.Generator().manual_seed(seed)
     lens = torch.randint(5, 90, (3, H_KV), generator=gen).tolist()
-    sel = BlockSelection(budget=5, sink_blocks=1, recent_blocks=2)
+    sel = BlockSelection(budget=5, sink_blocks=1, recent_blocks=2, heads=heads, neighbours=neighbours)
     cache, seqs, q = filled_cache(lens, 4, seed)
     ctx = context(cache, seqs, sel, "gather")
     assert ctx.decode is not None and cache.pool.key_bounds is not None
@@ -130,6 +129,81 @@ def test_kernel_and_torch_agree_on_slots_and_positions(seed: int) -> None:
             where = {int(s): int(p) for s, p in zip(slots[i, h], positions[i, h], strict=True)}
             for t in range(int(new_lens[i, h])):
                 assert int(new_positions[i, h, t]) == where[int(new_slots[i, h, t])]
+
+
+def one_key_per_block(per_block: list[torch.Tensor]) -> tuple[PagedKVCache, object]:
+    """A sequence whose blocks of 4 tokens each hold one repeated key (bounds are exact), on every kv-head."""
+    pool = BlockPool(64, 4, D)
+    pool.track_key_bounds()
+    cache = PagedKVCache(pool, num_layers=1, num_kv_heads=H_KV)
+    seq = cache.new_sequence()
+    n = 4 * len(per_block)
+    slots = cache.append(seq, n)[0]  # (H_kv, n)
+    keys = torch.stack([per_block[t // 4] for t in range(n)])
+    for h in range(H_KV):
+        pool.write(slots[h], keys, torch.randn(n, D))
+    return cache, seq
+
+
+def chosen_by(
+    cache: PagedKVCache, seq, q: torch.Tensor, sel: BlockSelection, implementation: str
+) -> list[int]:  # type: ignore[no-untyped-def]
+    """Block indices kv-head 0 reads under `sel`."""
+    ctx = context(cache, [seq], sel, "gather")
+    pool = cache.pool
+    assert ctx.decode is not None and pool.key_bounds is not None
+    new_slots, new_lens, *_ = select_blocks(
+        sel, pool.key_bounds, q, ctx.decode.slots[0], ctx.decode.lens[0], pool.zero_slot,
+        use_kernel=implementation == "kernel",
+    )  # fmt: skip
+    n = int(seq.lens[0, 0])
+    return chosen_blocks(new_slots[0, 0], int(new_lens[0, 0]), 4, seq.slots[0, 0, :n])
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_block_one_head_alone_looks_at_is_read_per_head_not_by_the_sum(implementation: str) -> None:
+    """One query head's only match sits in block 3; the kv-head's two other heads, larger, look at 5 and 6.
+
+    Ten blocks, budget 4 (sink 0, recent 9, two picks). Summed, the two large heads outvote the one:
+    blocks 5 and 6. Per head, block 3 is head 0's best and block 5 the others' best: blocks 3 and 5.
+    """
+    e = torch.eye(D)
+    per_block = [e[0]] * 10
+    per_block[3], per_block[5], per_block[6] = 5 * e[1], e[2], 0.9 * e[2]
+    cache, seq = one_key_per_block(per_block)
+    q = torch.zeros(1, H_KV * GROUP, D)
+    q[0, 0], q[0, 1], q[0, 2] = e[1], 10 * e[2] - e[1], 10 * e[2] - e[1]
+    got = {
+        heads: chosen_by(
+            cache,
+            seq,
+            q,
+            BlockSelection(budget=4, recent_blocks=1, heads=heads, neighbours=0),
+            implementation,
+        )
+        for heads in HEAD_SCORES
+    }
+    assert got == {"max": [0, 3, 5, 9], "sum": [0, 5, 6, 9]}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_pick_brings_its_successor_within_the_budget(implementation: str) -> None:
+    """Block 3 matches the query (the words), block 4 (the value after them) does not; 6 and 7 half match.
+
+    Budget 5 of 10 blocks (sink 0, recent 9): without neighbours, 3, 6 and 7; with one, the sink brings
+    1, then 3 brings 4: blocks 0, 1, 3, 4, 9. Never a sink or recent block left out.
+    """
+    e = torch.eye(D)
+    per_block = [-e[1]] * 10
+    per_block[3], per_block[6], per_block[7] = 2 * e[1], e[1], e[1]
+    cache, seq = one_key_per_block(per_block)
+    q = torch.zeros(1, H_KV * GROUP, D)
+    q[0, :GROUP] = e[1]
+    got = [
+        chosen_by(cache, seq, q, BlockSelection(budget=5, recent_blocks=1, neighbours=n), implementation)
+        for n in (0, 1)
+    ]
+    assert got == [[0, 3, 6, 7, 9], [0, 1, 3, 4, 9]]
 
 
 def test_engine_answers_the_same_with_either_implementation(
@@ -175,3 +249,44 @@ def test_the_bench_summary_counts_each_example_once(tmp_path) -> None:  # type: 
     first, second = summarize_file(path).split("\n\n")
     assert first.splitlines()[2] == "| 64 | 2 | 1 | 1 | 0.125 | 4000.0 | 1000.0 | 0.25 |"
     assert second.splitlines()[2] == "| 64 | 1 | 4000.00 | 1000.00 | 0.25 | 500.00 |"
+
+
+@pytest.mark.model
+def test_the_bench_answers_with_every_setting_from_one_prefill(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`bench selection --quest heads=sum,neighbours=1 --also heads=max` at a short length: rows and tables."""
+    import json
+
+    from kvengine.bench.selection import run_selection_bench, summarize_file
+    from kvengine.errors import InvalidRequestError
+
+    out, report = tmp_path / "rows.jsonl", tmp_path / "report.md"
+    with pytest.raises(InvalidRequestError, match="heads must be one of"):
+        run_selection_bench("smollm2-135m", [320], 0.875, [1], 1, out, report, also=[{"heads": "mean"}])
+    with pytest.raises(InvalidRequestError, match="has no hyperparameter 'neighbors'"):
+        run_selection_bench("smollm2-135m", [320], 0.875, [1], 1, out, report, quest={"neighbors": 1})
+    quest, also = {"heads": "sum", "neighbours": 1}, [{"heads": "max"}]
+    rows = run_selection_bench(
+        "smollm2-135m", [320], 0.75, [1], 1, out, report, examples=1, max_tokens=4, quest=quest, also=also
+    )
+    answers = {r["config"]["system"]: r["config"].get("heads") for r in rows if r["metric"] == "correct"}
+    assert answers == {"full": None, "quest": "sum", "quest_heads=max": "max"}
+    read = next(r["value"] for r in rows if r["metric"] == "blocks_read_fraction")
+    assert 0.2 < read < 0.5  # ceil(0.25 x ~21) of ~21 blocks, or the 3 sinks and recent ones
+    assert len(out.read_text().splitlines()) == len(rows)
+    header = summarize_file(out).splitlines()[0]
+    assert "| quest correct | quest_heads=max correct |" in header
+    assert "quest_heads=max correct" in report.read_text()
+    assert all(json.loads(line)["bench"] == "selection" for line in out.read_text().splitlines())
+
+
+def test_the_bench_options_parse_hyperparameters_and_name_bad_ones() -> None:
+    import argparse
+
+    from kvengine.cli.argtypes import key_values
+
+    assert key_values("heads=sum, neighbours=1") == {"heads": "sum", "neighbours": 1}
+    assert key_values("") == {}
+    with pytest.raises(
+        argparse.ArgumentTypeError, match="expected KEY=VALUE pairs, comma-separated, got 'heads'"
+    ):
+        key_values("heads,neighbours=1")

@@ -5,10 +5,13 @@ For each of `examples` `needle_hard` contexts per length (seeds
 so that consecutive runs spread over the context), one engine prefills the context once (its
 queries kept, the pool tracking per-block key bounds). From that prefill:
 
-- the question is answered twice, greedily, once reading every block and
-  once with quest's selection, in alternating order from one example to the
-  next; every decode step of each answer is timed (the whole engine step:
-  model forward, attention, sampling) and quest's blocks read are counted;
+- the question is answered greedily reading every block, with quest's
+  selection (its hyperparameters `quest`, e.g. `{"heads": "sum",
+  "neighbours": 1}`) and with each other set of hyperparameters in `also`
+  (system `quest_<spec>`, e.g. `quest_heads=max`, same ratio), in an order
+  rotated from one example to the next; every decode step of the first two
+  is timed (the whole engine step: model forward, attention, sampling) and
+  quest's blocks read are counted;
 - one decode step's attention alone (`attention._decode`, every layer, the
   query of the context's last token, `batch` copies of the sequence in the
   decode batch) is timed with and without selection, alternating within
@@ -48,7 +51,7 @@ from kvengine.models import LoadedModel, load
 from kvengine.press.methods import make_method
 from kvengine.results import append_report, append_rows, make_row, markdown_table
 
-SYSTEMS = ("full", "quest")
+SYSTEMS = ("full", "quest")  # timed; `also` adds answer-only systems quest_<spec>
 Samples = dict[str, list[float]]
 
 
@@ -120,10 +123,15 @@ def answer(
 
 
 def measure_example(
-    model: LoadedModel, length: int, index: int, selection: BlockSelection,
+    model: LoadedModel, length: int, index: int, selections: dict[str, BlockSelection | None],
     batches: list[int], repeats: int, max_tokens: int, samples: Samples,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Both systems on example `index`: rows of their answers and medians; timings added to `samples`."""
+    """Every system (`selections`: name -> selection, None for full) on example `index`.
+
+    Rows of their answers and medians; timings added to `samples`.
+    """
+    selection = selections["quest"]
+    assert selection is not None
     assert model.tokenizer is not None
     depth = round((0.5 + 0.618034 * index) % 1.0, 4)
     mine: Samples = defaultdict(list)
@@ -135,16 +143,20 @@ def measure_example(
     engine.runner.select_blocks(selection)  # the pool tracks key bounds from the prefill on
     context, prefill_s = prefill_context(engine, ids, keep_queries=True)
     rows = []
-    order = SYSTEMS if index % 2 == 0 else SYSTEMS[::-1]
+    names = list(selections)
+    order = names[index % len(names) :] + names[: index % len(names)]
     for name in order:
-        text, steps, stats = answer(engine, context, rest, selection if name == "quest" else None, max_tokens)
-        mine[f"step_{name}"] += steps
+        sel = selections[name]
+        text, steps, stats = answer(engine, context, rest, sel, max_tokens)
+        if name in SYSTEMS:
+            mine[f"step_{name}"] += steps
         correct = score(question.answers, text) == 1.0
         mine[f"correct_{name}"].append(float(correct))
         if name == "quest":
             mine["blocks_read"].append(int(stats.blocks_read))
             mine["blocks_held"].append(int(stats.blocks_held))
-        cfg = dict(system=name, length=length, tokens=len(ids), seed=index, depth=depth, output=text)
+        how = dict(heads=sel.heads, neighbours=sel.neighbours) if sel else {}
+        cfg = dict(system=name, length=length, tokens=len(ids), seed=index, depth=depth, output=text, **how)
         rows.append(make_row("selection", "correct", float(correct), "bool", prefill_s=prefill_s, **cfg))
     for batch in batches:
         time_attention(engine, context, selection, batch, repeats, mine)
@@ -162,10 +174,9 @@ def summary_rows(
     """The medians and totals of one length as JSON rows."""
     med = {k: statistics.median(v) for k, v in samples.items() if v}
     rows = [
-        make_row(
-            "selection", "accuracy", statistics.mean(samples[f"correct_{s}"]), "fraction", system=s, **cfg
-        )
-        for s in SYSTEMS
+        make_row("selection", "accuracy", statistics.mean(values), "fraction", system=key[8:], **cfg)
+        for key, values in samples.items()
+        if key.startswith("correct_")
     ]
     rows += [make_row("selection", "decode_step_s", med[f"step_{s}"], "s", system=s, **cfg) for s in SYSTEMS]
     read = sum(samples["blocks_read"]) / max(1.0, sum(samples["blocks_held"]))
@@ -182,12 +193,14 @@ def summary_rows(
 def tables(samples_by_length: dict[int, Samples], batches: list[int]) -> str:
     """Markdown: accuracy and decode step per length, then attention per step per length and batch."""
     acc, att = [], []
+    extra = sorted({k[8:] for s in samples_by_length.values() for k in s if k.startswith("correct_quest_")})
     for length, s in samples_by_length.items():
         med = {k: statistics.median(v) for k, v in s.items() if v}
         n = len(s["correct_full"])
         read = sum(s["blocks_read"]) / max(1.0, sum(s["blocks_held"]))
         acc.append([
-            length, n, int(sum(s["correct_full"])), int(sum(s["correct_quest"])), f"{read:.3f}",
+            length, n, int(sum(s["correct_full"])), int(sum(s["correct_quest"])),
+            *(int(sum(s[f"correct_{name}"])) for name in extra), f"{read:.3f}",
             f"{1000 * med['step_full']:.1f}", f"{1000 * med['step_quest']:.1f}",
             f"{med['step_quest'] / med['step_full']:.2f}",
         ])  # fmt: skip
@@ -196,8 +209,8 @@ def tables(samples_by_length: dict[int, Samples], batches: list[int]) -> str:
             att.append([length, b, f"{1000 * full:.2f}", f"{1000 * quest:.2f}", f"{quest / full:.2f}",
                         f"{1000 * med[f'selection_b{b}']:.2f}"])  # fmt: skip
     first = markdown_table(
-        ["length", "examples", "full correct", "quest correct", "blocks read / step", "full decode step ms",
-         "quest decode step ms", "quest / full"], acc)  # fmt: skip
+        ["length", "examples", "full correct", "quest correct", *(f"{name} correct" for name in extra),
+         "blocks read / step", "full decode step ms", "quest decode step ms", "quest / full"], acc)  # fmt: skip
     second = markdown_table(
         ["length", "batch", "full attention ms/step", "quest attention ms/step", "quest / full",
          "of which selection ms"], att)  # fmt: skip
@@ -207,6 +220,7 @@ def tables(samples_by_length: dict[int, Samples], batches: list[int]) -> str:
 def run_selection_bench(
     model_name: str, lengths: list[int], ratio: float, batches: list[int], repeats: int, out: Path,
     report: Path, *, examples: int = 8, first_example: int = 0, max_tokens: int = 24,
+    quest: dict[str, Any] | None = None, also: list[dict[str, Any]] | None = None,
     command: str = "kvengine bench selection",
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Every length: append JSON rows to `out` and the tables to `report`."""
@@ -215,7 +229,11 @@ def run_selection_bench(
             f"bench selection: first_example must be >= 0 and examples, repeats and every batch >= 1, got "
             f"first_example={first_example}, examples={examples}, repeats={repeats}, batches={batches}"
         )
-    selection = make_method("quest", ratio).selection  # validates the ratio
+    selections: dict[str, BlockSelection | None] = {"full": None}
+    for name, how in (("quest", quest or {}), *((f"quest_{spec_text(h)}", h) for h in also or [])):
+        selections[name] = make_method("quest", ratio, **how).selection  # validates every hyperparameter
+    main = selections["quest"]
+    assert main is not None
     model = load(model_name)
     rows: list[dict[str, Any]] = []
     by_length: dict[int, Samples] = {}
@@ -223,11 +241,13 @@ def run_selection_bench(
     for length in lengths:
         samples: Samples = defaultdict(list)
         for index in range(first_example, first_example + examples):
-            done = measure_example(model, length, index, selection, batches, repeats, max_tokens, samples)
+            done = measure_example(model, length, index, selections, batches, repeats, max_tokens, samples)
             append_rows(out, done)
             rows += done
-        cfg = dict(method="quest", ratio=ratio, length=length, examples=examples, first_example=first_example,
-                   repeats=repeats, load_before=load_before, load_after=os.getloadavg())  # fmt: skip
+        cfg = dict(method="quest", ratio=ratio, heads=main.heads, neighbours=main.neighbours, length=length,
+                   examples=examples,
+                   first_example=first_example, repeats=repeats, load_before=load_before,
+                   load_after=os.getloadavg())  # fmt: skip
         summary = summary_rows(samples, length, batches, cfg)
         append_rows(out, summary)
         rows += summary
@@ -242,14 +262,20 @@ def run_selection_bench(
         body,
         f"Model {model.name} ({model.dtype}), {examples} needle_hard examples per length (seeds "
         f"{first_example}..{first_example + examples - 1}, example i's needle at depth (0.5 + 0.618 i) mod 1), greedy answers of up to {max_tokens} tokens from one shared prefill, "
-        f"full and quest alternating in order. quest at ratio {ratio} reads ceil({1 - ratio:.3f} x blocks) of "
-        "each cell's blocks per decode step (sinks and recent included). Decode step: the whole engine step, "
+        f"systems in an order rotated per example. quest (heads={main.heads}, neighbours={main.neighbours}) at "
+        f"ratio {ratio} reads ceil({1 - ratio:.3f} x blocks) of each cell's blocks per decode step (sinks and "
+        "recent included); quest_<spec>: the same budget with those hyperparameters, answers only. Decode step: the whole engine step, "
         "median over every decode step of every answer. Attention: one decode step summed over all layers "
         f"(kernel or SDPA fallback as the engine picks), full and quest alternating within each of {repeats} "
         f"repeats per example, medians. Load average (1, 5, 15 min) {_load(load_before)} before, "
         f"{_load(load_after)} after: the machine may be shared with other jobs.",
     )
     return rows
+
+
+def spec_text(how: dict[str, Any]) -> str:
+    """`{"heads": "sum", "neighbours": 1}` as `heads=sum,neighbours=1` (a system's name)."""
+    return ",".join(f"{key}={value}" for key, value in how.items())
 
 
 def _load(values: tuple[float, float, float]) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ast
+from typing import Any
 
 
 def positive_int(text: str) -> int:
@@ -28,6 +30,20 @@ def name_list(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
     return names
+
+
+def key_values(text: str) -> dict[str, Any]:
+    """`KEY=VALUE,KEY=VALUE` (hyperparameters) as a dict: VALUE a Python literal where it parses, else text."""
+    out: dict[str, Any] = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs, comma-separated, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
 
 
 def ratio_list(text: str) -> list[float]:

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from kvengine.cli.argtypes import name_list, positive_int, positive_int_list, ratio_list
+from kvengine.cli.argtypes import key_values, name_list, positive_int, positive_int_list, ratio_list
 from kvengine.cli.common import add_model_args, add_output_args, kivi_bits, results_dir
 from kvengine.config import DEFAULT_MODEL
 from kvengine.models.precision import DTYPE_CHOICES
@@ -52,6 +52,19 @@ def _add_selection_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
     sel.add_argument("--examples", type=positive_int, default=8, help="needle_hard examples per length")
     sel.add_argument("--first-example", type=int, default=0, help="seed of the first example (to split runs)")
     sel.add_argument("--max-tokens", type=positive_int, default=24, help="tokens per answer")
+    sel.add_argument(
+        "--quest",
+        type=key_values,
+        default={},
+        help="quest's hyperparameters, e.g. heads=sum,neighbours=1 (`kvengine presses` lists them)",
+    )
+    sel.add_argument(
+        "--also",
+        type=key_values,
+        action="append",
+        default=[],
+        help="other quest hyperparameters answered too at the same ratio, e.g. heads=max (repeatable)",
+    )
     add_output_args(sel, "bench_selection.jsonl")
 
 
@@ -129,7 +142,7 @@ def _cmd_bench_selection(args: argparse.Namespace) -> None:
         args.model, args.lengths, args.ratio, args.batch, args.repeats,
         Path(args.out), Path(args.report), examples=args.examples,
         first_example=args.first_example, max_tokens=args.max_tokens,
-        command=args.command_line,
+        quest=args.quest, also=args.also, command=args.command_line,
     )  # fmt: skip
 
 

@@ -1,8 +1,9 @@
 // Query-aware block selection for one layer of a decode batch, in one pass (CPU).
 //
 // For each (sequence, kv-head) cell: score every block of the cell by the upper bound of q . k
-// over its keys (Quest: sum_d max(q_d * min_d, q_d * max_d), summed over the cell's query heads),
-// keep the sink and recent blocks, add the best-scored others up to `k` blocks, and write the
+// over its keys (Quest: sum_d max(q_d * min_d, q_d * max_d)), either summed over the cell's query
+// heads (per_head false) or, per_head, each query head's bound minus that head's best bound over
+// the cell's blocks, the cell's score being the largest over its heads; keep the sink and recent blocks, add the best-scored others up to `k` blocks, and write the
 // slot table of the chosen blocks in cache order: what `kvengine::paged_decode` then reads.
 // Registered as the torch op `kvengine_select::select_blocks`; kvengine/engine/select_kernel.py
 // builds and loads it. kvengine/engine/selection.py states the contract and holds the torch
@@ -16,9 +17,14 @@
 // returns      new slots (N, H_kv, k * block_size) (zero_slot past each new length), new lens
 //              (N, H_kv), new positions (same shape as new slots, or empty), and (2,) int64:
 //              blocks read and blocks held, summed over cells.
+// per_head     rank by each query head's bound relative to its best block (the cell's max), not the sum
+// neighbours   each block taken for its score brings its next `neighbours` blocks (same budget k)
 //
 // Summing over query heads first is exact: max(q_d * lo_d, q_d * hi_d) is q_d * hi_d for
 // q_d >= 0 and q_d * lo_d otherwise, so the group's bound is (sum_g q+_gd) . hi + (sum_g q-_gd) . lo.
+// Per head, the bound minus the head's best bound is the log of an upper bound on how much of that
+// head's largest weight the block can reach (up to the scale): a block that one head alone looks at
+// ranks high even when the other heads of its kv-head look elsewhere, which the sum hides.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,10 +42,12 @@ namespace {
 
 struct Args {
   int64_t num_kv_heads, group, head_dim, max_len, block_size, k, sink, recent, zero_slot, bound_rows, out_len;
+  bool per_head;
+  int64_t neighbours;
 };
 
 struct Picks {
-  std::vector<float> qpos, qneg, scores;
+  std::vector<float> qpos, qneg, scores, head_scores;  // qpos, qneg: (G or 1, D); head_scores: (G, blocks)
   std::vector<int64_t> order;
   std::vector<char> chosen;
 };
@@ -62,14 +70,16 @@ inline void prefetch_row(const scalar_t* lo, const scalar_t* hi, int64_t row, in
 template <typename scalar_t>
 void score_blocks(const float* q, const scalar_t* lo, const scalar_t* hi, const int64_t* slots,
                   int64_t num_blocks, const Args& a, Picks& w) {
-  const int64_t D = a.head_dim;
+  const int64_t D = a.head_dim, heads = a.per_head ? a.group : 1;
   std::fill(w.qpos.begin(), w.qpos.end(), 0.0f);
   std::fill(w.qneg.begin(), w.qneg.end(), 0.0f);
-  for (int64_t g = 0; g < a.group; ++g)
+  for (int64_t g = 0; g < a.group; ++g)  // per head: one row per query head; else the group's sums
     for (int64_t d = 0; d < D; ++d) {
       const float x = q[g * D + d];
-      (x >= 0.0f ? w.qpos[d] : w.qneg[d]) += x;
+      const int64_t at = (a.per_head ? g * D : 0) + d;
+      (x >= 0.0f ? w.qpos[at] : w.qneg[at]) += x;
     }
+  constexpr float kNone = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < num_blocks; ++j) {
     if (j + kAhead < num_blocks) {  // the rows of a cell's blocks are scattered: ask for them ahead of use
       const int64_t ahead = slots[(j + kAhead) * a.block_size] / a.block_size;
@@ -80,14 +90,32 @@ void score_blocks(const float* q, const scalar_t* lo, const scalar_t* hi, const 
                 " outside the key bounds");
     const scalar_t* h = hi + row * D;
     const scalar_t* l = lo + row * D;
-    float s = 0.0f;
+    for (int64_t g = 0; g < heads; ++g) {
+      const float* qp = w.qpos.data() + g * D;
+      const float* qn = w.qneg.data() + g * D;
+      float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < D; ++d) s += w.qpos[d] * static_cast<float>(h[d]) + w.qneg[d] * static_cast<float>(l[d]);
-    w.scores[j] = std::isfinite(s) ? s : -std::numeric_limits<float>::infinity();
+      for (int64_t d = 0; d < D; ++d) s += qp[d] * static_cast<float>(h[d]) + qn[d] * static_cast<float>(l[d]);
+      w.head_scores[g * num_blocks + j] = std::isfinite(s) ? s : kNone;
+    }
+  }
+  if (!a.per_head) {
+    std::copy(w.head_scores.begin(), w.head_scores.begin() + num_blocks, w.scores.begin());
+    return;
+  }
+  std::fill(w.scores.begin(), w.scores.begin() + num_blocks, kNone);
+  for (int64_t g = 0; g < heads; ++g) {
+    const float* hs = w.head_scores.data() + g * num_blocks;
+    float best = kNone;
+    for (int64_t j = 0; j < num_blocks; ++j) best = std::max(best, hs[j]);
+    if (best == kNone) continue;  // no finite bound for this head
+    for (int64_t j = 0; j < num_blocks; ++j)
+      if (hs[j] != kNone) w.scores[j] = std::max(w.scores[j], hs[j] - best);
   }
 }
 
-// Marks the blocks one cell reads: sinks, recent ones, then the best scores (ties: the earlier block).
+// Marks the blocks one cell reads: sinks, recent ones, then the best scores (ties: the earlier block);
+// with neighbours, each sink and each scored pick brings its next `neighbours` blocks while the budget lasts.
 void pick(int64_t num_blocks, const Args& a, Picks& w) {
   std::fill(w.chosen.begin(), w.chosen.begin() + num_blocks, 0);
   int64_t taken = 0;
@@ -102,8 +130,21 @@ void pick(int64_t num_blocks, const Args& a, Picks& w) {
   }
   const int64_t more = std::min<int64_t>(std::max<int64_t>(a.k - taken, 0), w.order.size());
   const auto better = [&](int64_t x, int64_t y) { return w.scores[x] > w.scores[y] || (w.scores[x] == w.scores[y] && x < y); };
-  std::partial_sort(w.order.begin(), w.order.begin() + more, w.order.end(), better);
-  for (int64_t i = 0; i < more; ++i) w.chosen[w.order[i]] = 1;
+  if (a.neighbours == 0) {
+    std::partial_sort(w.order.begin(), w.order.begin() + more, w.order.end(), better);
+    for (int64_t i = 0; i < more; ++i) w.chosen[w.order[i]] = 1;
+    return;
+  }
+  const auto take = [&](int64_t first) {  // `first` and its next `neighbours` blocks, while the budget lasts
+    for (int64_t j = first; j <= first + a.neighbours && j < num_blocks && taken < a.k; ++j)
+      if (!w.chosen[j]) {
+        w.chosen[j] = 1;
+        ++taken;
+      }
+  };
+  for (int64_t j = 0; j < std::min(a.sink, num_blocks); ++j) take(j);  // recent blocks have no successor left out
+  std::sort(w.order.begin(), w.order.end(), better);  // a pick may add nothing new: the whole order
+  for (size_t i = 0; i < w.order.size() && taken < a.k; ++i) take(w.order[i]);
 }
 
 template <typename scalar_t>
@@ -122,8 +163,9 @@ void run(const at::Tensor& q, const at::Tensor& lo, const at::Tensor& hi, const 
   const int64_t max_blocks = (a.max_len + a.block_size - 1) / a.block_size;
   // Work per cell is small (blocks x head_dim): threads only for large batches.
   at::parallel_for(0, cells, 64, [&](int64_t begin, int64_t end) {
-    Picks w{std::vector<float>(a.head_dim), std::vector<float>(a.head_dim), std::vector<float>(max_blocks), {},
-            std::vector<char>(max_blocks)};
+    const int64_t rows = a.per_head ? a.group : 1;
+    Picks w{std::vector<float>(rows * a.head_dim), std::vector<float>(rows * a.head_dim),
+            std::vector<float>(max_blocks), std::vector<float>(rows * max_blocks), {}, std::vector<char>(max_blocks)};
     w.order.reserve(max_blocks);
     for (int64_t cell = begin; cell < end; ++cell) {
       const int64_t len = std::min(lp[cell], a.max_len);
@@ -158,7 +200,7 @@ void run(const at::Tensor& q, const at::Tensor& lo, const at::Tensor& hi, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_blocks(
     const at::Tensor& q, const at::Tensor& bound_min, const at::Tensor& bound_max, const at::Tensor& slots,
     const at::Tensor& lens, const c10::optional<at::Tensor>& positions, int64_t block_size, int64_t k,
-    int64_t sink_blocks, int64_t recent_blocks, int64_t zero_slot) {
+    int64_t sink_blocks, int64_t recent_blocks, int64_t zero_slot, bool per_head, int64_t neighbours) {
   TORCH_CHECK(q.dim() == 3 && slots.dim() == 3 && lens.dim() == 2, "select_blocks: bad ranks");
   TORCH_CHECK(q.size(0) == slots.size(0) && lens.size(0) == slots.size(0) && lens.size(1) == slots.size(1),
               "select_blocks: q, slots and lens disagree on sequences or heads");
@@ -167,14 +209,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_blocks(
               "select_blocks: key bounds must be (rows, head_dim) like q");
   TORCH_CHECK(bound_min.scalar_type() == bound_max.scalar_type(), "select_blocks: bounds dtypes differ");
   TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "select_blocks: int64 tables");
-  TORCH_CHECK(block_size >= 1 && k >= 1 && sink_blocks >= 0 && recent_blocks >= 1,
-              "select_blocks: block_size, k and recent_blocks must be >= 1, sink_blocks >= 0");
+  TORCH_CHECK(block_size >= 1 && k >= 1 && sink_blocks >= 0 && recent_blocks >= 1 && neighbours >= 0,
+              "select_blocks: block_size, k and recent_blocks must be >= 1, sink_blocks and neighbours >= 0");
   if (positions.has_value()) {
     TORCH_CHECK(positions->sizes() == slots.sizes() && positions->scalar_type() == at::kLong,
                 "select_blocks: positions must match slots");
   }
   const Args a{slots.size(1), q.size(1) / slots.size(1), q.size(2), slots.size(2), block_size, k,
-               sink_blocks, recent_blocks, zero_slot, bound_min.size(0), k * block_size};
+               sink_blocks, recent_blocks, zero_slot, bound_min.size(0), k * block_size, per_head, neighbours};
   const at::Tensor qf = q.to(at::kFloat).contiguous(), sc = slots.contiguous(), lc = lens.contiguous();
   const at::Tensor lo = bound_min.contiguous(), hi = bound_max.contiguous();
   const auto long_opts = slots.options().dtype(at::kLong);
@@ -197,7 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_blocks(
 
 TORCH_LIBRARY(kvengine_select, m) {
   m.def("select_blocks(Tensor q, Tensor bound_min, Tensor bound_max, Tensor slots, Tensor lens, "
-        "Tensor? positions, int block_size, int k, int sink_blocks, int recent_blocks, int zero_slot) "
+        "Tensor? positions, int block_size, int k, int sink_blocks, int recent_blocks, int zero_slot, "
+        "bool per_head=False, int neighbours=0) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 

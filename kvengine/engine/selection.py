@@ -7,8 +7,23 @@ upper-bound score for this step's queries is highest, up to `budget` blocks
 in all (or `fraction` of the cell's blocks). The score of a block is
 `sum_d max(q_d * min_d, q_d * max_d)` over the per-channel key bounds the
 pool keeps per block (`kvengine.cache.key_bounds`); it bounds `q . k` for
-every key of the block. Query heads of one kv-head share its selection:
-their bounds are summed.
+every key of the block. Query heads of one kv-head share its selection,
+ranked by one of two scores (`heads`):
+
+- "sum" (the default): the heads' bounds summed (Quest's score for a shared
+  kv-head).
+- "max": each query head's bound minus that head's best bound over the
+  cell's blocks, the largest over the heads: a block that a single head
+  looks at ranks high even when the kv-head's other heads look elsewhere.
+
+and, with `neighbours` (default 0), each sink and each block taken for its
+score brings the blocks after it, within the same budget: the words a
+query matches ("the code of the boiler room is") are often in the block
+before the value it needs (the digits). On SmolLM2 and `needle_hard` at
+4k (16 examples, docs/benchmarks.md) "max" and one neighbour each recover
+the needle the plain sum loses but lose another one: no setting at <= 15%
+of the blocks matched full attention on all of them, so the defaults stay
+Quest's.
 
 Nothing is evicted: the whole cache stays in the pool, and another step (or
 another question) may select other blocks. Selection only builds a smaller
@@ -34,6 +49,8 @@ from kvengine.cache.key_bounds import KeyBounds
 from kvengine.engine.select_kernel import select_op
 from kvengine.errors import InvalidRequestError
 
+HEAD_SCORES = ("sum", "max")  # how a kv-head's query heads rank its blocks (BlockSelection.heads)
+
 
 @dataclass(frozen=True)
 class BlockSelection:
@@ -43,6 +60,11 @@ class BlockSelection:
     `fraction` (of a cell's blocks, rounded up; never below what the sinks
     and recent blocks need). The first `dense_layers` layers read every block
     (Quest leaves the first two layers dense, where attention is spread out).
+    `heads` ranks blocks by the heads' bounds summed ("sum") or by each query
+    head's relative bound, the best head deciding ("max"). Each sink and each
+    block taken for its score brings its next `neighbours` blocks, within the
+    same budget (a needle's value often sits in the block after the words a
+    query matches).
     """
 
     budget: int = 0
@@ -50,9 +72,15 @@ class BlockSelection:
     sink_blocks: int = 1
     recent_blocks: int = 2
     dense_layers: int = 0
+    heads: str = "sum"
+    neighbours: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("budget", "sink_blocks", "recent_blocks", "dense_layers"):
+        if self.heads not in HEAD_SCORES:
+            raise InvalidRequestError(
+                f"block selection: heads must be one of {', '.join(map(repr, HEAD_SCORES))}, got {self.heads!r}"
+            )
+        for name in ("budget", "sink_blocks", "recent_blocks", "dense_layers", "neighbours"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidRequestError(f"block selection: {name} must be an integer >= 0, got {value!r}")
@@ -153,7 +181,8 @@ def select_blocks(
         return _select_with_torch(selection, bounds, q, slots, lens, zero_slot, positions, k)
     new_slots, new_lens, new_positions, counts = op(
         q, bounds.min, bounds.max, slots, lens, positions, bs, k,
-        selection.sink_blocks, selection.recent_blocks, zero_slot,
+        selection.sink_blocks, selection.recent_blocks, zero_slot, selection.heads == "max",
+        selection.neighbours,
     )  # fmt: skip
     return new_slots, new_lens, new_positions if positions is not None else None, counts[0], counts[1]
 
@@ -177,15 +206,21 @@ def _select_with_torch(
     blocked = F.pad(slots, (0, pad), value=zero_slot).view(n, num_kv_heads, num_blocks, bs)
     block_ids = blocked[..., 0] // bs  # (N, H_kv, B); padding maps to the bounds' zero row
     qg = q.view(n, num_kv_heads, q.shape[1] // num_kv_heads, q.shape[-1])
-    scores = bounds.group_upper_bound(qg, block_ids).nan_to_num(float("-inf"))  # (N, H_kv, B)
     j = torch.arange(num_blocks, device=slots.device)
     valid = j < cell_blocks[..., None]
+    if selection.heads == "sum":
+        scores = bounds.group_upper_bound(qg, block_ids).nan_to_num(float("-inf"))  # (N, H_kv, B)
+    else:
+        scores = _best_head_scores(bounds, qg, block_ids, valid)
     forced = (j < selection.sink_blocks) | (j >= cell_blocks[..., None] - selection.recent_blocks)
     # Ties go to the earlier block, as in the kernel: a stable sort, not topk.
-    scores = scores.masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
-    chosen = (
-        scores.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
-    )  # (N, H_kv, k)
+    if selection.neighbours:
+        chosen = _chosen_with_neighbours(scores, forced & valid, cell_blocks, k, selection)
+    else:
+        scores = scores.masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
+        chosen = (
+            scores.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
+        )  # (N, H_kv, k)
     # Only a cell's last block may be partly filled, and it is always chosen, and last: the chosen
     # blocks' tokens form a prefix of the new table.
     counts = (lens[..., None] - chosen * bs).clamp(0, bs)  # (N, H_kv, k)
@@ -199,3 +234,54 @@ def _select_with_torch(
         new_positions = blocked_pos.gather(2, index).flatten(2)
         new_positions.masked_fill_(torch.arange(k * bs, device=slots.device) >= new_lens[..., None], 0)
     return new_slots, new_lens, new_positions, (counts > 0).sum(), cell_blocks.sum()
+
+
+def _best_head_scores(
+    bounds: KeyBounds, qg: torch.Tensor, block_ids: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Scores of `heads="max"`: per query head, its bound minus its best over the cell's blocks; max over heads.
+
+    qg `(N, H_kv, G, D)`, block_ids and valid `(N, H_kv, B)` -> `(N, H_kv, B)`; blocks past a cell's
+    end and bounds that are not finite score -inf.
+    """
+    n, num_heads, num_blocks = block_ids.shape
+    rows = block_ids.to(bounds.min.device).reshape(-1)
+    lo = bounds.min.index_select(0, rows).view(n * num_heads, num_blocks, -1).float()  # (N*H, B, D)
+    hi = bounds.max.index_select(0, rows).view(n * num_heads, num_blocks, -1).float()
+    qf = qg.float().reshape(n * num_heads, qg.shape[2], -1)  # (N*H, G, D)
+    per = torch.baddbmm(qf.clamp_min(0) @ hi.transpose(1, 2), qf.clamp_max(0), lo.transpose(1, 2))
+    per = per.view(n, num_heads, -1, num_blocks)  # (N, H, G, B)
+    none = ~torch.isfinite(per) | ~valid[:, :, None, :]
+    per = per.masked_fill(none, float("-inf"))
+    best = per.amax(-1, keepdim=True)
+    best = best.masked_fill(best == float("-inf"), 0.0)  # a head without a finite bound: its blocks stay -inf
+    return (per - best).masked_fill(none, float("-inf")).amax(2)
+
+
+def _chosen_with_neighbours(
+    scores: torch.Tensor, forced: torch.Tensor, cell_blocks: torch.Tensor, k: int, selection: BlockSelection
+) -> torch.Tensor:
+    """The `k` block indices `(N, H_kv, k)` each cell reads, ascending, when picks bring their successors.
+
+    Forced blocks first; then each sink's and each best-scored block's run of
+    `1 + neighbours` blocks in that order, skipping blocks already taken or
+    past the cell's end, until the cell has `k` (as the kernel's `pick`).
+    """
+    n, num_heads, num_blocks = scores.shape
+    device, span = scores.device, selection.neighbours + 1
+    order = scores.masked_fill(forced, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+    sinks = torch.arange(min(selection.sink_blocks, num_blocks), device=device).expand(n, num_heads, -1)
+    starts = torch.cat([sinks, order], dim=-1)
+    cand = (starts[..., None] + torch.arange(span, device=device)).flatten(2)  # (N, H, S * span)
+    where = torch.arange(cand.shape[-1], device=device).expand_as(cand)
+    first = torch.full((n, num_heads, num_blocks + span), cand.shape[-1], dtype=torch.long, device=device)
+    first.scatter_reduce_(-1, cand, where, "amin")  # each block's first place among the candidates
+    wide_forced = F.pad(forced, (0, span))
+    ok = (cand < cell_blocks[..., None]) & ~wide_forced.gather(-1, cand) & (first.gather(-1, cand) == where)
+    room = k - forced.sum(-1, keepdim=True)
+    take = ok & (ok.cumsum(-1) <= room)
+    mask = torch.zeros(n, num_heads, num_blocks + span, dtype=torch.long, device=device)
+    mask.scatter_add_(-1, cand, take.long())
+    mask = (mask[..., :num_blocks] > 0) | forced
+    # Chosen blocks first, in cache order: cells shorter than k blocks are followed by blocks past their end.
+    return mask.long().sort(dim=-1, descending=True, stable=True).indices[..., :k]

@@ -26,14 +26,20 @@ class QuestSelection:
 
     Each step reads `1 - ratio` of a cell's blocks (rounded up), among them
     `sink_blocks` first and `recent_blocks` last ones; the first
-    `dense_layers` layers read all. Bytes held: the whole cache plus per-block
-    key bounds (1/block_size of it).
+    `dense_layers` layers read all. `heads`: "sum" ranks blocks by the
+    kv-head's query heads' bounds summed (Quest's), "max" by each query
+    head's bound relative to its best block, the best head deciding.
+    `neighbours`: each sink and each block taken for its score brings that
+    many following blocks, within the same budget. Bytes held: the whole
+    cache plus per-block key bounds (1/block_size of it).
     """
 
     ratio: float = 0.0
     sink_blocks: int = 1
     recent_blocks: int = 2
     dense_layers: int = 0
+    heads: str = "sum"
+    neighbours: int = 0
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -47,4 +53,6 @@ class QuestSelection:
             sink_blocks=self.sink_blocks,
             recent_blocks=self.recent_blocks,
             dense_layers=self.dense_layers,
+            heads=self.heads,
+            neighbours=self.neighbours,
         )
