@@ -151,7 +151,8 @@ def fused_decode_for(model: LoadedModel, pool: KVPool, has_windows: bool) -> Fus
 
 def _linear_tensors(module: Any) -> list[torch.Tensor]:
     """Weight, scales, mins, bias of one linear layer; an empty tensor where it has none."""
-    none = torch.empty(0)
+    weight = module.qweight if isinstance(module, QuantLinear) else module.weight
+    none = torch.empty(0, device=weight.device)
     bias = module.bias.detach() if module.bias is not None else none
     if isinstance(module, QuantLinear):
         mins = module.mins if module.mins is not None else none

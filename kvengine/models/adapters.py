@@ -92,7 +92,9 @@ class ArchAdapter:
         extra = (attrgetter("config.layer_types")(model)[layer_idx],) if self.rope_by_layer_type else ()
 
         def cos_sin(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            probe = torch.empty(1, dtype=dtype)  # the module reads only dtype and device from it
+            probe = torch.empty(
+                1, dtype=dtype, device=positions.device
+            )  # the module reads only dtype and device
             cos, sin = rotary(probe, positions[None], *extra)
             return cos[0], sin[0]
 
