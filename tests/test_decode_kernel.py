@@ -32,7 +32,9 @@ def _case(dtype: torch.dtype, seed: int, window: int | None, n: int = 5, max_len
     pool.v[:-1] = float("nan")
     lens = torch.randint(1, max_len, (layers, n, h_kv), generator=gen)
     width = int(lens.max())
-    perm = torch.randperm(4 * blocks - 1, generator=gen)[: layers * n * h_kv * width].view(layers, n, h_kv, width)
+    perm = torch.randperm(4 * blocks - 1, generator=gen)[: layers * n * h_kv * width].view(
+        layers, n, h_kv, width
+    )
     valid = torch.arange(width) < lens[..., None]
     slots = torch.where(valid, perm, pool.zero_slot)
     rows = slots[valid]
@@ -93,7 +95,9 @@ def test_decode_attention_matches_a_float64_reference(
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 300])
-def test_one_sequence_split_over_threads_matches_the_reference(dtype: torch.dtype, window: int | None) -> None:
+def test_one_sequence_split_over_threads_matches_the_reference(
+    dtype: torch.dtype, window: int | None
+) -> None:
     """Batch 1 (3 cells, fewer than twice the threads): each cell's tokens are split into ranges on
     different threads and merged; some cells are shorter than a range (empty ranges)."""
     before = torch.get_num_threads()
