@@ -121,16 +121,11 @@ def fused_decode_for(model: LoadedModel, pool: KVPool, has_windows: bool) -> Fus
         t for layer in layers for t in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     ]
     norms.append(base.norm.weight)
-    qk = (
-        [n for layer in layers for n in (layer.self_attn.q_norm, layer.self_attn.k_norm)]
-        if model.adapter.qk_norm
-        else []
-    )
+    qk = [n for layer in layers for n in _qk_norms(layer, model.adapter.qk_norm)]
     linears: list[torch.Tensor] = []
     kinds: list[int] = []
     for layer in layers:
-        for path in _PROJECTIONS + _MLP:
-            module = getattr(getattr(layer, path[0]), path[1])
+        for _, module in _linear_modules(layer):
             linears.extend(_linear_tensors(module))
             kinds.append(_KIND[module.bits if isinstance(module, QuantLinear) else None])
     config = hf.config
@@ -149,10 +144,25 @@ def fused_decode_for(model: LoadedModel, pool: KVPool, has_windows: bool) -> Fus
     )
 
 
+def _linear_modules(layer: Any) -> list[tuple[str, Any]]:
+    """(path, module) of a decoder layer's seven linear layers in the op's order; None where one is missing."""
+    return [(".".join(path), getattr(getattr(layer, path[0]), path[1], None)) for path in _PROJECTIONS + _MLP]
+
+
+def _qk_norms(layer: Any, qk_norm: bool) -> tuple[Any, ...]:
+    """A decoder layer's q_norm and k_norm (Qwen3), or nothing for a family without them."""
+    return (layer.self_attn.q_norm, layer.self_attn.k_norm) if qk_norm else ()
+
+
+def _stored_weight(module: Any) -> torch.Tensor:
+    """The tensor a linear layer keeps its weight in: the packed values of a quantized one."""
+    weight: torch.Tensor = module.qweight if isinstance(module, QuantLinear) else module.weight
+    return weight
+
+
 def _linear_tensors(module: Any) -> list[torch.Tensor]:
     """Weight, scales, mins, bias of one linear layer; an empty tensor where it has none."""
-    weight = module.qweight if isinstance(module, QuantLinear) else module.weight
-    none = torch.empty(0, device=weight.device)
+    none = torch.empty(0, device=_stored_weight(module).device)
     bias = module.bias.detach() if module.bias is not None else none
     if isinstance(module, QuantLinear):
         mins = module.mins if module.mins is not None else none
@@ -178,17 +188,19 @@ def _refusal(model: LoadedModel, pool: KVPool, has_windows: bool) -> str | None:
     for layer in model.adapter.layers(hf):
         if type(layer).__name__ not in _LAYER_CLASSES:
             return f"decoder layer {type(layer).__name__} is not one of {', '.join(_LAYER_CLASSES)}"
-        for path in _PROJECTIONS + _MLP:
-            module = getattr(getattr(layer, path[0]), path[1], None)
+        for path, module in _linear_modules(layer):
             if not isinstance(module, nn.Linear | QuantLinear):
-                return f"{'.'.join(path)} is not a linear layer"
-            weight = module.qweight if isinstance(module, QuantLinear) else module.weight
+                return f"{path} is not a linear layer"
+            weight = _stored_weight(module)
             if not weight.is_contiguous() or weight.device.type != "cpu":
-                return f"{'.'.join(path)} has a non-contiguous or non-CPU weight"
+                return f"{path} has a non-contiguous or non-CPU weight"
             if not isinstance(module, QuantLinear) and weight.dtype != dtype:
-                return f"{'.'.join(path)} is not in the model's dtype"
-        qk = (layer.self_attn.q_norm, layer.self_attn.k_norm) if model.adapter.qk_norm else ()
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm, *qk):
+                return f"{path} is not in the model's dtype"
+        for norm in (
+            layer.input_layernorm,
+            layer.post_attention_layernorm,
+            *_qk_norms(layer, model.adapter.qk_norm),
+        ):
             if norm.weight.dtype != dtype or not hasattr(norm, "variance_epsilon"):
                 return "a norm is not an RMSNorm in the model's dtype"
     return None

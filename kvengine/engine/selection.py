@@ -174,8 +174,7 @@ def select_blocks(
     num_blocks = -(-width // bs)
     k = selection.blocks_to_read(num_blocks)
     if k >= num_blocks:
-        held = (-(-lens // bs)).sum()
-        return slots, lens, positions, held, held
+        return dense_selection(slots, lens, positions, bs)
     op = select_op() if use_kernel and slots.device.type == "cpu" else None
     if op is None:
         return _select_with_torch(selection, bounds, q, slots, lens, zero_slot, positions, k)
