@@ -147,3 +147,19 @@ def test_switched_off_the_kernel_is_not_built(monkeypatch: pytest.MonkeyPatch) -
 def test_no_kernel_for_a_packed_pool_or_another_device() -> None:
     assert kernel_module.decode_kernel_for(torch.device("cpu"), seals_blocks=True) is None
     assert kernel_module.decode_kernel_for(torch.device("meta"), seals_blocks=False) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("source", ["paged_decode.cpp", "small_linear.cpp", "select_kernel.cpp"])
+def test_the_kernels_are_built_to_run_on_every_thread(source: str) -> None:
+    """`at::parallel_for` is an inline template whose `omp parallel` only exists when the extension
+    itself is compiled with OpenMP; without it every kernel silently runs on one thread."""
+    from pathlib import Path
+
+    from kvengine.engine.linear import small_linear_op
+    from kvengine.engine.select_kernel import select_op
+
+    assert small_linear_op() is not None and select_op() is not None
+    built = list(kernel_module.build_dir(Path(kernel_module.__file__).with_name(source)).glob("*.so"))
+    assert len(built) == 1
+    assert b"GOMP_parallel" in built[0].read_bytes()

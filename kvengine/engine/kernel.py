@@ -31,7 +31,9 @@ from kvengine.config import default_cache_dir
 log = logging.getLogger("kvengine.kernel")
 
 _SOURCE = Path(__file__).with_name("paged_decode.cpp")
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast"]
+# -fopenmp, not just -fopenmp-simd: `at::parallel_for` is an inline template whose `omp parallel`
+# exists only when the kernel itself is compiled with OpenMP (it then runs on torch's own libgomp).
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
 PagedDecode = Callable[..., torch.Tensor]
 
