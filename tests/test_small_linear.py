@@ -168,7 +168,7 @@ def test_int4_of_values_already_on_a_4_bit_grid_gives_them_back() -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 12])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 12, 33, 40])
 def test_the_quantized_ops_match_a_float64_product_of_the_dequantized_weight(bits: int, rows: int) -> None:
     gen = torch.Generator().manual_seed(rows + bits)
     layer = nn.Linear(128, 70)
