@@ -132,3 +132,33 @@ def test_public_prefixes_are_added_before_the_driver_starts(tiny_llama: LoadedMo
         return info.num_cached_tokens
 
     assert asyncio.run(main_()) == 16  # tenant b reuses the public blocks tenant a cached
+
+
+def test_every_step_runs_in_one_worker_thread_off_the_event_loop(tiny_llama: LoadedModel) -> None:
+    """Steps (and adds) go to one thread, so one OpenMP team serves every step's kernels; the
+    thread goes away at close."""
+    import threading
+
+    engine = Engine(tiny_llama, CACHE)
+    seen: list[str] = []
+    step = engine.step
+
+    def recording_step() -> list[TokenEvent]:
+        seen.append(threading.current_thread().name)
+        return step()
+
+    engine.step = recording_step  # type: ignore[method-assign]
+
+    async def main_() -> None:
+        async with AsyncEngine(engine) as llm:
+            ids = [await llm.add_request(random_prompt(10 + i, i), PARAMS) for i in range(4)]
+            for seq_id in ids:
+                assert len([e async for e in llm.stream(seq_id)]) == PARAMS.max_tokens
+            await asyncio.gather(
+                *(asyncio.to_thread(lambda: None) for _ in range(8))
+            )  # busy the default pool
+
+    asyncio.run(main_())
+    assert len(seen) >= PARAMS.max_tokens
+    assert len(set(seen)) == 1 and seen[0].startswith("kvengine-step")
+    assert not any(t.name.startswith("kvengine-step") for t in threading.enumerate())

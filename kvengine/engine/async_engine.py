@@ -2,9 +2,12 @@
 
 The engine is not thread-safe, so one place alone touches it: a driver task
 on the event loop. Requests, aborts and releases are queued and applied by the
-driver between steps; each step runs in a worker thread (`asyncio.to_thread`),
-so the event loop stays free for I/O while the model computes, and the
-step's tokens go to one asyncio queue per request.
+driver between steps; each step runs in one dedicated worker thread, so the
+event loop stays free for I/O while the model computes, and the step's tokens
+go to one asyncio queue per request. One thread rather than a pool's: the
+OpenMP team a step's kernels start belongs to the thread that starts it, so
+steps from changing threads would keep several teams alive, the idle ones
+spinning on the cores the running one needs.
 
 Whatever else a caller wants to know is also taken between steps and kept
 here, so it can be read at any time without touching the engine: `stats()`
@@ -20,9 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams, Sequence, TokenEvent
@@ -31,6 +37,7 @@ from kvengine.errors import InvalidRequestError, KVEngineError
 # What a request's queue holds: its tokens, then None once it ended without a
 # last token (aborted), or the exception that stopped the engine.
 _Item = TokenEvent | BaseException | None
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -74,6 +81,14 @@ class AsyncEngine:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._error: BaseException | None = None
+        self._worker: ThreadPoolExecutor | None = None
+
+    async def _in_worker(self, fn: Callable[[], _T]) -> _T:
+        """`fn()` in the engine's one worker thread (with the caller's context variables)."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvengine-step")
+        call = functools.partial(contextvars.copy_context().run, fn)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, call)
 
     async def __aenter__(self) -> AsyncEngine:
         self.start()
@@ -97,6 +112,9 @@ class AsyncEngine:
         if self._task is not None:
             await self._task
             self._task = None
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)  # idle: the driver has stopped
+            self._worker = None
         if close_engine:
             self.engine.close()
 
@@ -251,7 +269,7 @@ class AsyncEngine:
                     await self._idle()
                     continue
                 try:
-                    events, self._stats = await asyncio.to_thread(self._step)
+                    events, self._stats = await self._in_worker(self._step)
                 except Exception as exc:  # a bug below the engine's own error handling
                     self._fail_unfinished(exc)
                     continue
@@ -323,7 +341,7 @@ class AsyncEngine:
             if future.cancelled():  # its caller went away while it was queued
                 continue
             try:
-                ids = await asyncio.to_thread(add) if in_thread else add()
+                ids = await self._in_worker(add) if in_thread else add()
             except Exception as exc:
                 if not future.cancelled():
                     future.set_exception(exc)
