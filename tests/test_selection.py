@@ -8,6 +8,7 @@ without selection (and transformers) token for token.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -76,7 +77,8 @@ def reference_block_scores(keys: torch.Tensor, q: torch.Tensor, bs: int, heads: 
     """float64 score of every block of one cell from its keys `(n, D)`, for its query heads q `(G, D)`.
 
     Per head, Quest's bound `sum_d max(q_d * min_d, q_d * max_d)`; "sum" adds the heads' bounds,
-    "max" takes each head's bound minus its best over the cell's blocks, the largest over heads.
+    "max" takes each head's bound minus its best over the cell's blocks, the largest over heads,
+    "mass" each head's softmax over the blocks of its bounds times 1/sqrt(D), summed over heads.
     """
     qd, keys = q.double(), keys.double()
     per = []  # per[j][g]
@@ -87,7 +89,11 @@ def reference_block_scores(keys: torch.Tensor, q: torch.Tensor, bs: int, heads: 
     if heads == "sum":
         return [sum(row) for row in per]
     best = [max(row[g] for row in per) for g in range(qd.shape[0])]
-    return [max(row[g] - best[g] for g in range(qd.shape[0])) for row in per]
+    if heads == "max":
+        return [max(row[g] - best[g] for g in range(qd.shape[0])) for row in per]
+    scale = qd.shape[1] ** -0.5
+    totals = [sum(math.exp(scale * (row[g] - best[g])) for row in per) for g in range(qd.shape[0])]
+    return [sum(math.exp(scale * (row[g] - best[g])) / totals[g] for g in range(qd.shape[0])) for row in per]
 
 
 def brute_force_blocks(
@@ -274,7 +280,7 @@ def test_bad_input_names_the_problem() -> None:
         BlockSelection()
     with pytest.raises(InvalidRequestError, match="sink_blocks must be an integer"):
         make_method("quest", 0.5, sink_blocks=-1)
-    with pytest.raises(InvalidRequestError, match="heads must be one of 'sum', 'max', got 'mean'"):
+    with pytest.raises(InvalidRequestError, match="heads must be one of 'sum', 'max', 'mass', got 'mean'"):
         make_method("quest", 0.5, heads="mean")
     with pytest.raises(InvalidRequestError, match="neighbours must be an integer >= 0, got -1"):
         make_method("quest", 0.5, neighbours=-1)

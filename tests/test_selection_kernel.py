@@ -3,7 +3,8 @@
 The reference recomputes every block's key minimum and maximum from the keys
 the pool holds, scores blocks in float64 (per query head `sum_d max(q_gd *
 min_d, q_gd * max_d)`, one block at a time; summed over heads, or each head
-relative to its best block and the largest over heads) and takes sinks,
+relative to its best block and the largest over heads, or each head's softmax
+over the blocks summed over heads) and takes sinks,
 recent blocks and the top-k of the rest. Both implementations must pick the same set, up to blocks
 whose float64 scores tie with the last one taken within float32 rounding.
 """
@@ -183,7 +184,31 @@ def test_a_block_one_head_alone_looks_at_is_read_per_head_not_by_the_sum(impleme
         )
         for heads in HEAD_SCORES
     }
-    assert got == {"max": [0, 3, 5, 9], "sum": [0, 5, 6, 9]}
+    # "mass": heads 1 and 2 put most of their (bound-estimated) weight on 5, less on 6; head 0 on 3 less so.
+    assert got == {"max": [0, 3, 5, 9], "sum": [0, 5, 6, 9], "mass": [0, 5, 6, 9]}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_mass_reads_a_peaked_heads_block_that_neither_sum_nor_max_reads(implementation: str) -> None:
+    """Ten blocks, one pick beside sink 0 and recent 9. Head 0 is peaked on block 4 (bound 20, 0 elsewhere);
+    head 1 is diffuse, its favourite block 2 barely ahead (0.5 against 0); head 2, large, is split
+    between blocks 6 and 7 (100 each). The sum picks 6 (head 2 outvotes head 0); "max" ties every
+    head's favourite at 0 and takes the earliest, head 1's block 2; "mass" sums the softmax shares:
+    block 4 has ~0.99 of head 0's, block 6 half of head 2's, block 2 ~0.12 of head 1's: block 4.
+    """
+    e = torch.eye(D)
+    per_block = [e[0]] * 10
+    per_block[2], per_block[4], per_block[6], per_block[7] = 0.5 * e[3], e[1], e[2], e[2]
+    cache, seq = one_key_per_block(per_block)
+    q = torch.zeros(1, H_KV * GROUP, D)
+    q[0, 0], q[0, 1], q[0, 2] = 20 * e[1], e[3], 100 * e[2]
+    got = {
+        heads: chosen_by(
+            cache, seq, q, BlockSelection(budget=3, recent_blocks=1, heads=heads), implementation
+        )
+        for heads in HEAD_SCORES
+    }
+    assert got == {"sum": [0, 6, 9], "max": [0, 2, 9], "mass": [0, 4, 9]}
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -225,35 +250,9 @@ def test_engine_answers_the_same_with_either_implementation(
     assert 0.24 < outputs[0][1] < 0.30
 
 
-def test_the_bench_summary_counts_each_example_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Rows of two split runs (and a rerun of one seed): answers counted per seed, medians of medians."""
-    from kvengine.bench.selection import summarize_file
-    from kvengine.results import append_rows, make_row
-
-    def example(seed: int, right: dict[str, float], step_full: float) -> list[dict]:  # type: ignore[type-arg]
-        rows = [
-            make_row("selection", "correct", v, "bool", system=s, length=64, seed=seed)
-            for s, v in right.items()
-        ]
-        timings = dict(step_full=step_full, step_quest=1.0, attention_full_b1=4.0, attention_quest_b1=1.0,
-                       selection_b1=0.5)  # fmt: skip
-        rows.append(make_row("selection", "example_medians_s", 0.0, "s", length=64, seed=seed, **timings,
-                             blocks_read=1, blocks_held=8))  # fmt: skip
-        return rows
-
-    path = tmp_path / "rows.jsonl"
-    append_rows(path, example(0, {"full": 1.0, "quest": 0.0}, 2.0))
-    append_rows(path, example(1, {"full": 1.0, "quest": 1.0}, 4.0))
-    append_rows(path, example(1, {"full": 0.0, "quest": 1.0}, 6.0))  # a rerun of seed 1: the last rows win
-    append_rows(path, [make_row("selection", "correct", 1.0, "bool", system="full", length=64, seed=9)])
-    first, second = summarize_file(path).split("\n\n")
-    assert first.splitlines()[2] == "| 64 | 2 | 1 | 1 | 0.125 | 4000.0 | 1000.0 | 0.25 |"
-    assert second.splitlines()[2] == "| 64 | 1 | 4000.00 | 1000.00 | 0.25 | 500.00 |"
-
-
 @pytest.mark.model
 def test_the_bench_answers_with_every_setting_from_one_prefill(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """`bench selection --quest heads=sum,neighbours=1 --also heads=max` at a short length: rows and tables."""
+    """`bench selection` with settings of their own ratio and dense layers: rows, blocks read, resuming."""
     import json
 
     from kvengine.bench.selection import run_selection_bench, summarize_file
@@ -264,18 +263,30 @@ def test_the_bench_answers_with_every_setting_from_one_prefill(tmp_path) -> None
         run_selection_bench("smollm2-135m", [320], 0.875, [1], 1, out, report, also=[{"heads": "mean"}])
     with pytest.raises(InvalidRequestError, match="has no hyperparameter 'neighbors'"):
         run_selection_bench("smollm2-135m", [320], 0.875, [1], 1, out, report, quest={"neighbors": 1})
-    quest, also = {"heads": "sum", "neighbours": 1}, [{"heads": "max"}]
-    rows = run_selection_bench(
-        "smollm2-135m", [320], 0.75, [1], 1, out, report, examples=1, max_tokens=4, quest=quest, also=also
-    )
-    answers = {r["config"]["system"]: r["config"].get("heads") for r in rows if r["metric"] == "correct"}
-    assert answers == {"full": None, "quest": "sum", "quest_heads=max": "max"}
-    read = next(r["value"] for r in rows if r["metric"] == "blocks_read_fraction")
-    assert 0.2 < read < 0.5  # ceil(0.25 x ~21) of ~21 blocks, or the 3 sinks and recent ones
+    with pytest.raises(InvalidRequestError, match="ratio must be a number, got 'x'"):
+        run_selection_bench("smollm2-135m", [320], 0.875, [1], 1, out, report, also=[{"ratio": "x"}])
+    with pytest.raises(InvalidRequestError, match="unknown task 'niah'"):
+        run_selection_bench("smollm2-135m", [320], 0.875, [1], 1, out, report, tasks=["niah"])
+    quest, also = {"heads": "sum", "neighbours": 1}, [{"heads": "mass"}, {"ratio": 0.9, "dense_layers": 2}]
+    run = dict(examples=1, max_tokens=4, quest=quest, also=also, tasks=["needle_hard", "niah_multiquery"])
+    rows = run_selection_bench("smollm2-135m", [320], 0.75, [1], 1, out, report, **run)  # type: ignore[arg-type]
+    answers = {(r["config"]["task"], r["config"]["system"]): r for r in rows if r["metric"] == "score"}
+    systems = {"full", "quest", "quest_heads=mass", "quest_ratio=0.9,dense_layers=2"}
+    assert set(answers) == {(t, s) for t in ("needle_hard", "niah_multiquery") for s in systems}
+    assert len(answers["niah_multiquery", "full"]["config"]["outputs"]) == 4  # every question answered
+    for task in ("needle_hard", "niah_multiquery"):
+        full = answers[task, "full"]["config"]
+        assert full["blocks_read"] == full["blocks_held"] == 0  # full reads without selection
+        dense = answers[task, "quest_ratio=0.9,dense_layers=2"]["config"]
+        # 30 layers, ~21 blocks per cell: 2 layers read all, 28 read ceil(0.1 x ~21) = 3 (sink, recent).
+        assert 0.17 < dense["blocks_read"] / dense["blocks_held"] < 0.25
+        assert answers[task, "quest_heads=mass"]["config"]["heads"] == "mass"
     assert len(out.read_text().splitlines()) == len(rows)
-    header = summarize_file(out).splitlines()[0]
-    assert "| quest correct | quest_heads=max correct |" in header
-    assert "quest_heads=max correct" in report.read_text()
+    assert run_selection_bench("smollm2-135m", [320], 0.75, [1], 1, out, report, **run) == []  # type: ignore[arg-type]
+    table = summarize_file(out).splitlines()
+    assert table[0].startswith("| task | length | setting | examples | full correct |")
+    assert len(table) == 2 + 3 * 3  # per task and pooled, three settings
+    assert "quest_heads=mass" in report.read_text()
     assert all(json.loads(line)["bench"] == "selection" for line in out.read_text().splitlines())
 
 

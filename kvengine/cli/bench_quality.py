@@ -35,9 +35,9 @@ def _add_selection_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
     sel = bench_sub.add_parser(
         "selection",
         help="quest block selection vs full attention: needle accuracy, blocks read, time per step",
-        description="Prefill needle_hard contexts; answer each with and without quest's block selection "
-        "(timing every decode step) and time one decode step's attention over every layer both ways, "
-        "alternating, medians.",
+        description="Prefill needle_hard (or --tasks) contexts; answer each with and without quest's block "
+        "selection, every setting from one prefill (timing every decode step), and time one decode step's "
+        "attention over every layer for each, alternating, medians. Examples already in --out are skipped.",
     )
     sel.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or local HF directory")
     sel.add_argument("--lengths", type=positive_int_list, default=[4096], help="context lengths in tokens")
@@ -49,9 +49,21 @@ def _add_selection_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
         help="decoding copies of the context per timed attention step (comma-separated)",
     )
     sel.add_argument("--repeats", type=positive_int, default=3, help="timed attention steps per example")
-    sel.add_argument("--examples", type=positive_int, default=8, help="needle_hard examples per length")
+    sel.add_argument(
+        "--tasks",
+        type=name_list,
+        default=["needle_hard"],
+        help="comma-separated tasks: needle_hard and the RULER-style ones (niah_single, vt, ...)",
+    )
+    sel.add_argument("--examples", type=positive_int, default=8, help="examples per task and length")
     sel.add_argument("--first-example", type=int, default=0, help="seed of the first example (to split runs)")
     sel.add_argument("--max-tokens", type=positive_int, default=24, help="tokens per answer")
+    sel.add_argument(
+        "--time-limit",
+        type=float,
+        default=0.0,
+        help="seconds; start no example past them (0: none; rerun resumes)",
+    )
     sel.add_argument(
         "--quest",
         type=key_values,
@@ -63,7 +75,8 @@ def _add_selection_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
         type=key_values,
         action="append",
         default=[],
-        help="other quest hyperparameters answered too at the same ratio, e.g. heads=max (repeatable)",
+        help="other quest hyperparameters answered too, e.g. heads=max or ratio=0.915,dense_layers=2 "
+        "(ratio: this setting's own; repeatable)",
     )
     add_output_args(sel, "bench_selection.jsonl")
 
@@ -140,9 +153,9 @@ def _cmd_bench_selection(args: argparse.Namespace) -> None:
 
     run_selection_bench(
         args.model, args.lengths, args.ratio, args.batch, args.repeats,
-        Path(args.out), Path(args.report), examples=args.examples,
+        Path(args.out), Path(args.report), tasks=args.tasks, examples=args.examples,
         first_example=args.first_example, max_tokens=args.max_tokens,
-        quest=args.quest, also=args.also, command=args.command_line,
+        quest=args.quest, also=args.also, time_limit_s=args.time_limit, command=args.command_line,
     )  # fmt: skip
 
 

@@ -1,10 +1,12 @@
 // Query-aware block selection for one layer of a decode batch, in one pass (CPU).
 //
 // For each (sequence, kv-head) cell: score every block of the cell by the upper bound of q . k
-// over its keys (Quest: sum_d max(q_d * min_d, q_d * max_d)), either summed over the cell's query
-// heads (per_head false) or, per_head, each query head's bound minus that head's best bound over
-// the cell's blocks, the cell's score being the largest over its heads; keep the sink and recent blocks, add the best-scored others up to `k` blocks, and write the
-// slot table of the chosen blocks in cache order: what `kvengine::paged_decode` then reads.
+// over its keys (Quest: sum_d max(q_d * min_d, q_d * max_d)), combined over the cell's query heads
+// as `head_score` says (0 "sum": the heads' bounds summed; 1 "max": each head's bound minus its best
+// over the cell's blocks, the largest over heads; 2 "mass": each head's bounds, times `scale`, as a
+// softmax over the cell's blocks, those shares summed over heads); keep the sink and recent blocks,
+// add the best-scored others up to `k` blocks, and write the slot table of the chosen blocks in
+// cache order: what `kvengine::paged_decode` then reads.
 // Registered as the torch op `kvengine_select::select_blocks`; kvengine/engine/select_kernel.py
 // builds and loads it. kvengine/engine/selection.py states the contract and holds the torch
 // reference path.
@@ -17,14 +19,17 @@
 // returns      new slots (N, H_kv, k * block_size) (zero_slot past each new length), new lens
 //              (N, H_kv), new positions (same shape as new slots, or empty), and (2,) int64:
 //              blocks read and blocks held, summed over cells.
-// per_head     rank by each query head's bound relative to its best block (the cell's max), not the sum
+// head_score   0 sum, 1 max, 2 mass (above); scale: the softmax temperature of "mass" (1/sqrt(D))
 // neighbours   each block taken for its score brings its next `neighbours` blocks (same budget k)
 //
 // Summing over query heads first is exact: max(q_d * lo_d, q_d * hi_d) is q_d * hi_d for
 // q_d >= 0 and q_d * lo_d otherwise, so the group's bound is (sum_g q+_gd) . hi + (sum_g q-_gd) . lo.
 // Per head, the bound minus the head's best bound is the log of an upper bound on how much of that
 // head's largest weight the block can reach (up to the scale): a block that one head alone looks at
-// ranks high even when the other heads of its kv-head look elsewhere, which the sum hides.
+// ranks high even when the other heads of its kv-head look elsewhere, which the sum hides. "mass"
+// weighs that by how peaked the head is: a head's best block counts for its share of the head's
+// (bound-estimated) attention, so a diffuse head's favourite does not outrank a block that a
+// peaked head, or several heads, put their weight on.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -42,8 +47,10 @@ namespace {
 
 struct Args {
   int64_t num_kv_heads, group, head_dim, max_len, block_size, k, sink, recent, zero_slot, bound_rows, out_len;
-  bool per_head;
+  int64_t head_score;  // 0 sum, 1 max, 2 mass
   int64_t neighbours;
+  float scale;  // "mass": softmax temperature over the bounds
+  bool per_head() const { return head_score != 0; }
 };
 
 struct Picks {
@@ -70,13 +77,13 @@ inline void prefetch_row(const scalar_t* lo, const scalar_t* hi, int64_t row, in
 template <typename scalar_t>
 void score_blocks(const float* q, const scalar_t* lo, const scalar_t* hi, const int64_t* slots,
                   int64_t num_blocks, const Args& a, Picks& w) {
-  const int64_t D = a.head_dim, heads = a.per_head ? a.group : 1;
+  const int64_t D = a.head_dim, heads = a.per_head() ? a.group : 1;
   std::fill(w.qpos.begin(), w.qpos.end(), 0.0f);
   std::fill(w.qneg.begin(), w.qneg.end(), 0.0f);
   for (int64_t g = 0; g < a.group; ++g)  // per head: one row per query head; else the group's sums
     for (int64_t d = 0; d < D; ++d) {
       const float x = q[g * D + d];
-      const int64_t at = (a.per_head ? g * D : 0) + d;
+      const int64_t at = (a.per_head() ? g * D : 0) + d;
       (x >= 0.0f ? w.qpos[at] : w.qneg[at]) += x;
     }
   constexpr float kNone = -std::numeric_limits<float>::infinity();
@@ -99,18 +106,26 @@ void score_blocks(const float* q, const scalar_t* lo, const scalar_t* hi, const 
       w.head_scores[g * num_blocks + j] = std::isfinite(s) ? s : kNone;
     }
   }
-  if (!a.per_head) {
+  if (!a.per_head()) {
     std::copy(w.head_scores.begin(), w.head_scores.begin() + num_blocks, w.scores.begin());
     return;
   }
   std::fill(w.scores.begin(), w.scores.begin() + num_blocks, kNone);
   for (int64_t g = 0; g < heads; ++g) {
-    const float* hs = w.head_scores.data() + g * num_blocks;
+    float* hs = w.head_scores.data() + g * num_blocks;
     float best = kNone;
     for (int64_t j = 0; j < num_blocks; ++j) best = std::max(best, hs[j]);
     if (best == kNone) continue;  // no finite bound for this head
+    if (a.head_score == 1) {
+      for (int64_t j = 0; j < num_blocks; ++j)
+        if (hs[j] != kNone) w.scores[j] = std::max(w.scores[j], hs[j] - best);
+      continue;
+    }
+    float total = 0.0f;  // "mass": this head's softmax over its blocks' bounds, added to each block's score
     for (int64_t j = 0; j < num_blocks; ++j)
-      if (hs[j] != kNone) w.scores[j] = std::max(w.scores[j], hs[j] - best);
+      if (hs[j] != kNone) total += (hs[j] = std::exp(a.scale * (hs[j] - best)));
+    for (int64_t j = 0; j < num_blocks; ++j)
+      if (hs[j] != kNone) w.scores[j] = (w.scores[j] == kNone ? 0.0f : w.scores[j]) + hs[j] / total;
   }
 }
 
@@ -163,7 +178,7 @@ void run(const at::Tensor& q, const at::Tensor& lo, const at::Tensor& hi, const 
   const int64_t max_blocks = (a.max_len + a.block_size - 1) / a.block_size;
   // Work per cell is small (blocks x head_dim): threads only for large batches.
   at::parallel_for(0, cells, 64, [&](int64_t begin, int64_t end) {
-    const int64_t rows = a.per_head ? a.group : 1;
+    const int64_t rows = a.per_head() ? a.group : 1;
     Picks w{std::vector<float>(rows * a.head_dim), std::vector<float>(rows * a.head_dim),
             std::vector<float>(max_blocks), std::vector<float>(rows * max_blocks), {}, std::vector<char>(max_blocks)};
     w.order.reserve(max_blocks);
@@ -200,7 +215,8 @@ void run(const at::Tensor& q, const at::Tensor& lo, const at::Tensor& hi, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_blocks(
     const at::Tensor& q, const at::Tensor& bound_min, const at::Tensor& bound_max, const at::Tensor& slots,
     const at::Tensor& lens, const c10::optional<at::Tensor>& positions, int64_t block_size, int64_t k,
-    int64_t sink_blocks, int64_t recent_blocks, int64_t zero_slot, bool per_head, int64_t neighbours) {
+    int64_t sink_blocks, int64_t recent_blocks, int64_t zero_slot, int64_t head_score, int64_t neighbours,
+    double scale) {
   TORCH_CHECK(q.dim() == 3 && slots.dim() == 3 && lens.dim() == 2, "select_blocks: bad ranks");
   TORCH_CHECK(q.size(0) == slots.size(0) && lens.size(0) == slots.size(0) && lens.size(1) == slots.size(1),
               "select_blocks: q, slots and lens disagree on sequences or heads");
@@ -211,12 +227,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_blocks(
   TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "select_blocks: int64 tables");
   TORCH_CHECK(block_size >= 1 && k >= 1 && sink_blocks >= 0 && recent_blocks >= 1 && neighbours >= 0,
               "select_blocks: block_size, k and recent_blocks must be >= 1, sink_blocks and neighbours >= 0");
+  TORCH_CHECK(head_score >= 0 && head_score <= 2, "select_blocks: head_score must be 0 (sum), 1 (max) or 2 (mass)");
+  TORCH_CHECK(scale > 0.0, "select_blocks: scale must be > 0");
   if (positions.has_value()) {
     TORCH_CHECK(positions->sizes() == slots.sizes() && positions->scalar_type() == at::kLong,
                 "select_blocks: positions must match slots");
   }
   const Args a{slots.size(1), q.size(1) / slots.size(1), q.size(2), slots.size(2), block_size, k,
-               sink_blocks, recent_blocks, zero_slot, bound_min.size(0), k * block_size, per_head, neighbours};
+               sink_blocks, recent_blocks, zero_slot, bound_min.size(0), k * block_size, head_score, neighbours,
+               static_cast<float>(scale)};
   const at::Tensor qf = q.to(at::kFloat).contiguous(), sc = slots.contiguous(), lc = lens.contiguous();
   const at::Tensor lo = bound_min.contiguous(), hi = bound_max.contiguous();
   const auto long_opts = slots.options().dtype(at::kLong);
@@ -240,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_blocks(
 TORCH_LIBRARY(kvengine_select, m) {
   m.def("select_blocks(Tensor q, Tensor bound_min, Tensor bound_max, Tensor slots, Tensor lens, "
         "Tensor? positions, int block_size, int k, int sink_blocks, int recent_blocks, int zero_slot, "
-        "bool per_head=False, int neighbours=0) "
+        "int head_score=0, int neighbours=0, float scale=1.0) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -28,7 +28,8 @@ class QuestSelection:
     `sink_blocks` first and `recent_blocks` last ones; the first
     `dense_layers` layers read all. `heads`: "sum" ranks blocks by the
     kv-head's query heads' bounds summed (Quest's), "max" by each query
-    head's bound relative to its best block, the best head deciding.
+    head's bound relative to its best block, the best head deciding, "mass"
+    by each head's softmax over its blocks' bounds, summed over heads.
     `neighbours`: each sink and each block taken for its score brings that
     many following blocks, within the same budget. Bytes held: the whole
     cache plus per-block key bounds (1/block_size of it).
