@@ -265,9 +265,10 @@ def test_report_writes_table_and_plots(tmp_path: Path) -> None:
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = files[0].read_text()
     # niah_single: 4 rows per setting, accuracy (1 + 0 + 1 + 1) / 4; cwe 0.5; "all" averages the 5 rows.
-    assert "| niah_single | none | 0.00 | - | 4 | 0.750 | 1.000 | 0.00 | 2.00 |" in table
-    assert "| niah_single | snapkv | 0.50 | - | 4 | 0.750 | 0.500 |" in table
-    assert "| cwe | none | 0.00 | 2 | 1 | 0.500 | 0.200 |" in table
+    # Then: of the full cache's accuracy; bytes / full; / 16-bit ("-": rows written before it was recorded).
+    assert "| niah_single | none | 0.00 | - | 4 | 0.750 | 1.00 | 1.000 | - | 0.00 | 2.00 |" in table
+    assert "| niah_single | snapkv | 0.50 | - | 4 | 0.750 | 1.00 | 0.500 | - |" in table
+    assert "| cwe | none | 0.00 | 2 | 1 | 0.500 | 1.00 | 0.200 |" in table
     assert "| all | none | 0.00 | - | 5 | 0.700 |" in table
     lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(lines) == (1 + 9) + (1 + 3)  # the summary, then accuracy by length (3 settings, 2 lengths)

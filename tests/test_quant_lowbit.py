@@ -119,3 +119,30 @@ def test_cli_flags_are_derived_from_the_config() -> None:
     cfg = config_from_args(CacheConfig, args)
     assert (cfg.kv_bits, cfg.kv_rotate, cfg.kv_key_groups) == (3, True, "token")
     assert config_from_args(CacheConfig, parser.parse_args([])).kv_rotate is False
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_kept_decoded_rows_read_as_dequantizing_every_time(rotate: bool) -> None:
+    """keep_decoded: the same rows as a pool that dequantizes on each read, also after packed ids are reused."""
+    pools = [QuantizedBlockPool(6, 4, 4, 16, bits=3, rotate=rotate) for _ in range(2)]
+    pools[1].keep_decoded()
+    gen = torch.Generator().manual_seed(3)
+    for _round in range(3):  # seal, read, free: the next round's seals reuse the freed packed ids
+        sealed = []
+        for pool in pools:
+            gen_state = gen.get_state()
+            blocks = pool.allocate(3)
+            slots = block_slots(blocks, 4)
+            pool.write(slots, torch.randn(12, 16, generator=gen), torch.randn(12, 16, generator=gen))
+            sealed.append(pool.seal(blocks[:2]))
+            gen.set_state(gen_state)
+        gen.manual_seed(int(torch.randint(0, 2**30, (1,), generator=gen)))
+        assert torch.equal(sealed[0], sealed[1])
+        read_slots = torch.cat([block_slots(sealed[0], 4), block_slots(torch.tensor([blocks[2]]), 4)])
+        read_slots = read_slots[torch.randperm(read_slots.numel(), generator=gen)]
+        for _ in range(2):  # the second read comes from the kept rows
+            (k0, v0), (k1, v1) = pools[0].read(read_slots), pools[1].read(read_slots)
+            assert torch.equal(k0, k1) and torch.equal(v0, v1)
+        for pool, ids in zip(pools, sealed, strict=True):
+            pool.release(torch.cat([ids, blocks[2:]]))
+            pool.check_invariants()

@@ -73,6 +73,7 @@ class QuantizedBlockPool(KVPool):
         self.bits = bits
         self.packed: PackedBlocks = self.layout.empty(num_packed_blocks, device)
         self.pinned = torch.zeros(num_blocks, dtype=torch.bool, device=HOST)  # open blocks `seal` leaves open
+        self._decoded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see keep_decoded
         # Popping from the end hands out low ids first.
         self._free_open: list[int] = list(range(num_open_blocks - 1, -1, -1))
         self._free_packed: list[int] = list(range(num_blocks - 1, num_open_blocks - 1, -1))
@@ -193,6 +194,8 @@ class QuantizedBlockPool(KVPool):
         dst = (new_ids - self.num_open_blocks).to(self.k.device)
         for store, fresh in zip(self.packed, packed, strict=True):
             store.index_copy_(0, dst, fresh)
+        if self._decoded is not None:
+            self._decoded[2][dst] = False  # a reused packed id holds new codes
         self.release(block_ids)
         return new_ids
 
@@ -226,6 +229,11 @@ class QuantizedBlockPool(KVPool):
 
         at_sealed = sealed.nonzero().squeeze(1)
         rel = slots[at_sealed] - self._open_slots  # slot within the packed range
+        if self._decoded is not None:
+            dk, dv = self._decoded_rows(rel)
+            k.index_copy_(0, at_sealed, dk)
+            v.index_copy_(0, at_sealed, dv)
+            return k, v
         blocks, which = (rel // self.block_size).unique(return_inverse=True)
         touched = PackedBlocks(*(t.index_select(0, blocks) for t in self.packed))
         dk, dv = self.layout.dequantize_blocks(touched, self.dtype)  # (U, block_size, D)
@@ -233,6 +241,41 @@ class QuantizedBlockPool(KVPool):
         k.index_copy_(0, at_sealed, dk.flatten(0, 1).index_select(0, rows))
         v.index_copy_(0, at_sealed, dv.flatten(0, 1).index_select(0, rows))
         return k, v
+
+    def keep_decoded(self) -> None:
+        """From now on, keep every packed block's dequantized rows after its first read (opt-in).
+
+        Reads then dequantize each sealed block once instead of on every read:
+        the same values (the same function of the same codes), at the memory
+        of a full-precision copy of the packed capacity, which this pool does
+        not count as held (it is a reader's cache, not storage; an evaluation's
+        speed-up, not a serving mode).
+        """
+        if self._decoded is None:
+            shape = (self.num_packed_blocks * self.block_size, self.head_dim)
+            self._decoded = (
+                torch.empty(shape, dtype=self.dtype, device=self.k.device),
+                torch.empty(shape, dtype=self.dtype, device=self.k.device),
+                torch.zeros(self.num_packed_blocks, dtype=torch.bool, device=self.k.device),
+            )
+
+    def _decoded_rows(self, rel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at packed-range slots `rel`, dequantizing the blocks not decoded yet."""
+        assert self._decoded is not None
+        dk_all, dv_all, done = self._decoded
+        block_of = rel // self.block_size
+        missing = ~done[block_of]
+        if bool(missing.any()):
+            blocks = block_of[missing].unique()
+            touched = PackedBlocks(*(t.index_select(0, blocks) for t in self.packed))
+            dk, dv = self.layout.dequantize_blocks(touched, self.dtype)  # (U, block_size, D)
+            rows = (
+                blocks[:, None] * self.block_size + torch.arange(self.block_size, device=blocks.device)
+            ).flatten()
+            dk_all.index_copy_(0, rows, dk.flatten(0, 1))
+            dv_all.index_copy_(0, rows, dv.flatten(0, 1))
+            done[blocks] = True
+        return dk_all.index_select(0, rel), dv_all.index_select(0, rel)
 
     # ---- checks -----------------------------------------------------------
 

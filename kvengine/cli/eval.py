@@ -25,6 +25,35 @@ def _kivi_list(text: str) -> list[int]:
     return [] if text.strip() == "none" else positive_int_list(text)
 
 
+def ratio_budget_list(text: str) -> list[float]:
+    """Comma-separated byte budgets, each a fraction of the 16-bit cache in (0, 1]."""
+    try:
+        budgets = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
+    if not budgets or not all(0.0 < b <= 1.0 for b in budgets):
+        raise argparse.ArgumentTypeError(f"budgets are fractions of the 16-bit cache in (0, 1], got {text!r}")
+    return budgets
+
+
+def _add_budget_args(ev: argparse.ArgumentParser) -> None:
+    """--kv-budgets and --packed-presses: settings at the same bytes on different storage."""
+    ev.add_argument(
+        "--kv-budgets",
+        type=ratio_budget_list,
+        default=[],
+        metavar="FRACTIONS",
+        help="byte budgets as fractions of the 16-bit cache (e.g. 0.25,0.125), instead of --ratios: "
+        "each setting runs at the ratio that holds the budget on its storage",
+    )
+    ev.add_argument(
+        "--packed-presses",
+        type=name_list,
+        default=[],
+        help="presses (or duo) that also run on each --kivi width: evict, then pack what they keep",
+    )
+
+
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     """`kvengine eval --tasks ruler --lengths 1024,2048 --presses none,snapkv --ratios 0.25,0.5 [--kivi 2]`."""
     ev = sub.add_parser(
@@ -60,6 +89,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         default="channel",
         help="KIVI runs quantize keys per channel (KIVI, default) or per token",
     )
+    _add_budget_args(ev)
     ev.add_argument("--examples", type=positive_int, default=2, help="examples per task and length")
     ev.add_argument("--seed", type=int, default=0, help="seed of the generated examples")
     ev.add_argument("--max-tokens", type=positive_int, default=32, help="answer tokens at most")
@@ -107,6 +137,8 @@ def run_eval_command(args: argparse.Namespace) -> None:
         args.kvpress_python,
         kv_rotate=args.kv_rotate,
         kv_key_groups=args.kv_key_groups,
+        budgets=tuple(args.kv_budgets),
+        packed_presses=tuple(args.packed_presses),
     )
     rows = run_eval(
         load(args.model, dtype=args.dtype, device=args.device, weights=args.weights), cfg, Path(args.out)

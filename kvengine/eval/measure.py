@@ -3,13 +3,16 @@
 The context is prefilled once (with its queries kept, for the presses that
 score with them); every press compresses its own copy of that cache
 (`Engine.compress_context`, the same cache inline compression gives) and all
-the questions are asked of the copy, batched. KIVI widths prefill their own
-engine, whose pool stores packed blocks, with no press. This module measures;
+the questions are asked of the copy, batched. Each KIVI width prefills its
+own engine, whose pool stores packed blocks, once: its settings (no press, a
+demote press, an evicting press or duo then packing) each pack a copy of
+that full-precision prefill. This module measures;
 it does not score or write rows (`kvengine.eval.runner` does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,14 +20,16 @@ from typing import Any
 
 import torch
 
+from kvengine.cache.quant_pool import QuantizedBlockPool
 from kvengine.config import CacheConfig, SchedulerConfig
 from kvengine.engine.engine import Engine
 from kvengine.engine.request import SamplingParams
 from kvengine.engine.selection import SelectionStats
+from kvengine.eval.budget import PACKED_BLOCK_SIZE, storage_bytes_per_token
 from kvengine.eval.presses import prefill_context
 from kvengine.models import LoadedModel
-from kvengine.press import press_from_spec
 from kvengine.press.methods import bound_press, is_selection, make_method
+from kvengine.press.none import NoPress
 
 Setting = tuple[str, float, int]  # (press, ratio, kivi)
 
@@ -58,14 +63,28 @@ def _ask(
     engine: Engine, model: LoadedModel, context: int, rests: list[list[int]], params: SamplingParams
 ) -> tuple[list[str], float]:
     """Every question continues `context` (batched together); returns the answers and the seconds taken."""
+    answers, seconds = _ask_all(engine, model, [context], rests, params)
+    return answers[0], seconds
+
+
+def _ask_all(
+    engine: Engine, model: LoadedModel, contexts: list[int], rests: list[list[int]], params: SamplingParams
+) -> tuple[list[list[str]], float]:
+    """Every question of every context, decoded in one batch: the answers per context, seconds per context.
+
+    One batch, because a decode step of a small model costs about the same for
+    one sequence as for a dozen (the weights are read once per step); the
+    seconds are the batch's wall time shared equally among the contexts.
+    """
     start = time.perf_counter()
-    seq_ids = [engine.add_request(rest, params, parent=context) for rest in rests]
+    seq_ids = [[engine.add_request(rest, params, parent=c) for rest in rests] for c in contexts]
     engine.run()
     assert model.tokenizer is not None
+    decode = model.tokenizer.decode
     outputs = [
-        str(model.tokenizer.decode(engine.release(s).output_ids, skip_special_tokens=True)) for s in seq_ids
+        [str(decode(engine.release(s).output_ids, skip_special_tokens=True)) for s in ids] for ids in seq_ids
     ]
-    return outputs, time.perf_counter() - start
+    return outputs, (time.perf_counter() - start) / max(1, len(contexts))
 
 
 def fp_bytes(model: LoadedModel, num_tokens: int) -> int:
@@ -89,21 +108,27 @@ def _engine(
     scheduler = SchedulerConfig(max_num_seqs=max(4, num_questions), max_step_tokens=num_tokens)
     if not kv_bits:
         return Engine(model, CacheConfig(), scheduler)  # fp pools are allocated lazily: the default is free
-    # A packed pool is laid out up front, so it is sized for this example: twice its fp bytes, with a
-    # partly filled block per (layer, kv-head) cell for each sequence. 32-token blocks: one key group
-    # per block, as in KIVI (and `kvengine bench presses`).
-    block_size = 32
-    tokens = num_tokens + num_questions * extra_tokens + (num_questions + 1) * block_size
-    return Engine(
+    # A packed pool is laid out up front, so it is sized for this example: a packed copy of the context
+    # and of its continuations per sequence. 32-token blocks: one key group per block, as in KIVI (and
+    # `kvengine bench presses`). Open blocks follow the longest step, here twice the context: a copy of
+    # the full-precision context is written whole before its full blocks are sealed (the prefill itself
+    # still takes one step). Each packed block is dequantized once, on its first read (`keep_decoded`):
+    # the answers are the same, and the decode steps of many packed copies stop redoing it.
+    cells = model.num_layers * model.num_kv_heads
+    tokens = (num_questions + 1) * (num_tokens + extra_tokens + 2 * PACKED_BLOCK_SIZE)
+    engine = Engine(
         model,
         CacheConfig(
-            block_size=block_size,
-            max_kv_bytes=2 * fp_bytes(model, tokens),
+            block_size=PACKED_BLOCK_SIZE,
+            max_kv_bytes=int(tokens * cells * storage_bytes_per_token(model, kv_bits, storage)),
             kv_bits=kv_bits,
             **(storage or {}),
         ),
-        scheduler,
+        dataclasses.replace(scheduler, max_step_tokens=2 * num_tokens),
     )
+    assert isinstance(engine.pool, QuantizedBlockPool)
+    engine.pool.keep_decoded()
+    return engine
 
 
 def measure(
@@ -116,46 +141,63 @@ def measure(
 ) -> Iterator[Measured]:
     """kvengine's answers to the questions `rests` about context `ids`, per setting, fp ones first.
 
-    Settings with KIVI bits run on a packed pool (with `storage`'s options): press "none" as
-    prefilled, a demote press on a copy of a context kept in full precision until it compresses it.
+    Settings with KIVI bits run on a packed pool (with `storage`'s options), one prefill per
+    width kept in full precision, each setting on its own packed copy (`_measure_packed`).
     """
     extra = max(len(r) for r in rests) + max_new_tokens  # tokens a question adds to the context
     params = SamplingParams(max_tokens=max_new_tokens)
     fp = [s for s in settings if not s[2]]
     if fp:
-        engine = _engine(model, len(rests), len(ids), extra)
-        if any(is_selection(s[0]) for s in fp):
-            engine.pool.track_key_bounds()  # from the first write: a selection answers from this prefill too
-        base, prefill_s = prefill_context(engine, ids, keep_queries=any(s[0] != "none" for s in fp))
-        full = engine.cache.bytes_held(engine.sequences[base].kv)  # type: ignore[arg-type]
-        for spec, ratio, _ in fp:
-            if is_selection(spec):
-                yield _measure_selection(engine, model, base, rests, (spec, ratio), params, prefill_s)
-                continue
-            start, context = time.perf_counter(), base
-            if spec != "none":
-                context = engine.compress_context(base, bound_press(spec, ratio, model))
-            compress_s = time.perf_counter() - start if spec != "none" else 0.0
-            held = engine.cache.bytes_held(engine.sequences[context].kv)  # type: ignore[arg-type]
-            outputs, answer_s = _ask(engine, model, context, rests, params)
-            if context != base:
-                engine.release(context)
-            yield Measured(spec, ratio, 0, outputs, held, full, prefill_s, compress_s, answer_s)
-        engine.release(base)
+        yield from _measure_fp(model, ids, rests, fp, params, extra)
     for bits in sorted({s[2] for s in settings if s[2]}):
-        if ("none", 0.0, bits) in settings:
-            kivi_engine = _engine(model, len(rests), len(ids), extra, bits, storage)
-            context, prefill_s = prefill_context(kivi_engine, ids, keep_queries=False)
-            held = kivi_engine.cache.bytes_held(kivi_engine.sequences[context].kv)  # type: ignore[arg-type]
-            outputs, answer_s = _ask(kivi_engine, model, context, rests, params)
-            full = fp_bytes(model, len(ids))
-            yield Measured("none", 0.0, bits, outputs, held, full, prefill_s, 0.0, answer_s)
-        demoted = [s for s in settings if s[2] == bits and s[0] != "none"]
-        if demoted:
-            yield from _measure_demoted(model, ids, rests, demoted, params, extra, storage)
+        yield from _measure_packed(
+            model, ids, rests, [s for s in settings if s[2] == bits], params, extra, storage
+        )
 
 
-def _measure_demoted(
+def _measure_fp(
+    model: LoadedModel,
+    ids: list[int],
+    rests: list[list[int]],
+    settings: list[Setting],
+    params: SamplingParams,
+    extra: int,
+) -> Iterator[Measured]:
+    """The full-precision settings: one prefill, a compressed copy per press, all answered in one batch.
+
+    A selection method (quest) answers from the prefill itself, on its own
+    (it changes how the engine reads every sequence). Yields in `settings` order.
+    """
+    engine = _engine(model, len(rests) * len(settings), len(ids), extra)
+    if any(is_selection(s[0]) for s in settings):
+        engine.pool.track_key_bounds()  # from the first write: a selection answers from this prefill too
+    base, prefill_s = prefill_context(engine, ids, keep_queries=any(s[0] != "none" for s in settings))
+    full = engine.cache.bytes_held(engine.sequences[base].kv)  # type: ignore[arg-type]
+    copies: dict[Setting, tuple[int, int, float]] = {}  # setting -> (context, bytes held, compress_s)
+    for spec, ratio, bits in settings:
+        if is_selection(spec):
+            continue
+        start, context = time.perf_counter(), base
+        if spec != "none":
+            context = engine.compress_context(base, bound_press(spec, ratio, model))
+        compress_s = time.perf_counter() - start if spec != "none" else 0.0
+        copies[spec, ratio, bits] = context, engine.cache.bytes_held(engine.sequences[context].kv), compress_s  # type: ignore[arg-type]
+    answers, answer_s = _ask_all(engine, model, [c[0] for c in copies.values()], rests, params)
+    done = {
+        s: Measured(s[0], s[1], 0, outputs, held, full, prefill_s, compress_s, answer_s)
+        for (s, (_, held, compress_s)), outputs in zip(copies.items(), answers, strict=True)
+    }
+    for context, _, _ in copies.values():
+        if context != base:
+            engine.release(context)
+    for s in settings:
+        if is_selection(s[0]):
+            done[s] = _measure_selection(engine, model, base, rests, (s[0], s[1]), params, prefill_s)
+    engine.release(base)
+    yield from (done[s] for s in settings)
+
+
+def _measure_packed(
     model: LoadedModel,
     ids: list[int],
     rests: list[list[int]],
@@ -164,16 +206,28 @@ def _measure_demoted(
     extra: int,
     storage: dict[str, Any] | None,
 ) -> Iterator[Measured]:
-    """Demote presses at one KIVI width: one prefill kept in full precision, a demoted copy per setting."""
-    engine = _engine(model, len(rests), len(ids), extra, settings[0][2], storage)
+    """The settings of one KIVI width: one prefill kept in full precision, a packed copy per setting.
+
+    "none" is a copy that keeps every token, packed as a packed prefill packs
+    it (the prefill is one step: its attention is in full precision either
+    way, then full blocks are sealed; tested equal); a demote press demotes
+    its copy; any other press or method (duo) evicts, then what it keeps is packed.
+    """
+    engine = _engine(model, len(rests) * len(settings), len(ids), extra, settings[0][2], storage)
     base, prefill_s = prefill_context(engine, ids, keep_queries=True)
     full = fp_bytes(model, len(ids))
-    for spec, ratio, bits in settings:
+    copies = []  # (context, bytes held, compress_s) per setting
+    for spec, ratio, _ in settings:
         start = time.perf_counter()
-        context = engine.compress_context(base, press_from_spec(spec, ratio))
-        compress_s = time.perf_counter() - start
-        held = engine.cache.bytes_held(engine.sequences[context].kv)  # type: ignore[arg-type]
-        outputs, answer_s = _ask(engine, model, context, rests, params)
+        context = engine.compress_context(
+            base, NoPress() if spec == "none" else bound_press(spec, ratio, model)
+        )
+        compress_s = time.perf_counter() - start  # for "none": packing the copy
+        copies.append((context, engine.cache.bytes_held(engine.sequences[context].kv), compress_s))  # type: ignore[arg-type]
+    answers, answer_s = _ask_all(engine, model, [c[0] for c in copies], rests, params)
+    for (spec, ratio, bits), (context, held, compress_s), outputs in zip(
+        settings, copies, answers, strict=True
+    ):
         engine.release(context)
         yield Measured(spec, ratio, bits, outputs, held, full, prefill_s, compress_s, answer_s)
     engine.release(base)

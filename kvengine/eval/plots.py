@@ -16,7 +16,7 @@ from kvengine.eval.summary import Setting, Summary, label
 def plot_accuracy_vs_bytes(
     summaries: list[Summary], path: Path, baseline: list[Summary] | None = None
 ) -> None:
-    """Accuracy over all rows (every task) vs. KV bytes held (fraction of full), one curve per press (ratios joined).
+    """Accuracy over all rows (every task) vs. KV bytes held (of the 16-bit cache), one curve per press (ratios joined).
 
     `baseline` (kvpress's summaries) adds a dashed curve per press, in the color of kvengine's.
     """
@@ -26,6 +26,12 @@ def plot_accuracy_vs_bytes(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9.5 if baseline else 7, 4.5))
+    # The 16-bit cache is the budgets' unit; rows written before it was recorded fall back to the pool's.
+    of_16bit = all(s.kv_fraction_16bit is not None for s in [*summaries, *(baseline or [])])
+
+    def x(s: Summary) -> float:
+        return s.kv_fraction_16bit if of_16bit and s.kv_fraction_16bit is not None else s.kv_fraction
+
     names = sorted({label(s.setting) for s in [*summaries, *(baseline or [])] if s.task == "all"})
     # tab20 holds 10 hues in a dark and a light shade: the dark ones first, so curves differ by hue.
     palette = plt.get_cmap("tab20")
@@ -36,11 +42,12 @@ def plot_accuracy_vs_bytes(
             if s.task == "all":
                 curves.setdefault(label(s.setting), []).append(s)
         for name, points in sorted(curves.items()):
-            points.sort(key=lambda s: s.kv_fraction)
+            points.sort(key=x)
             style = ("x" if engine else "*") if len(points) == 1 else ("x--" if engine else "o-")
-            xs, ys = [p.kv_fraction for p in points], [p.accuracy for p in points]
+            xs, ys = [x(p) for p in points], [p.accuracy for p in points]
             ax.plot(xs, ys, style, label=name + engine, markersize=6, color=colors[name])
-    ax.set_xlabel("KV bytes held / uncompressed (measured in the pool)")
+    unit = "the 16-bit cache" if of_16bit else "uncompressed"
+    ax.set_xlabel(f"KV bytes held / {unit} (measured in the pool)")
     ax.set_ylabel("accuracy (mean over all rows)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)

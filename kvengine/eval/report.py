@@ -34,7 +34,19 @@ from kvengine.eval.summary import (
 from kvengine.results import markdown_table
 
 
+def _ratio(ratio: float) -> str:
+    """Two decimals, four where two would round (ratios planned from byte budgets)."""
+    return f"{ratio:.2f}" if round(ratio, 2) == ratio else f"{ratio:.4f}"
+
+
+def _of_full(summaries: list[Summary]) -> dict[str, float]:
+    """Each task's accuracy with the full cache (press none, no KIVI), where it ran."""
+    return {s.task: s.accuracy for s in summaries if s.setting == ("none", 0.0, 0)}
+
+
 def summary_table(summaries: list[Summary]) -> str:
+    """One line per task x setting; "of full" is accuracy over the same task's full-cache accuracy."""
+    full = _of_full(summaries)
     header = [
         "task",
         "press",
@@ -42,7 +54,9 @@ def summary_table(summaries: list[Summary]) -> str:
         "KIVI bits",
         "examples",
         "accuracy",
+        "of full",
         "KV bytes / full",
+        "KV bytes / 16-bit",
         "KV MiB",
         "s / example",
         "blocks read / step",
@@ -51,11 +65,13 @@ def summary_table(summaries: list[Summary]) -> str:
         [
             s.task,
             s.setting[0],
-            f"{s.setting[1]:.2f}",
+            _ratio(s.setting[1]),
             s.setting[2] or "-",
             s.num_examples,
             f"{s.accuracy:.3f}",
+            f"{s.accuracy / full[s.task]:.2f}" if full.get(s.task) else "-",
             f"{s.kv_fraction:.3f}",
+            "-" if s.kv_fraction_16bit is None else f"{s.kv_fraction_16bit:.3f}",
             f"{s.kv_mib:.2f}",
             f"{s.seconds:.2f}",
             "-" if s.blocks_read is None else f"{s.blocks_read:.3f}",
@@ -97,6 +113,43 @@ def by_length_section(rows: list[dict[str, Any]]) -> str:
     return "## Accuracy by context length\n\nkvengine's rows, every task together.\n\n" + table + "\n\n"
 
 
+def budget_section(summaries: list[Summary], rows: list[dict[str, Any]]) -> str:
+    """Per byte budget the runs planned for (`kv_budget_16bit`), every task x setting that held at most it.
+
+    A setting fits a budget when its mean bytes held over the 16-bit cache is
+    at most the budget, whatever it was planned for (a KIVI width alone may
+    fit). Empty when no row was planned for a budget.
+    """
+    budgets = sorted({float(r["kv_budget_16bit"]) for r in rows if r.get("kv_budget_16bit")}, reverse=True)
+    if not budgets:
+        return ""
+    full = _of_full(summaries)
+    lines = [
+        [
+            f"{budget:g}",
+            s.task,
+            label(s.setting),
+            _ratio(s.setting[1]),
+            s.num_examples,
+            f"{s.kv_fraction_16bit:.3f}",
+            f"{s.accuracy:.3f}",
+            f"{s.accuracy / full[s.task]:.2f}" if full.get(s.task) else "-",
+        ]
+        for budget in budgets
+        for s in summaries
+        if s.kv_fraction_16bit is not None and s.kv_fraction_16bit <= budget
+    ]
+    table = markdown_table(
+        ["budget", "task", "setting", "ratio", "examples", "KV bytes / 16-bit", "accuracy", "of full"], lines
+    )
+    return (
+        "## Within each byte budget\n\nEvery task x setting whose mean bytes held are at most the budget, as "
+        "a fraction of the 16-bit cache of the same tokens; of full: accuracy over the full cache's.\n\n"
+        + table
+        + "\n\n"
+    )
+
+
 def compare_section(rows: list[dict[str, Any]]) -> str:
     """The kvengine vs kvpress section of the report (empty without kvpress rows)."""
     table = compare_table(rows)
@@ -133,11 +186,13 @@ def write_report(results: Path, out_dir: Path) -> list[Path]:
     report = out_dir / "eval_report.md"
     report.write_text(
         f"# Evaluation: {results.name}\n\nModel {', '.join(models)}; {len(rows)} result rows. "
-        "accuracy: mean fraction of each question's answers found in the output. KV bytes: held in the pool "
-        "after compression, over the uncompressed fp cache. s / example: prefill + compression + all "
+        "accuracy: mean fraction of each question's answers found in the output; of full: over the same task's "
+        "full-cache accuracy. KV bytes: held in the pool after compression, over the uncompressed cache in the "
+        "pool's dtype (/ full) and over the 16-bit cache of the same tokens (/ 16-bit). s / example: prefill + compression + all "
         "answers.\n\n"
         + summary_table(summaries)
         + "\n\n"
+        + budget_section(summaries, rows)
         + by_length_section(rows)
         + compare_section(rows)
         + "\n\n".join(images)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from kvengine.config import CacheConfig
 from kvengine.engine.generate import encode_prompt
 from kvengine.errors import InvalidRequestError
+from kvengine.eval.budget import budget_settings, bytes_16bit, ratio_for_budget
 from kvengine.eval.kvpress_client import BASELINES, RECIPE, KvpressWorker, is_shared
 from kvengine.eval.measure import Measured, Setting, measure
 from kvengine.eval.resume import KEY_FIELDS, Key, done_keys
@@ -46,7 +47,7 @@ from kvengine.eval.tasks import (
 )
 from kvengine.models import LoadedModel
 from kvengine.press.demote import is_demote_spec
-from kvengine.press.methods import method_or_press
+from kvengine.press.methods import is_selection, method_or_press
 from kvengine.results import append_rows, make_row
 
 
@@ -58,7 +59,11 @@ class EvalConfig:
     files (their examples ignore `lengths`). Press "none" runs once, at ratio 0;
     every other press runs at every ratio; each KIVI width runs without press,
     and with each demote press ("demote" or "demote:SCORER") at every ratio
-    (a demote press needs KIVI widths: its demoted tokens are packed).
+    (a demote press needs KIVI widths: its demoted tokens are packed), and
+    with each of `packed_presses` (presses or duo that evict, then pack what
+    they keep). `budgets` (fractions of the 16-bit cache's bytes) replace
+    `ratios`: each setting runs at the ratio that holds that budget on its
+    storage (`kvengine.eval.budget`).
     `kv_rotate` and `kv_key_groups` shape the packed blocks of every KIVI run
     (`CacheConfig`); rows of other storage belong in another results file.
     `baseline` "kvpress" also runs the presses kvpress has through kvpress,
@@ -78,6 +83,8 @@ class EvalConfig:
     kvpress_python: Path | None = None  # no default: a venv with kvpress is the caller's to name
     kv_rotate: bool = False
     kv_key_groups: str = "channel"
+    budgets: tuple[float, ...] = ()
+    packed_presses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.tasks or not self.presses or not self.lengths:
@@ -98,32 +105,68 @@ class EvalConfig:
             raise InvalidRequestError(
                 f"unknown baseline {self.baseline!r}; known baselines: {', '.join(BASELINES)}"
             )
-        for spec in self.presses:
+        for spec in (*self.presses, *self.packed_presses):
             if spec != "none":
                 method_or_press(spec, self.ratios[0])  # bad names fail before any prefill
+        self._check_budgets()
 
-    def settings(self) -> list[Setting]:
-        """(press, ratio, kivi) of every kvengine run an example gets, in run order."""
+    def _check_budgets(self) -> None:
+        if self.packed_presses and not self.kivi:
+            raise InvalidRequestError("packed_presses run on packed pools: give KIVI bit widths (kivi) too")
+        bad = [s for s in self.packed_presses if s == "none" or is_demote_spec(s) or is_selection(s)]
+        if bad:
+            raise InvalidRequestError(
+                f"packed_presses are presses or duo that evict before packing, not {bad[0]!r} "
+                "(none and demote presses run on every KIVI width already; selection keeps the whole cache)"
+            )
+        if not all(0.0 < b <= 1.0 for b in self.budgets):
+            raise InvalidRequestError(
+                f"budgets are fractions of the 16-bit cache in (0, 1], got {self.budgets}"
+            )
+        if self.budgets and any(is_selection(s) for s in self.presses):
+            raise InvalidRequestError("a selection method holds the whole cache: it has no byte budget")
+
+    def settings(self, model: LoadedModel | None = None, length: int | None = None) -> list[Setting]:
+        """(press, ratio, kivi) of every kvengine run an example gets, in run order.
+
+        With `budgets` the ratios depend on the model and the context length (both needed then).
+        """
+        if self.budgets:
+            if model is None or length is None:
+                raise InvalidRequestError("settings under byte budgets need the model and the context length")
+            return budget_settings(
+                self.presses, self.packed_presses, self.kivi, self.budgets, model, length, self.storage
+            )
         out: list[Setting] = []
         for spec in self.presses:
             if is_demote_spec(spec):
                 continue
             out += [("none", 0.0, 0)] if spec == "none" else [(spec, r, 0) for r in self.ratios]
-        demote = [s for s in self.presses if is_demote_spec(s)]
+        demote = [s for s in self.presses if is_demote_spec(s)] + list(self.packed_presses)
         for bits in self.kivi:
             out += [("none", 0.0, bits), *((s, r, bits) for s in demote for r in self.ratios)]
         return out
+
+    def budget_of(self, setting: Setting, model: LoadedModel, length: int) -> float | None:
+        """The budget (of `budgets`) that `setting` was planned for; None for "none" and without budgets."""
+        spec, ratio, bits = setting
+        if spec == "none":
+            return None
+        for budget in self.budgets:
+            if ratio_for_budget(spec, bits, budget, model, length, self.storage) == ratio:
+                return budget
+        return None
 
     @property
     def storage(self) -> dict[str, Any]:
         """The `CacheConfig` options of the packed pools of KIVI runs, besides the width."""
         return {"kv_rotate": self.kv_rotate, "kv_key_groups": self.kv_key_groups}
 
-    def baseline_settings(self) -> list[Setting]:
+    def baseline_settings(self, model: LoadedModel | None = None, length: int | None = None) -> list[Setting]:
         """The settings the baseline engine also runs: its presses, without KIVI (none when no baseline)."""
         if self.baseline is None:
             return []
-        return [s for s in self.settings() if not s[2] and is_shared(s[0])]
+        return [s for s in self.settings(model, length) if not s[2] and is_shared(s[0])]
 
 
 def _key(
@@ -197,9 +240,17 @@ def run_eval(model: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = Tr
             s for s in settings if _key(engine, model, cfg, p.task, p.length, p.index, p.depth, s) not in done
         ]
 
-    ours, theirs = cfg.settings(), cfg.baseline_settings()
-    todo = [(p, missing("kvengine", p, ours), missing("kvpress", p, theirs)) for p in planned]
-    total = len(planned) * (len(ours) + len(theirs))
+    todo = [
+        (
+            p,
+            missing("kvengine", p, cfg.settings(model, p.length)),
+            missing("kvpress", p, cfg.baseline_settings(model, p.length)),
+        )
+        for p in planned
+    ]
+    total = sum(
+        len(cfg.settings(model, p.length)) + len(cfg.baseline_settings(model, p.length)) for p in planned
+    )
     left = sum(len(a) + len(b) for _, a, b in todo)
     rows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
@@ -258,7 +309,7 @@ def evaluate_example(
     The baseline settings (never KIVI) run in `worker`, on the same ids.
     """
     ids, rests = _encode(model, example, index, cfg)
-    row = _RowMaker(model, example, index, cfg)
+    row = _RowMaker(model, example, index, cfg, len(ids))
     for m in measure(model, ids, rests, settings, cfg.max_new_tokens, cfg.storage):
         yield row("kvengine", m)
     if baseline:
@@ -284,6 +335,7 @@ class _RowMaker:
     example: Example
     index: int
     cfg: EvalConfig
+    num_context_tokens: int  # the context's ids, chat template included
 
     def __call__(
         self, engine: str, m: Measured, extra_versions: dict[str, str] | None = None
@@ -295,6 +347,9 @@ class _RowMaker:
         )
         config = dict(zip(KEY_FIELDS, key, strict=True))
         row = make_row("eval", "score", sum(scores) / len(scores), "fraction", **config)
+        full_16bit = bytes_16bit(
+            self.model, self.num_context_tokens
+        )  # the budgets' unit, whatever the pool's dtype
         row["versions"].update(extra_versions or {})
         row.update(
             num_tokens=ex.num_tokens,
@@ -303,6 +358,8 @@ class _RowMaker:
             outputs=m.outputs,
             kv_bytes=m.kv_bytes,
             kv_bytes_full=m.kv_bytes_full,
+            kv_bytes_16bit=full_16bit,
+            kv_fraction_16bit=m.kv_bytes / full_16bit,
             prefill_s=m.prefill_s,
             compress_s=m.compress_s,
             answer_s=m.answer_s,
@@ -311,4 +368,7 @@ class _RowMaker:
             row["storage"] = self.cfg.storage
         if m.blocks_read is not None:
             row["blocks_read_fraction"] = m.blocks_read
+        budget = self.cfg.budget_of((m.press, m.ratio, m.kivi), self.model, ex.length)
+        if budget is not None:
+            row["kv_budget_16bit"] = budget
         return row

@@ -2,8 +2,8 @@
 
 A setting is (press, ratio, KIVI bits). A `Summary` is one task x setting
 of one engine (and an "all" line per setting over every task): accuracy, KV
-bytes held (measured in the pool, as a fraction of the uncompressed cache and
-in MiB) and seconds per example. `needle_grid` is the needle task's mean
+bytes held (measured in the pool, as a fraction of the uncompressed cache, of
+the 16-bit cache of the same tokens, and in MiB) and seconds per example. `needle_grid` is the needle task's mean
 score per depth and length. Rows of a baseline engine (`engine: "kvpress"`)
 are summarized only when asked for. Nothing here renders: `report` writes
 tables, `plots` draws.
@@ -75,10 +75,14 @@ class Summary:
     kv_mib: float
     seconds: float  # prefill + compression + answers, per example
     blocks_read: float | None = None  # blocks read per decode step / held (block selection only)
+    kv_fraction_16bit: float | None = (
+        None  # bytes held / the 16-bit cache of the same tokens (None: old rows)
+    )
 
 
 def _summary(task: str, setting: Setting, rows: list[dict[str, Any]]) -> Summary:
     read = [r["blocks_read_fraction"] for r in rows if r.get("blocks_read_fraction") is not None]
+    of_16bit = [r["kv_fraction_16bit"] for r in rows if r.get("kv_fraction_16bit") is not None]
     return Summary(
         task,
         setting,
@@ -88,6 +92,7 @@ def _summary(task: str, setting: Setting, rows: list[dict[str, Any]]) -> Summary
         statistics.mean(r["kv_bytes"] for r in rows) / 2**20,
         statistics.mean(row_seconds(r) for r in rows),
         statistics.mean(read) if read else None,
+        statistics.mean(of_16bit) if len(of_16bit) == len(rows) else None,
     )
 
 
